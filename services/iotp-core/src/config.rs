@@ -1,0 +1,193 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then environment
+//! variables `IOTP__SECTION__KEY`. Unknown keys are errors; durations read like "500ms";
+//! cross-field rules are checked at start-up and every problem is reported at once.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of configuration environment variables (`IOTP__KAFKA__BROKERS=…`).
+pub const ENV_PREFIX: &str = "IOTP__";
+
+/// A service's configuration.
+pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
+    /// The settings every service has.
+    fn common(&self) -> &Common;
+    /// Cross-field rules; return every broken rule.
+    fn validate(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Settings every service has.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Common {
+    /// Stable replica name (pod name, `bridge-0`): the Kafka `group.instance.id`, the MQTT client id.
+    pub replica: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    pub admin_listen: SocketAddr,
+    /// How long SIGTERM may take to drain and commit before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
+    /// Log output: `auto` (JSON unless stdout is a terminal), `json` or `text`.
+    pub log_format: LogFormat,
+    /// Log filter, `tracing_subscriber` syntax (`info,iotp_core=debug`).
+    pub log_level: String,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Self {
+            replica: default_replica(),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 9100)),
+            shutdown_deadline: Duration::from_secs(25),
+            log_format: LogFormat::Auto,
+            log_level: "info".into(),
+        }
+    }
+}
+
+fn default_replica() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local-0".into())
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal.
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+/// Configuration problems, all of them.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Load `C` from defaults, `file` (if given) and the environment.
+pub fn load<C: ServiceConfig>(file: Option<&Path>) -> Result<C, ConfigError> {
+    load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+}
+
+fn load_from<C: ServiceConfig>(file: Option<&Path>, env: Env) -> Result<C, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(C::default()));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(ConfigError(vec![format!(
+                "config file {} does not exist",
+                file.display()
+            )]));
+        }
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    let config: C = figment
+        .merge(env)
+        .extract()
+        .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
+    let mut problems = config.validate();
+    problems.extend(validate_common(config.common()));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError(problems))
+    }
+}
+
+fn validate_common(common: &Common) -> Vec<String> {
+    let mut problems = Vec::new();
+    if common.replica.is_empty() {
+        problems.push("common.replica must not be empty".into());
+    }
+    if common.shutdown_deadline < Duration::from_secs(1) {
+        problems.push("common.shutdown_deadline must be at least 1s".into());
+    }
+    if tracing_subscriber::EnvFilter::try_new(&common.log_level).is_err() {
+        problems.push(format!("common.log_level {:?} is not a valid filter", common.log_level));
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct TestConfig {
+        common: Common,
+        #[serde(with = "humantime_serde")]
+        poll: Duration,
+        batch: usize,
+    }
+
+    impl ServiceConfig for TestConfig {
+        fn common(&self) -> &Common {
+            &self.common
+        }
+        fn validate(&self) -> Vec<String> {
+            if self.batch == 0 {
+                vec!["batch must be > 0".into()]
+            } else {
+                vec![]
+            }
+        }
+    }
+
+    fn env(prefix: &str) -> Env {
+        Env::prefixed(prefix).split("__")
+    }
+
+    #[test]
+    fn layers_defaults_file_env() {
+        let dir = std::env::temp_dir().join(format!("iotp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "batch = 7\npoll = \"500ms\"\n[common]\nreplica = \"from-file\"\n")
+            .expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("T1__COMMON__REPLICA", "from-env");
+            let c: TestConfig = load_from(Some(&file), env("T1__")).expect("load");
+            assert_eq!(c.batch, 7);
+            assert_eq!(c.poll, Duration::from_millis(500));
+            assert_eq!(c.common.replica, "from-env");
+            assert_eq!(c.common.shutdown_deadline, Duration::from_secs(25));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_rule_violations_are_all_reported() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("T2__BATHC", "3");
+            let err = load_from::<TestConfig>(None, env("T2__")).expect_err("unknown key");
+            assert!(err.to_string().contains("bathc"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("T3__COMMON__SHUTDOWN_DEADLINE", "10ms");
+            let err = load_from::<TestConfig>(None, env("T3__")).expect_err("rules");
+            // batch defaults to 0 and the deadline is too short: both are listed.
+            assert_eq!(err.0.len(), 2, "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("T4__POLL", "soon");
+            jail.set_env("T4__BATCH", "1");
+            assert!(load_from::<TestConfig>(None, env("T4__")).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,270 @@
+//! The schema files of `schemas/`, embedded at build time, parsed once, and looked up by
+//! CRC-64-AVRO (Rabin) fingerprint.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::LazyLock;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+
+/// One embedded schema file: `schemas/{family}/v{version}.avsc`.
+struct SchemaFile {
+    family: &'static str,
+    version: u32,
+    text: &'static str,
+}
+
+macro_rules! schema_file {
+    ($family:literal, $version:literal) => {
+        SchemaFile {
+            family: $family,
+            version: $version,
+            text: include_str!(concat!(
+                "../../../../schemas/",
+                $family,
+                "/v",
+                $version,
+                ".avsc"
+            )),
+        }
+    };
+}
+
+/// Every published schema version. Add a line here when you add a file to `schemas/`.
+const FILES: &[SchemaFile] = &[
+    schema_file!("raw-envelope", 1),
+    schema_file!("telemetry", 1),
+    schema_file!("telemetry", 2),
+    schema_file!("enriched", 1),
+    schema_file!("aggregate", 1),
+    schema_file!("dead-letter", 1),
+];
+
+/// The published fingerprints (`schemas/fingerprints.txt`): a published version never changes.
+pub(crate) const PUBLISHED: &str = include_str!("../../../../schemas/fingerprints.txt");
+
+/// The 8-byte CRC-64-AVRO fingerprint of a schema's parsing canonical form, in the byte order
+/// single-object encoding puts on the wire (little-endian).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 8]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", u64::from_le_bytes(self.0))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A parsed schema version.
+#[derive(Debug)]
+pub struct SchemaVersion {
+    /// Family folder name, e.g. `telemetry`.
+    pub family: &'static str,
+    /// Version number from the file name.
+    pub version: u32,
+    /// The parsed schema.
+    pub schema: Schema,
+    /// Its fingerprint.
+    pub fingerprint: Fingerprint,
+}
+
+/// All embedded schema versions.
+#[derive(Debug)]
+pub struct Registry {
+    versions: Vec<SchemaVersion>,
+    by_fingerprint: HashMap<Fingerprint, usize>,
+}
+
+impl Registry {
+    fn load() -> Result<Self, String> {
+        let mut versions = Vec::with_capacity(FILES.len());
+        let mut by_fingerprint = HashMap::new();
+        for file in FILES {
+            let schema = Schema::parse_str(file.text).map_err(|e| {
+                format!("schemas/{}/v{}.avsc: {e}", file.family, file.version)
+            })?;
+            let bytes = schema.fingerprint::<Rabin>().bytes;
+            let fingerprint = Fingerprint(
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| "rabin fingerprint is not 8 bytes".to_string())?,
+            );
+            if by_fingerprint.insert(fingerprint, versions.len()).is_some() {
+                return Err(format!(
+                    "schemas/{}/v{}.avsc has the same fingerprint as another version",
+                    file.family, file.version
+                ));
+            }
+            versions.push(SchemaVersion {
+                family: file.family,
+                version: file.version,
+                schema,
+                fingerprint,
+            });
+        }
+        Ok(Self {
+            versions,
+            by_fingerprint,
+        })
+    }
+
+    /// Every version of every family.
+    pub fn versions(&self) -> &[SchemaVersion] {
+        &self.versions
+    }
+
+    /// The version with this fingerprint.
+    pub fn by_fingerprint(&self, fingerprint: &Fingerprint) -> Option<&SchemaVersion> {
+        self.by_fingerprint
+            .get(fingerprint)
+            .map(|&i| &self.versions[i])
+    }
+
+    /// One version of a family.
+    pub fn get(&self, family: &str, version: u32) -> Option<&SchemaVersion> {
+        self.versions
+            .iter()
+            .find(|v| v.family == family && v.version == version)
+    }
+
+    /// The newest version of a family.
+    pub fn latest(&self, family: &str) -> Option<&SchemaVersion> {
+        self.versions
+            .iter()
+            .filter(|v| v.family == family)
+            .max_by_key(|v| v.version)
+    }
+
+    /// All versions of a family, oldest first.
+    pub fn family(&self, family: &str) -> Vec<&SchemaVersion> {
+        let mut out: Vec<_> = self.versions.iter().filter(|v| v.family == family).collect();
+        out.sort_by_key(|v| v.version);
+        out
+    }
+}
+
+static REGISTRY: LazyLock<Registry> = LazyLock::new(|| match Registry::load() {
+    Ok(registry) => registry,
+    // The files are compiled in and checked by this crate's tests: a bad one is a build defect.
+    #[allow(clippy::panic)]
+    Err(e) => panic!("embedded schema is invalid: {e}"),
+});
+
+/// The process-wide registry of embedded schemas.
+pub fn registry() -> &'static Registry {
+    &REGISTRY
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
+
+    fn published() -> Vec<(String, u32, String)> {
+        PUBLISHED
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let parts: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!(parts.len(), 3, "bad line in fingerprints.txt: {l}");
+                let version = parts[1].trim_start_matches('v').parse().expect("version");
+                (parts[0].to_string(), version, parts[2].to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_file_in_schemas_dir_is_embedded() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../schemas");
+        let mut on_disk = Vec::new();
+        for family in std::fs::read_dir(dir).expect("schemas dir") {
+            let family = family.expect("entry").path();
+            if !family.is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(&family).expect("family dir") {
+                let name = file.expect("entry").file_name().into_string().expect("utf8");
+                if let Some(v) = name.strip_prefix('v').and_then(|n| n.strip_suffix(".avsc")) {
+                    let fam = family.file_name().expect("name").to_string_lossy().to_string();
+                    on_disk.push((fam, v.parse::<u32>().expect("vN.avsc")));
+                }
+            }
+        }
+        on_disk.sort();
+        let mut embedded: Vec<_> = registry()
+            .versions()
+            .iter()
+            .map(|v| (v.family.to_string(), v.version))
+            .collect();
+        embedded.sort();
+        assert_eq!(on_disk, embedded, "add new schema files to FILES in schemas.rs");
+    }
+
+    /// A published version is immutable: producers put its fingerprint on every message, so
+    /// editing it in place would make stored data unreadable. Change = new version file.
+    #[test]
+    fn published_schemas_are_unchanged() {
+        let published = published();
+        for v in registry().versions() {
+            let entry = published
+                .iter()
+                .find(|(f, n, _)| f == v.family && *n == v.version)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "schemas/{}/v{}.avsc is not in schemas/fingerprints.txt; add: {} v{} {}",
+                        v.family, v.version, v.family, v.version, v.fingerprint
+                    )
+                });
+            assert_eq!(
+                entry.2,
+                v.fingerprint.to_string(),
+                "schemas/{}/v{}.avsc was edited after it was published; restore it and add v{} instead",
+                v.family,
+                v.version,
+                v.version + 1
+            );
+        }
+        assert_eq!(published.len(), registry().versions().len(), "fingerprints.txt lists a removed schema");
+    }
+
+    /// Full transitive compatibility: any version can read data of any other version of its
+    /// family, so producers and consumers can be upgraded in any order.
+    #[test]
+    fn versions_of_a_family_are_mutually_compatible() {
+        for v in registry().versions() {
+            for other in registry().family(v.family) {
+                let verdict = SchemaCompatibility::can_read(&v.schema, &other.schema);
+                assert!(
+                    matches!(verdict, Ok(Compatibility::Full)),
+                    "{} v{} written cannot be read by v{}: {verdict:?}",
+                    v.family,
+                    v.version,
+                    other.version
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn incompatible_edit_is_detected() {
+        // The check above must be able to fail: a v3 that drops a field without default and
+        // adds one without default is not readable from v2 data.
+        let v2 = &registry().get("telemetry", 2).expect("v2").schema;
+        let text = FILES
+            .iter()
+            .find(|f| f.family == "telemetry" && f.version == 2)
+            .expect("file")
+            .text
+            .replace("\"name\": \"kind\", \"type\": \"string\"", "\"name\": \"kind2\", \"type\": \"string\"");
+        let broken = Schema::parse_str(&text).expect("parse");
+        assert!(SchemaCompatibility::can_read(v2, &broken).is_err());
+    }
+}

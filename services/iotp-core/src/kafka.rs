@@ -1,0 +1,142 @@
+//! Kafka adapters: an idempotent producer that waits for delivery reports, consumers that only
+//! store offsets the runtime confirmed, and topic administration.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use serde::{Deserialize, Serialize};
+
+use crate::topology::TopicSpec;
+
+/// Kafka connection and client settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// How long the producer waits to fill a batch.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// How long the producer retries one record before reporting it failed (the runtime then
+    /// retries it again, with backoff, without acknowledging upstream).
+    #[serde(with = "humantime_serde")]
+    pub message_timeout: Duration,
+    /// Producer compression: none, lz4, zstd, snappy, gzip.
+    pub compression: String,
+    /// Extra librdkafka properties, e.g. `security.protocol = "ssl"`, `ssl.ca.location`.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            linger: Duration::from_millis(5),
+            message_timeout: Duration::from_secs(30),
+            compression: "none".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Rules for `validate()`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.brokers.trim().is_empty() {
+            out.push("kafka.brokers must not be empty".into());
+        }
+        if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.compression.as_str()) {
+            out.push(format!("kafka.compression {:?} is not one of none, lz4, zstd, snappy, gzip", self.compression));
+        }
+        for key in ["enable.idempotence", "acks", "enable.auto.commit", "enable.auto.offset.store"] {
+            if self.properties.contains_key(key) {
+                out.push(format!("kafka.properties.{key} is set by the runtime and cannot be overridden"));
+            }
+        }
+        out
+    }
+
+    fn base(&self, client_id: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// An idempotent producer: acks=all, ordered per partition, retried by librdkafka up to
+    /// `message_timeout`.
+    pub fn producer(&self, client_id: &str) -> Result<FutureProducer, KafkaError> {
+        self.base(client_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("message.timeout.ms", self.message_timeout.as_millis().to_string())
+            .set("compression.type", &self.compression)
+            .set("queue.buffering.max.messages", "100000")
+            .create()
+    }
+
+    /// Admin client for topic management.
+    pub fn admin(&self, client_id: &str) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+        self.base(client_id).create()
+    }
+
+    /// Consumer settings for a group member: static membership from `replica`, offsets stored
+    /// only by the runtime (auto-commit commits stored offsets only).
+    pub fn consumer_config(&self, group: &str, replica: &str) -> ClientConfig {
+        let mut c = self.base(replica);
+        c.set("group.id", group)
+            .set("group.instance.id", replica)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "30000")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        c
+    }
+}
+
+/// Create `topics` if missing. Existing topics are left as they are.
+pub async fn ensure_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[TopicSpec],
+    replication: i32,
+) -> Result<Vec<String>, KafkaError> {
+    let retention: Vec<String> = topics
+        .iter()
+        .map(|t| (u64::from(t.retention_hours) * 3_600_000).to_string())
+        .collect();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .zip(&retention)
+        .map(|(t, ms)| {
+            NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(replication))
+                .set("retention.ms", ms)
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut created = Vec::new();
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).map_err(|e| {
+                    tracing::error!(topic = name, error = %e, "cannot create topic");
+                    e
+                })
+            }
+        }
+    }
+    Ok(created)
+}

@@ -1,0 +1,22 @@
+//! Shared library of the IoT telemetry pipeline: the message contract and its Avro codec, the
+//! stage runtime (config, admin endpoints, metrics, shutdown), and the broker adapters.
+
+pub mod admin;
+pub mod config;
+pub mod contract;
+pub mod ingress;
+pub mod kafka;
+pub mod metrics;
+pub mod mqtt;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,140 @@
+//! Every metric the pipeline exports, defined in one place. Names follow
+//! `iotp_<what>_<unit>_total` for counters and seconds for durations; labels are bounded
+//! (stage, topic, reason code), never a device id.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// All metrics of a process.
+pub struct Metrics {
+    registry: Registry,
+    /// Service start marker; `service` label set once.
+    pub up: IntGaugeVec,
+    /// MQTT PUBLISH packets received by the bridge.
+    pub mqtt_received_messages_total: IntCounter,
+    /// MQTT PUBACKs sent after Kafka confirmed.
+    pub mqtt_acked_messages_total: IntCounter,
+    /// MQTT connection errors, by kind.
+    pub mqtt_connection_errors_total: IntCounterVec,
+    /// Messages Mosquitto reports it dropped (`$SYS/broker/publish/messages/dropped`).
+    pub mqtt_broker_dropped_messages: IntGauge,
+    /// Messages Mosquitto has queued for offline or slow clients (`$SYS/broker/store/messages/count`).
+    pub mqtt_broker_stored_messages: IntGauge,
+    /// Records Kafka confirmed, by topic.
+    pub kafka_produced_messages_total: IntCounterVec,
+    /// Kafka produce failures that were retried, by reason.
+    pub kafka_produce_errors_total: IntCounterVec,
+    /// Messages handed to the sink and not yet confirmed, by stage.
+    pub inflight_messages: IntGaugeVec,
+    /// Time from receiving a message to its downstream confirmation, by stage.
+    pub delivery_seconds: HistogramVec,
+    /// Time a batch spent in a stage's own logic.
+    pub stage_batch_seconds: Histogram,
+}
+
+impl Metrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Self {
+            up: IntGaugeVec::new(Opts::new("iotp_up", "1 while the service runs"), &["service"])?,
+            mqtt_received_messages_total: IntCounter::new(
+                "iotp_mqtt_received_messages_total",
+                "MQTT PUBLISH packets received",
+            )?,
+            mqtt_acked_messages_total: IntCounter::new(
+                "iotp_mqtt_acked_messages_total",
+                "MQTT PUBACKs sent after Kafka confirmed the record",
+            )?,
+            mqtt_connection_errors_total: IntCounterVec::new(
+                Opts::new("iotp_mqtt_connection_errors_total", "MQTT connection errors"),
+                &["kind"],
+            )?,
+            mqtt_broker_dropped_messages: IntGauge::new(
+                "iotp_mqtt_broker_dropped_messages",
+                "Messages the MQTT broker reports dropped since it started ($SYS)",
+            )?,
+            mqtt_broker_stored_messages: IntGauge::new(
+                "iotp_mqtt_broker_stored_messages",
+                "Messages the MQTT broker holds in its store ($SYS)",
+            )?,
+            kafka_produced_messages_total: IntCounterVec::new(
+                Opts::new("iotp_kafka_produced_messages_total", "Records Kafka confirmed"),
+                &["topic"],
+            )?,
+            kafka_produce_errors_total: IntCounterVec::new(
+                Opts::new("iotp_kafka_produce_errors_total", "Kafka produce failures, retried"),
+                &["reason"],
+            )?,
+            inflight_messages: IntGaugeVec::new(
+                Opts::new("iotp_inflight_messages", "Messages awaiting downstream confirmation"),
+                &["stage"],
+            )?,
+            delivery_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "iotp_delivery_seconds",
+                    "Receive to downstream confirmation",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ]),
+                &["stage"],
+            )?,
+            stage_batch_seconds: Histogram::with_opts(
+                HistogramOpts::new("iotp_stage_batch_seconds", "Time in a stage's own logic per batch")
+                    .buckets(prometheus::exponential_buckets(0.00001, 4.0, 10)?),
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.up.clone()))?;
+        m.registry.register(Box::new(m.mqtt_received_messages_total.clone()))?;
+        m.registry.register(Box::new(m.mqtt_acked_messages_total.clone()))?;
+        m.registry.register(Box::new(m.mqtt_connection_errors_total.clone()))?;
+        m.registry.register(Box::new(m.mqtt_broker_dropped_messages.clone()))?;
+        m.registry.register(Box::new(m.mqtt_broker_stored_messages.clone()))?;
+        m.registry.register(Box::new(m.kafka_produced_messages_total.clone()))?;
+        m.registry.register(Box::new(m.kafka_produce_errors_total.clone()))?;
+        m.registry.register(Box::new(m.inflight_messages.clone()))?;
+        m.registry.register(Box::new(m.delivery_seconds.clone()))?;
+        m.registry.register(Box::new(m.stage_batch_seconds.clone()))?;
+        Ok(m)
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        if TextEncoder::new().encode(&self.registry.gather(), &mut out).is_err() {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| match Metrics::new() {
+    Ok(m) => m,
+    // Names and label sets are static: a failure here is a programming error caught by tests.
+    #[allow(clippy::panic)]
+    Err(e) => panic!("metric definitions are invalid: {e}"),
+});
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_render_with_expected_names() {
+        let m = super::metrics();
+        m.mqtt_received_messages_total.inc_by(3);
+        m.kafka_produced_messages_total.with_label_values(&["iotp.raw"]).inc();
+        let text = m.render();
+        assert!(text.contains("iotp_mqtt_received_messages_total 3"), "{text}");
+        assert!(text.contains("iotp_kafka_produced_messages_total{topic=\"iotp.raw\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,146 @@
+//! The process shell every service shares: options, config, logs, admin port, signals and the
+//! drain deadline. A service's `main` is one call to [`run`].
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Health};
+use crate::config::{self, ServiceConfig};
+use crate::metrics::metrics;
+use crate::shutdown::{self, EXIT_CONFIG, EXIT_DEADLINE, EXIT_FAILED, EXIT_OK};
+use crate::telemetry;
+
+/// Options every service binary takes.
+#[derive(Debug, Parser)]
+struct Args {
+    /// TOML config file, layered over the defaults and under `IOTP__…` environment variables.
+    #[arg(long, env = "IOTP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Load and check the configuration, print the effective one, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// What a running service gets from the shell.
+#[derive(Clone)]
+pub struct Context {
+    /// Service name, e.g. `mqtt-bridge`.
+    pub service: &'static str,
+    /// Stable replica name.
+    pub replica: String,
+    /// Cancelled on the first SIGTERM/SIGINT: stop taking work, drain, commit, return.
+    pub shutdown: CancellationToken,
+    /// Readiness for `/readyz`.
+    pub health: Health,
+}
+
+/// Parse options, load config, and run `service` until it returns or the drain deadline passes.
+pub fn run<C, F, Fut>(service: &'static str, body: F) -> ExitCode
+where
+    C: ServiceConfig + Send + 'static,
+    F: FnOnce(Context, C) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let args = Args::parse();
+    let config: C = match config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{service}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check_config {
+        return match toml::to_string_pretty(&config) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::from(EXIT_OK)
+            }
+            Err(e) => {
+                eprintln!("{service}: cannot print config: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    telemetry::init_logging(config.common());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{service}: cannot start runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let code = runtime.block_on(supervise(service, config, body));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+async fn supervise<C, F, Fut>(service: &'static str, config: C, body: F) -> u8
+where
+    C: ServiceConfig,
+    F: FnOnce(Context, C) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let common = config.common().clone();
+    let shutdown = CancellationToken::new();
+    shutdown::install_signal_handlers(shutdown.clone());
+    let health = Health::default();
+    let admin_stop = CancellationToken::new();
+    let _stop_admin_on_exit = admin_stop.clone().drop_guard();
+    match admin::serve(common.admin_listen, health.clone(), admin_stop).await {
+        Ok(bound) => tracing::info!(service, replica = %common.replica, admin = %bound, "started"),
+        Err(e) => {
+            tracing::error!(service, error = %e, listen = %common.admin_listen, "cannot bind admin port");
+            return EXIT_FAILED;
+        }
+    }
+    metrics().up.with_label_values(&[service]).set(1);
+    let ctx = Context {
+        service,
+        replica: common.replica.clone(),
+        shutdown: shutdown.clone(),
+        health: health.clone(),
+    };
+    let mut task = tokio::spawn(body(ctx, config));
+    let joined = tokio::select! {
+        joined = &mut task => joined,
+        _ = shutdown.cancelled() => {
+            health.set_ready(false);
+            match tokio::time::timeout(common.shutdown_deadline, &mut task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    tracing::error!(service, deadline = ?common.shutdown_deadline, "drain deadline exceeded, exiting");
+                    return EXIT_DEADLINE;
+                }
+            }
+        }
+    };
+    match joined {
+        Ok(Ok(())) => {
+            tracing::info!(service, "stopped cleanly");
+            EXIT_OK
+        }
+        Ok(Err(e)) => {
+            tracing::error!(service, error = format!("{e:#}"), "service failed");
+            EXIT_FAILED
+        }
+        Err(e) => {
+            tracing::error!(service, error = %e, "service task panicked");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// For services whose stage has not landed yet: ready at once, idle until shutdown.
+pub async fn idle(ctx: Context) -> anyhow::Result<()> {
+    tracing::warn!(service = ctx.service, "this stage has no processing logic yet; idling");
+    ctx.health.set_ready(true);
+    ctx.shutdown.cancelled().await;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The pipeline's topics, exchanges and queues, from `schemas/topology.toml` (embedded).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The embedded topology file.
+pub const TOPOLOGY_TOML: &str = include_str!("../../../schemas/topology.toml");
+
+/// The whole topology.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// MQTT ingress.
+    pub mqtt: MqttTopology,
+    /// Kafka topics.
+    pub kafka: KafkaTopology,
+    /// RabbitMQ dead-letter topology.
+    pub rabbitmq: RabbitTopology,
+}
+
+/// MQTT ingress topics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTopology {
+    /// Documentation of the device topic layout.
+    pub topic_pattern: String,
+    /// Shared subscription group of the bridges.
+    pub shared_group: String,
+    /// Topic filter of the bridges.
+    pub filter: String,
+}
+
+impl MqttTopology {
+    /// `$share/{group}/{filter}`.
+    pub fn shared_subscription(&self) -> String {
+        format!("$share/{}/{}", self.shared_group, self.filter)
+    }
+}
+
+/// Kafka topics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTopology {
+    /// Topics.
+    pub topics: Vec<TopicSpec>,
+}
+
+/// One Kafka topic.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Name.
+    pub name: String,
+    /// Partition count: the most consumer replicas that can share it.
+    pub partitions: i32,
+    /// Schema family of its values.
+    pub schema: String,
+    /// Retention.
+    pub retention_hours: u32,
+    /// What it carries.
+    pub about: String,
+}
+
+/// RabbitMQ dead-letter topology.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitTopology {
+    /// Exchange stages publish dead letters to.
+    pub dead_letter_exchange: String,
+    /// Queue the DLQ handler consumes.
+    pub incoming_queue: String,
+    /// Exchange routing to retry delay queues.
+    pub retry_exchange: String,
+    /// Delay of each retry attempt.
+    pub retry_delays: Vec<humantime_serde::Serde<Duration>>,
+    /// Queue for messages that failed for good.
+    pub parking_queue: String,
+}
+
+impl RabbitTopology {
+    /// Delay of each retry attempt, first attempt first.
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays.iter().map(|d| **d).collect()
+    }
+
+    /// Name of the delay queue of retry attempt `n` (1-based).
+    pub fn retry_queue(&self, attempt: usize) -> String {
+        format!("{}.{attempt}", self.retry_exchange)
+    }
+}
+
+impl Topology {
+    /// A Kafka topic by its schema family.
+    pub fn topic_for(&self, schema: &str) -> Option<&TopicSpec> {
+        self.kafka.topics.iter().find(|t| t.schema == schema)
+    }
+}
+
+static TOPOLOGY: LazyLock<Topology> = LazyLock::new(|| match toml::from_str(TOPOLOGY_TOML) {
+    Ok(t) => t,
+    // Compiled in and parsed by this crate's tests: a bad file is a build defect.
+    #[allow(clippy::panic)]
+    Err(e) => panic!("schemas/topology.toml is invalid: {e}"),
+});
+
+/// The pipeline topology.
+pub fn topology() -> &'static Topology {
+    &TOPOLOGY
+}
+
+/// Default name of the topic carrying `schema`.
+pub fn topic_name(schema: &str) -> String {
+    topology()
+        .topic_for(schema)
+        .map(|t| t.name.clone())
+        .unwrap_or_else(|| format!("iotp.{schema}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_parses_and_every_topic_schema_exists() {
+        let t = topology();
+        assert!(!t.kafka.topics.is_empty());
+        for topic in &t.kafka.topics {
+            assert!(topic.partitions > 0);
+            assert!(
+                crate::contract::registry().latest(&topic.schema).is_some(),
+                "topic {} names unknown schema {}",
+                topic.name,
+                topic.schema
+            );
+        }
+        assert_eq!(t.mqtt.shared_subscription(), "$share/iotp-bridge/iot/+/+/+");
+        assert_eq!(t.rabbitmq.retry_queue(2), "iotp.dlq.retry.2");
+    }
+}
