@@ -2,6 +2,7 @@
 //! stage runtime (config, admin endpoints, metrics, shutdown), and the broker adapters.
 
 pub mod admin;
+pub mod amqp;
 pub mod config;
 pub mod contract;
 pub mod ingress;

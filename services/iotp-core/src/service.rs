@@ -137,6 +137,26 @@ where
     }
 }
 
+/// Configuration of a service that only needs the common settings and Kafka.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BasicConfig {
+    /// Settings every service has.
+    pub common: crate::config::Common,
+    /// Kafka cluster.
+    pub kafka: crate::kafka::KafkaConfig,
+}
+
+impl ServiceConfig for BasicConfig {
+    fn common(&self) -> &crate::config::Common {
+        &self.common
+    }
+
+    fn validate(&self) -> Vec<String> {
+        self.kafka.problems()
+    }
+}
+
 /// For services whose stage has not landed yet: ready at once, idle until shutdown.
 pub async fn idle(ctx: Context) -> anyhow::Result<()> {
     tracing::warn!(service = ctx.service, "this stage has no processing logic yet; idling");

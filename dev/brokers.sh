@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Local brokers for the pipeline: Mosquitto (the project's own, port 1884), RabbitMQ (5672)
+# and Tansu, a Kafka-protocol broker (9092). Installs what is missing, reuses what runs,
+# declares topics, exchanges and queues. Safe to run twice.
+#   dev/brokers.sh up | down | status
+# Env: TANSU_STORAGE=sqlite (default, survives restarts) | memory (fast, forgets on restart)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN="${IOTP_RUN_DIR:-$ROOT/.run}"
+TANSU_VERSION=0.6.0
+TANSU_HOME="${TANSU_HOME:-$HOME/.cache/iotp/tansu-$TANSU_VERSION}"
+TANSU="$TANSU_HOME/bin/tansu"
+MQTT_PORT="${IOTP_MQTT_PORT:-1884}"
+KAFKA_PORT="${IOTP_KAFKA_PORT:-9092}"
+TANSU_STORAGE="${TANSU_STORAGE:-sqlite}"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '[brokers] %s\n' "$*" >&2; }
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  local port=$1 name=$2 tries=${3:-120}
+  for _ in $(seq "$tries"); do listening "$port" && return 0; sleep 0.5; done
+  log "$name did not open port $port"; return 1
+}
+
+apt_install() {
+  log "installing $*"
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_tansu() {
+  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q " $TANSU_VERSION\$"; then return; fi
+  log "building tansu $TANSU_VERSION with its SQLite engine (about 12 minutes, once per machine)"
+  command -v cc >/dev/null || apt_install build-essential
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+    --root "$TANSU_HOME" >"$RUN/tansu-build.log" 2>&1 || { tail -30 "$RUN/tansu-build.log"; exit 1; }
+}
+
+up_mosquitto() {
+  if listening "$MQTT_PORT"; then log "mosquitto on :$MQTT_PORT already running"; return; fi
+  command -v mosquitto >/dev/null || apt_install mosquitto
+  mkdir -p "$RUN/mosquitto"
+  sed -e "s|@PORT@|$MQTT_PORT|" -e "s|@DIR@|$RUN/mosquitto|" "$ROOT/dev/mosquitto.conf" >"$RUN/mosquitto/mosquitto.conf"
+  mosquitto -d -c "$RUN/mosquitto/mosquitto.conf"
+  wait_port "$MQTT_PORT" mosquitto
+  log "mosquitto on :$MQTT_PORT (config $RUN/mosquitto/mosquitto.conf)"
+}
+
+up_rabbitmq() {
+  if listening 5672; then log "rabbitmq on :5672 already running"; return; fi
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  rabbitmq-server -detached
+  wait_port 5672 rabbitmq 240
+  log "rabbitmq on :5672"
+}
+
+up_tansu() {
+  if listening "$KAFKA_PORT"; then log "kafka-protocol broker on :$KAFKA_PORT already running"; return; fi
+  ensure_tansu
+  mkdir -p "$RUN/tansu"
+  local engine
+  case "$TANSU_STORAGE" in
+    sqlite) engine="sqlite://tansu.db" ;;  # relative to its working directory
+    memory) engine="memory://tansu/" ;;
+    *) log "TANSU_STORAGE must be sqlite or memory"; exit 2 ;;
+  esac
+  (cd "$RUN/tansu" && exec nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "$engine" >"$RUN/tansu/tansu.log" 2>&1) &
+  echo $! >"$RUN/tansu/tansu.pid"
+  wait_port "$KAFKA_PORT" tansu
+  log "tansu $TANSU_VERSION on :$KAFKA_PORT ($engine)"
+}
+
+apply_topology() {
+  log "declaring topics, exchanges and queues"
+  (cd "$ROOT" && cargo run -q --locked -p iotp-core --bin iotp-topology -- apply --brokers "127.0.0.1:$KAFKA_PORT")
+}
+
+stop_pidfile() {
+  local file=$1 name=$2
+  [ -f "$file" ] || return 0
+  local pid; pid=$(cat "$file")
+  if kill "$pid" 2>/dev/null; then
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    log "stopped $name ($pid)"
+  fi
+  rm -f "$file"
+}
+
+case "${1:-up}" in
+  up)
+    mkdir -p "$RUN"
+    up_mosquitto
+    up_rabbitmq
+    up_tansu
+    apply_topology
+    ;;
+  down)
+    # Only what this script started; system services stay as they are.
+    stop_pidfile "$RUN/tansu/tansu.pid" tansu
+    stop_pidfile "$RUN/mosquitto/mosquitto.pid" mosquitto
+    ;;
+  status)
+    for p in "$MQTT_PORT:mosquitto" "5672:rabbitmq" "$KAFKA_PORT:kafka"; do
+      if listening "${p%%:*}"; then echo "${p#*:} up (:${p%%:*})"; else echo "${p#*:} down (:${p%%:*})"; fi
+    done
+    ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,194 @@
+//! The MQTT bridge: each PUBLISH on `iot/{tenant}/{deviceId}/{kind}` becomes a raw envelope on
+//! the raw Kafka topic, keyed `tenant/deviceId`. The bridge does not parse payloads; a topic
+//! that does not fit the layout is forwarded with empty identity for the parser to reject.
+
+use std::collections::HashMap;
+
+use iotp_core::config::{Common, ServiceConfig};
+use iotp_core::contract::{Codec, RawEnvelope};
+use iotp_core::ingress::{self, IngressStage, OutRecord};
+use iotp_core::kafka::KafkaConfig;
+use iotp_core::mqtt::MqttConfig;
+use iotp_core::service::Context;
+use iotp_core::topology::topic_name;
+use rumqttc::v5::mqttbytes::v5::Publish;
+use serde::{Deserialize, Serialize};
+
+/// Bridge configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeConfig {
+    /// Settings every service has.
+    pub common: Common,
+    /// MQTT broker and session.
+    pub mqtt: MqttConfig,
+    /// Kafka cluster.
+    pub kafka: KafkaConfig,
+    /// Topic the raw envelopes go to.
+    pub raw_topic: String,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            common: Common::default(),
+            mqtt: MqttConfig::default(),
+            kafka: KafkaConfig::default(),
+            raw_topic: topic_name("raw-envelope"),
+        }
+    }
+}
+
+impl ServiceConfig for BridgeConfig {
+    fn common(&self) -> &Common {
+        &self.common
+    }
+
+    fn validate(&self) -> Vec<String> {
+        let mut out = self.mqtt.problems();
+        out.extend(self.kafka.problems());
+        if self.raw_topic.is_empty() {
+            out.push("raw_topic must not be empty".into());
+        }
+        out
+    }
+}
+
+/// Run the bridge.
+pub async fn run(ctx: Context, config: BridgeConfig) -> anyhow::Result<()> {
+    let stage = Bridge::new(ctx.replica.clone())?;
+    ingress::run(ctx, config.mqtt, config.kafka, config.raw_topic, stage).await
+}
+
+/// Device identity and message kind, from the topic.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TopicIdentity<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Device id.
+    pub device_id: &'a str,
+    /// telemetry, heartbeat, …
+    pub kind: &'a str,
+}
+
+/// Split `iot/{tenant}/{deviceId}/{kind}`; `None` if the topic has another shape.
+pub fn parse_topic(topic: &str) -> Option<TopicIdentity<'_>> {
+    let mut parts = topic.split('/');
+    let (Some("iot"), Some(tenant), Some(device_id), Some(kind), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if tenant.is_empty() || device_id.is_empty() || kind.is_empty() {
+        return None;
+    }
+    Some(TopicIdentity { tenant, device_id, kind })
+}
+
+/// The bridge stage: PUBLISH → raw envelope.
+pub struct Bridge {
+    bridge_id: String,
+    codec: Codec<RawEnvelope>,
+}
+
+impl Bridge {
+    /// A stage that signs envelopes with `bridge_id`.
+    pub fn new(bridge_id: String) -> anyhow::Result<Self> {
+        Ok(Self { bridge_id, codec: Codec::latest()? })
+    }
+
+    /// The envelope for one PUBLISH.
+    pub fn envelope(&self, publish: &Publish, received_at: i64) -> RawEnvelope {
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let (tenant, device_id, kind) = match parse_topic(&topic) {
+            Some(id) => (id.tenant.to_owned(), id.device_id.to_owned(), id.kind.to_owned()),
+            None => (String::new(), String::new(), String::new()),
+        };
+        let properties = publish.properties.as_ref();
+        RawEnvelope {
+            envelope_id: uuid::Uuid::now_v7().to_string(),
+            tenant,
+            device_id,
+            kind,
+            content_type: properties.and_then(|p| p.content_type.clone()),
+            payload: publish.payload.to_vec(),
+            received_at,
+            client_identity: None,
+            bridge_id: self.bridge_id.clone(),
+            redelivered: publish.dup,
+            user_properties: properties
+                .map(|p| p.user_properties.iter().cloned().collect::<HashMap<_, _>>())
+                .unwrap_or_default(),
+            mqtt_topic: topic,
+        }
+    }
+}
+
+impl IngressStage for Bridge {
+    fn map(&mut self, publish: &Publish, received_at: i64) -> anyhow::Result<OutRecord> {
+        let envelope = self.envelope(publish, received_at);
+        let key = if envelope.device_id.is_empty() {
+            envelope.mqtt_topic.clone()
+        } else {
+            format!("{}/{}", envelope.tenant, envelope.device_id)
+        };
+        let headers = envelope
+            .user_properties
+            .get("traceparent")
+            .map(|t| vec![("traceparent".to_string(), t.clone())])
+            .unwrap_or_default();
+        Ok(OutRecord { key, value: self.codec.encode(&envelope)?, headers })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS;
+
+    #[test]
+    fn topic_layout() {
+        assert_eq!(
+            parse_topic("iot/acme/meter-1/telemetry"),
+            Some(TopicIdentity { tenant: "acme", device_id: "meter-1", kind: "telemetry" })
+        );
+        assert_eq!(parse_topic("iot/acme/meter-1"), None);
+        assert_eq!(parse_topic("iot/acme/meter-1/telemetry/extra"), None);
+        assert_eq!(parse_topic("iot//meter-1/telemetry"), None);
+        assert_eq!(parse_topic("other/acme/meter-1/telemetry"), None);
+    }
+
+    #[test]
+    fn envelope_keeps_payload_and_properties_and_is_keyed_by_device() {
+        let mut bridge = Bridge::new("bridge-0".into()).expect("stage");
+        let mut publish = Publish::new("iot/acme/m-1/heartbeat", QoS::AtLeastOnce, vec![1u8, 2, 3], None);
+        publish.dup = true;
+        publish.properties = Some(PublishProperties {
+            content_type: Some("application/cbor".into()),
+            user_properties: vec![("traceparent".into(), "00-aa-bb-01".into())],
+            ..Default::default()
+        });
+        let record = bridge.map(&publish, 42).expect("map");
+        assert_eq!(record.key, "acme/m-1");
+        assert_eq!(record.headers, vec![("traceparent".to_string(), "00-aa-bb-01".to_string())]);
+        let env = Codec::<RawEnvelope>::latest().expect("codec").decode(&record.value).expect("decode");
+        assert_eq!(env.payload, vec![1, 2, 3]);
+        assert_eq!((env.tenant.as_str(), env.device_id.as_str(), env.kind.as_str()), ("acme", "m-1", "heartbeat"));
+        assert_eq!(env.content_type.as_deref(), Some("application/cbor"));
+        assert!(env.redelivered);
+        assert_eq!(env.received_at, 42);
+        assert_eq!(env.bridge_id, "bridge-0");
+    }
+
+    #[test]
+    fn odd_topic_is_forwarded_not_dropped() {
+        let mut bridge = Bridge::new("b".into()).expect("stage");
+        let publish = Publish::new("iot/acme", QoS::AtLeastOnce, vec![9u8], None);
+        let record = bridge.map(&publish, 1).expect("map");
+        assert_eq!(record.key, "iot/acme");
+        let env = Codec::<RawEnvelope>::latest().expect("codec").decode(&record.value).expect("decode");
+        assert_eq!(env.device_id, "");
+        assert_eq!(env.payload, vec![9]);
+    }
+}
