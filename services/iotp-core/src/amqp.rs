@@ -15,7 +15,10 @@ pub async fn connect(uri: &str) -> lapin::Result<Connection> {
 
 fn quorum_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     for (k, v) in extra {
         args.insert(ShortString::from(*k), v.clone());
     }
@@ -26,7 +29,10 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin
     channel
         .queue_declare(
             name.into(),
-            QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
             args,
         )
         .await
@@ -35,12 +41,25 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin
 
 /// Declare exchanges and queues; safe to run again.
 pub async fn declare_topology(channel: &Channel, t: &RabbitTopology) -> lapin::Result<Vec<String>> {
-    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
     channel
-        .exchange_declare(t.dead_letter_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .exchange_declare(
+            t.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .exchange_declare(t.retry_exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+        .exchange_declare(
+            t.retry_exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
     declare_queue(channel, &t.incoming_queue, quorum_args(&[])).await?;
     channel
@@ -57,11 +76,26 @@ pub async fn declare_topology(channel: &Channel, t: &RabbitTopology) -> lapin::R
         let attempt = i + 1;
         let name = t.retry_queue(attempt);
         let args = quorum_args(&[
-            ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),
-            ("x-dead-letter-exchange", AMQPValue::LongString(LongString::from(""))),
-            ("x-dead-letter-routing-key", AMQPValue::LongString(LongString::from(t.incoming_queue.as_str()))),
-            ("x-dead-letter-strategy", AMQPValue::LongString(LongString::from("at-least-once"))),
-            ("x-overflow", AMQPValue::LongString(LongString::from("reject-publish"))),
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            ),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(LongString::from("")),
+            ),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString(LongString::from(t.incoming_queue.as_str())),
+            ),
+            (
+                "x-dead-letter-strategy",
+                AMQPValue::LongString(LongString::from("at-least-once")),
+            ),
+            (
+                "x-overflow",
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            ),
         ]);
         declare_queue(channel, &name, args).await?;
         channel

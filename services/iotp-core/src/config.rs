@@ -115,7 +115,10 @@ fn validate_common(common: &Common) -> Vec<String> {
         problems.push("common.shutdown_deadline must be at least 1s".into());
     }
     if tracing_subscriber::EnvFilter::try_new(&common.log_level).is_err() {
-        problems.push(format!("common.log_level {:?} is not a valid filter", common.log_level));
+        problems.push(format!(
+            "common.log_level {:?} is not a valid filter",
+            common.log_level
+        ));
     }
     problems
 }
@@ -155,8 +158,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("iotp-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("c.toml");
-        std::fs::write(&file, "batch = 7\npoll = \"500ms\"\n[common]\nreplica = \"from-file\"\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "batch = 7\npoll = \"500ms\"\n[common]\nreplica = \"from-file\"\n",
+        )
+        .expect("write");
         figment::Jail::expect_with(|jail| {
             jail.set_env("T1__COMMON__REPLICA", "from-env");
             let c: TestConfig = load_from(Some(&file), env("T1__")).expect("load");

@@ -4,6 +4,7 @@
 //! maximum, so the broker (not our memory) holds what we have not taken yet. If Kafka is down,
 //! records are retried with backoff and nothing is acknowledged: the broker keeps the messages.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -65,7 +66,8 @@ pub async fn run<S: IngressStage>(
 ) -> anyhow::Result<()> {
     let producer = kafka.producer(&ctx.replica)?;
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(usize::from(mqtt.max_in_flight));
-    let (confirmed_tx, mut confirmed_rx) = mpsc::channel::<Confirmed>(usize::from(mqtt.max_in_flight));
+    let (confirmed_tx, mut confirmed_rx) =
+        mpsc::channel::<Confirmed>(usize::from(mqtt.max_in_flight));
     let confirmer = tokio::spawn(confirm_in_order(
         pending_rx,
         confirmed_tx,
@@ -80,9 +82,20 @@ pub async fn run<S: IngressStage>(
     let mut confirmations_open = true;
     let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
 
+    let mut acks: VecDeque<Publish> = VecDeque::new();
     loop {
+        // Hand PUBACKs to the client's request queue in receive order; what does not fit
+        // waits for the event loop to drain the queue (it is polled below).
+        while let Some(publish) = acks.front() {
+            match session.client.try_ack(publish) {
+                Ok(()) => {
+                    acks.pop_front();
+                    metrics().mqtt_acked_messages_total.inc();
+                }
+                Err(_) => break,
+            }
+        }
         tokio::select! {
-            biased;
             _ = ctx.shutdown.cancelled(), if pending_tx.is_some() => {
                 tracing::info!("draining: no new messages; acknowledging what Kafka confirms");
                 pending_tx = None;
@@ -90,12 +103,15 @@ pub async fn run<S: IngressStage>(
             confirmed = confirmed_rx.recv(), if confirmations_open => match confirmed {
                 Some(c) => {
                     inflight.dec();
+                    // A message from a connection that is gone is not acknowledged: the broker
+                    // resends it on the new one, and that copy is acknowledged once confirmed.
                     if c.generation == session.generation {
-                        session.client.try_ack(&c.publish)?;
-                        metrics().mqtt_acked_messages_total.inc();
+                        acks.push_back(c.publish);
                     }
-                    // Else it arrived on a connection that is gone: the broker resends it on
-                    // the new one, and that copy is acknowledged once it is confirmed.
+                }
+                None if !acks.is_empty() => {
+                    // Let the event loop drain the request queue first.
+                    tokio::task::yield_now().await;
                 }
                 None => {
                     confirmations_open = false;
@@ -149,12 +165,14 @@ pub async fn run<S: IngressStage>(
                     backoff = (backoff * 2).min(mqtt.reconnect_max);
                     // A new client: acks queued for the old connection die with it.
                     session = Session::reconnect(session, &mqtt, &ctx.replica)?;
+                    acks.clear();
                 }
             },
         }
     }
     confirmer.await??;
-    let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await?;
+    let flushed =
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await?;
     flushed?;
     tracing::info!("ingress stopped");
     Ok(())
@@ -169,12 +187,20 @@ struct Session {
 impl Session {
     fn new(mqtt: &MqttConfig, replica: &str) -> anyhow::Result<Self> {
         let (client, eventloop) = mqtt.connect(replica)?;
-        Ok(Self { client, eventloop, generation: 0 })
+        Ok(Self {
+            client,
+            eventloop,
+            generation: 0,
+        })
     }
 
     fn reconnect(old: Self, mqtt: &MqttConfig, replica: &str) -> anyhow::Result<Self> {
         let (client, eventloop) = mqtt.connect(replica)?;
-        Ok(Self { client, eventloop, generation: old.generation + 1 })
+        Ok(Self {
+            client,
+            eventloop,
+            generation: old.generation + 1,
+        })
     }
 }
 
@@ -188,7 +214,9 @@ async fn confirm_in_order(
     backoff_min: Duration,
     backoff_max: Duration,
 ) -> anyhow::Result<()> {
-    let produced = metrics().kafka_produced_messages_total.with_label_values(&[&topic]);
+    let produced = metrics()
+        .kafka_produced_messages_total
+        .with_label_values(&[&topic]);
     let latency = metrics().delivery_seconds.with_label_values(&[STAGE]);
     while let Some(p) = pending.recv().await {
         let mut delivery = p.delivery;
@@ -197,11 +225,17 @@ async fn confirm_in_order(
             match delivery.await {
                 Ok(Ok(_)) => break,
                 Ok(Err((e, _))) => {
-                    metrics().kafka_produce_errors_total.with_label_values(&[kafka_error_kind(&e)]).inc();
+                    metrics()
+                        .kafka_produce_errors_total
+                        .with_label_values(&[kafka_error_kind(&e)])
+                        .inc();
                     tracing::warn!(error = %e, retry_in = ?backoff, "kafka did not take the record; retrying, not acknowledging");
                 }
                 Err(_) => {
-                    metrics().kafka_produce_errors_total.with_label_values(&["canceled"]).inc();
+                    metrics()
+                        .kafka_produce_errors_total
+                        .with_label_values(&["canceled"])
+                        .inc();
                     tracing::warn!("delivery report lost; producing again");
                 }
             }
@@ -211,7 +245,10 @@ async fn confirm_in_order(
         }
         produced.inc();
         latency.observe(p.received.elapsed().as_secs_f64());
-        let c = Confirmed { generation: p.generation, publish: p.publish };
+        let c = Confirmed {
+            generation: p.generation,
+            publish: p.publish,
+        };
         if confirmed.send(c).await.is_err() {
             anyhow::bail!("ingress loop stopped before acknowledging");
         }
@@ -224,7 +261,10 @@ async fn produce(producer: &FutureProducer, topic: &str, record: &OutRecord) -> 
     loop {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (k, v) in &record.headers {
-            headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
         }
         let out = FutureRecord::to(topic)
             .key(record.key.as_bytes())
@@ -236,7 +276,10 @@ async fn produce(producer: &FutureProducer, topic: &str, record: &OutRecord) -> 
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err((e, _)) => {
-                metrics().kafka_produce_errors_total.with_label_values(&[kafka_error_kind(&e)]).inc();
+                metrics()
+                    .kafka_produce_errors_total
+                    .with_label_values(&[kafka_error_kind(&e)])
+                    .inc();
                 tracing::warn!(error = %e, "cannot enqueue record; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -245,14 +288,20 @@ async fn produce(producer: &FutureProducer, topic: &str, record: &OutRecord) -> 
 }
 
 fn record_broker_counter(publish: &Publish) {
-    let Some(value) = std::str::from_utf8(&publish.payload).ok().and_then(|s| s.trim().parse::<i64>().ok()) else {
+    let Some(value) = std::str::from_utf8(&publish.payload)
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+    else {
         return;
     };
     match publish.topic.as_ref() {
         b"$SYS/broker/publish/messages/dropped" => {
             let before = metrics().mqtt_broker_dropped_messages.get();
             if value > before {
-                tracing::warn!(dropped = value, "mqtt broker reports dropped messages: raise its queue limits");
+                tracing::warn!(
+                    dropped = value,
+                    "mqtt broker reports dropped messages: raise its queue limits"
+                );
             }
             metrics().mqtt_broker_dropped_messages.set(value);
         }

@@ -52,11 +52,21 @@ impl KafkaConfig {
             out.push("kafka.brokers must not be empty".into());
         }
         if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.compression.as_str()) {
-            out.push(format!("kafka.compression {:?} is not one of none, lz4, zstd, snappy, gzip", self.compression));
+            out.push(format!(
+                "kafka.compression {:?} is not one of none, lz4, zstd, snappy, gzip",
+                self.compression
+            ));
         }
-        for key in ["enable.idempotence", "acks", "enable.auto.commit", "enable.auto.offset.store"] {
+        for key in [
+            "enable.idempotence",
+            "acks",
+            "enable.auto.commit",
+            "enable.auto.offset.store",
+        ] {
             if self.properties.contains_key(key) {
-                out.push(format!("kafka.properties.{key} is set by the runtime and cannot be overridden"));
+                out.push(format!(
+                    "kafka.properties.{key} is set by the runtime and cannot be overridden"
+                ));
             }
         }
         out
@@ -79,7 +89,10 @@ impl KafkaConfig {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", self.linger.as_millis().to_string())
-            .set("message.timeout.ms", self.message_timeout.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                self.message_timeout.as_millis().to_string(),
+            )
             .set("compression.type", &self.compression)
             .set("queue.buffering.max.messages", "100000")
             .create()

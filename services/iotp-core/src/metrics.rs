@@ -40,7 +40,10 @@ impl Metrics {
     fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let m = Self {
-            up: IntGaugeVec::new(Opts::new("iotp_up", "1 while the service runs"), &["service"])?,
+            up: IntGaugeVec::new(
+                Opts::new("iotp_up", "1 while the service runs"),
+                &["service"],
+            )?,
             mqtt_received_messages_total: IntCounter::new(
                 "iotp_mqtt_received_messages_total",
                 "MQTT PUBLISH packets received",
@@ -50,7 +53,10 @@ impl Metrics {
                 "MQTT PUBACKs sent after Kafka confirmed the record",
             )?,
             mqtt_connection_errors_total: IntCounterVec::new(
-                Opts::new("iotp_mqtt_connection_errors_total", "MQTT connection errors"),
+                Opts::new(
+                    "iotp_mqtt_connection_errors_total",
+                    "MQTT connection errors",
+                ),
                 &["kind"],
             )?,
             mqtt_broker_dropped_messages: IntGauge::new(
@@ -62,15 +68,24 @@ impl Metrics {
                 "Messages the MQTT broker holds in its store ($SYS)",
             )?,
             kafka_produced_messages_total: IntCounterVec::new(
-                Opts::new("iotp_kafka_produced_messages_total", "Records Kafka confirmed"),
+                Opts::new(
+                    "iotp_kafka_produced_messages_total",
+                    "Records Kafka confirmed",
+                ),
                 &["topic"],
             )?,
             kafka_produce_errors_total: IntCounterVec::new(
-                Opts::new("iotp_kafka_produce_errors_total", "Kafka produce failures, retried"),
+                Opts::new(
+                    "iotp_kafka_produce_errors_total",
+                    "Kafka produce failures, retried",
+                ),
                 &["reason"],
             )?,
             inflight_messages: IntGaugeVec::new(
-                Opts::new("iotp_inflight_messages", "Messages awaiting downstream confirmation"),
+                Opts::new(
+                    "iotp_inflight_messages",
+                    "Messages awaiting downstream confirmation",
+                ),
                 &["stage"],
             )?,
             delivery_seconds: HistogramVec::new(
@@ -84,22 +99,33 @@ impl Metrics {
                 &["stage"],
             )?,
             stage_batch_seconds: Histogram::with_opts(
-                HistogramOpts::new("iotp_stage_batch_seconds", "Time in a stage's own logic per batch")
-                    .buckets(prometheus::exponential_buckets(0.00001, 4.0, 10)?),
+                HistogramOpts::new(
+                    "iotp_stage_batch_seconds",
+                    "Time in a stage's own logic per batch",
+                )
+                .buckets(prometheus::exponential_buckets(0.00001, 4.0, 10)?),
             )?,
             registry,
         };
         m.registry.register(Box::new(m.up.clone()))?;
-        m.registry.register(Box::new(m.mqtt_received_messages_total.clone()))?;
-        m.registry.register(Box::new(m.mqtt_acked_messages_total.clone()))?;
-        m.registry.register(Box::new(m.mqtt_connection_errors_total.clone()))?;
-        m.registry.register(Box::new(m.mqtt_broker_dropped_messages.clone()))?;
-        m.registry.register(Box::new(m.mqtt_broker_stored_messages.clone()))?;
-        m.registry.register(Box::new(m.kafka_produced_messages_total.clone()))?;
-        m.registry.register(Box::new(m.kafka_produce_errors_total.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_received_messages_total.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_acked_messages_total.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_connection_errors_total.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_broker_dropped_messages.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_broker_stored_messages.clone()))?;
+        m.registry
+            .register(Box::new(m.kafka_produced_messages_total.clone()))?;
+        m.registry
+            .register(Box::new(m.kafka_produce_errors_total.clone()))?;
         m.registry.register(Box::new(m.inflight_messages.clone()))?;
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
-        m.registry.register(Box::new(m.stage_batch_seconds.clone()))?;
+        m.registry
+            .register(Box::new(m.stage_batch_seconds.clone()))?;
         Ok(m)
     }
 
@@ -107,7 +133,10 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
-        if TextEncoder::new().encode(&self.registry.gather(), &mut out).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(out).unwrap_or_default()
@@ -132,9 +161,17 @@ mod tests {
     fn metrics_render_with_expected_names() {
         let m = super::metrics();
         m.mqtt_received_messages_total.inc_by(3);
-        m.kafka_produced_messages_total.with_label_values(&["iotp.raw"]).inc();
+        m.kafka_produced_messages_total
+            .with_label_values(&["iotp.raw"])
+            .inc();
         let text = m.render();
-        assert!(text.contains("iotp_mqtt_received_messages_total 3"), "{text}");
-        assert!(text.contains("iotp_kafka_produced_messages_total{topic=\"iotp.raw\"} 1"), "{text}");
+        assert!(
+            text.contains("iotp_mqtt_received_messages_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("iotp_kafka_produced_messages_total{topic=\"iotp.raw\"} 1"),
+            "{text}"
+        );
     }
 }

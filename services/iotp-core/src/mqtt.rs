@@ -112,11 +112,17 @@ impl MqttConfig {
 
     /// Build a client for a persistent, manually acknowledged session.
     pub fn connect(&self, replica: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
-        let client_id = if self.client_id.is_empty() { replica } else { &self.client_id };
+        let client_id = if self.client_id.is_empty() {
+            replica
+        } else {
+            &self.client_id
+        };
         let mut opts = MqttOptions::new(client_id, &self.host, self.port);
         opts.set_clean_start(false)
             .set_keep_alive(self.keep_alive)
-            .set_session_expiry_interval(Some(self.session_expiry.as_secs().min(u32::MAX.into()) as u32))
+            .set_session_expiry_interval(Some(
+                self.session_expiry.as_secs().min(u32::MAX.into()) as u32
+            ))
             .set_receive_maximum(Some(self.max_in_flight))
             .set_max_packet_size(Some(self.max_packet_size))
             .set_manual_acks(true)
@@ -139,6 +145,9 @@ impl MqttConfig {
                 client_auth,
             }));
         }
-        Ok(AsyncClient::new(opts, usize::from(self.max_in_flight) * 2 + 16))
+        Ok(AsyncClient::new(
+            opts,
+            usize::from(self.max_in_flight) * 2 + 16,
+        ))
     }
 }

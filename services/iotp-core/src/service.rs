@@ -159,7 +159,10 @@ impl ServiceConfig for BasicConfig {
 
 /// For services whose stage has not landed yet: ready at once, idle until shutdown.
 pub async fn idle(ctx: Context) -> anyhow::Result<()> {
-    tracing::warn!(service = ctx.service, "this stage has no processing logic yet; idling");
+    tracing::warn!(
+        service = ctx.service,
+        "this stage has no processing logic yet; idling"
+    );
     ctx.health.set_ready(true);
     ctx.shutdown.cancelled().await;
     Ok(())

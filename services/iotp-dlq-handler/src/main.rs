@@ -6,5 +6,7 @@ use std::process::ExitCode;
 use iotp_core::service::{self, BasicConfig};
 
 fn main() -> ExitCode {
-    service::run("dlq-handler", |ctx, _config: BasicConfig| service::idle(ctx))
+    service::run("dlq-handler", |ctx, _config: BasicConfig| {
+        service::idle(ctx)
+    })
 }

@@ -74,15 +74,23 @@ pub struct TopicIdentity<'a> {
 /// Split `iot/{tenant}/{deviceId}/{kind}`; `None` if the topic has another shape.
 pub fn parse_topic(topic: &str) -> Option<TopicIdentity<'_>> {
     let mut parts = topic.split('/');
-    let (Some("iot"), Some(tenant), Some(device_id), Some(kind), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some("iot"), Some(tenant), Some(device_id), Some(kind), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return None;
     };
     if tenant.is_empty() || device_id.is_empty() || kind.is_empty() {
         return None;
     }
-    Some(TopicIdentity { tenant, device_id, kind })
+    Some(TopicIdentity {
+        tenant,
+        device_id,
+        kind,
+    })
 }
 
 /// The bridge stage: PUBLISH → raw envelope.
@@ -94,14 +102,21 @@ pub struct Bridge {
 impl Bridge {
     /// A stage that signs envelopes with `bridge_id`.
     pub fn new(bridge_id: String) -> anyhow::Result<Self> {
-        Ok(Self { bridge_id, codec: Codec::latest()? })
+        Ok(Self {
+            bridge_id,
+            codec: Codec::latest()?,
+        })
     }
 
     /// The envelope for one PUBLISH.
     pub fn envelope(&self, publish: &Publish, received_at: i64) -> RawEnvelope {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         let (tenant, device_id, kind) = match parse_topic(&topic) {
-            Some(id) => (id.tenant.to_owned(), id.device_id.to_owned(), id.kind.to_owned()),
+            Some(id) => (
+                id.tenant.to_owned(),
+                id.device_id.to_owned(),
+                id.kind.to_owned(),
+            ),
             None => (String::new(), String::new(), String::new()),
         };
         let properties = publish.properties.as_ref();
@@ -137,7 +152,11 @@ impl IngressStage for Bridge {
             .get("traceparent")
             .map(|t| vec![("traceparent".to_string(), t.clone())])
             .unwrap_or_default();
-        Ok(OutRecord { key, value: self.codec.encode(&envelope)?, headers })
+        Ok(OutRecord {
+            key,
+            value: self.codec.encode(&envelope)?,
+            headers,
+        })
     }
 }
 
@@ -151,7 +170,11 @@ mod tests {
     fn topic_layout() {
         assert_eq!(
             parse_topic("iot/acme/meter-1/telemetry"),
-            Some(TopicIdentity { tenant: "acme", device_id: "meter-1", kind: "telemetry" })
+            Some(TopicIdentity {
+                tenant: "acme",
+                device_id: "meter-1",
+                kind: "telemetry"
+            })
         );
         assert_eq!(parse_topic("iot/acme/meter-1"), None);
         assert_eq!(parse_topic("iot/acme/meter-1/telemetry/extra"), None);
@@ -162,7 +185,12 @@ mod tests {
     #[test]
     fn envelope_keeps_payload_and_properties_and_is_keyed_by_device() {
         let mut bridge = Bridge::new("bridge-0".into()).expect("stage");
-        let mut publish = Publish::new("iot/acme/m-1/heartbeat", QoS::AtLeastOnce, vec![1u8, 2, 3], None);
+        let mut publish = Publish::new(
+            "iot/acme/m-1/heartbeat",
+            QoS::AtLeastOnce,
+            vec![1u8, 2, 3],
+            None,
+        );
         publish.dup = true;
         publish.properties = Some(PublishProperties {
             content_type: Some("application/cbor".into()),
@@ -171,10 +199,23 @@ mod tests {
         });
         let record = bridge.map(&publish, 42).expect("map");
         assert_eq!(record.key, "acme/m-1");
-        assert_eq!(record.headers, vec![("traceparent".to_string(), "00-aa-bb-01".to_string())]);
-        let env = Codec::<RawEnvelope>::latest().expect("codec").decode(&record.value).expect("decode");
+        assert_eq!(
+            record.headers,
+            vec![("traceparent".to_string(), "00-aa-bb-01".to_string())]
+        );
+        let env = Codec::<RawEnvelope>::latest()
+            .expect("codec")
+            .decode(&record.value)
+            .expect("decode");
         assert_eq!(env.payload, vec![1, 2, 3]);
-        assert_eq!((env.tenant.as_str(), env.device_id.as_str(), env.kind.as_str()), ("acme", "m-1", "heartbeat"));
+        assert_eq!(
+            (
+                env.tenant.as_str(),
+                env.device_id.as_str(),
+                env.kind.as_str()
+            ),
+            ("acme", "m-1", "heartbeat")
+        );
         assert_eq!(env.content_type.as_deref(), Some("application/cbor"));
         assert!(env.redelivered);
         assert_eq!(env.received_at, 42);
@@ -187,7 +228,10 @@ mod tests {
         let publish = Publish::new("iot/acme", QoS::AtLeastOnce, vec![9u8], None);
         let record = bridge.map(&publish, 1).expect("map");
         assert_eq!(record.key, "iot/acme");
-        let env = Codec::<RawEnvelope>::latest().expect("codec").decode(&record.value).expect("decode");
+        let env = Codec::<RawEnvelope>::latest()
+            .expect("codec")
+            .decode(&record.value)
+            .expect("decode");
         assert_eq!(env.device_id, "");
         assert_eq!(env.payload, vec![9]);
     }

@@ -25,7 +25,11 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         replication: i32,
         /// RabbitMQ URI.
-        #[arg(long, env = "IOTP_AMQP_URI", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        #[arg(
+            long,
+            env = "IOTP_AMQP_URI",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
         amqp: String,
         /// Skip RabbitMQ.
         #[arg(long)]
@@ -53,15 +57,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 println!("{} {}", t.name, t.partitions);
             }
         }
-        Command::Apply { brokers, replication, amqp, kafka_only } => {
-            let kafka = KafkaConfig { brokers, ..KafkaConfig::default() };
+        Command::Apply {
+            brokers,
+            replication,
+            amqp,
+            kafka_only,
+        } => {
+            let kafka = KafkaConfig {
+                brokers,
+                ..KafkaConfig::default()
+            };
             let admin = kafka.admin("iotp-topology")?;
             let created = ensure_topics(&admin, &topology().kafka.topics, replication).await?;
-            println!("kafka: {} topics, created {:?}", topology().kafka.topics.len(), created);
+            println!(
+                "kafka: {} topics, created {:?}",
+                topology().kafka.topics.len(),
+                created
+            );
             if !kafka_only {
                 let connection = iotp_core::amqp::connect(&amqp).await?;
                 let channel = connection.create_channel().await?;
-                let queues = iotp_core::amqp::declare_topology(&channel, &topology().rabbitmq).await?;
+                let queues =
+                    iotp_core::amqp::declare_topology(&channel, &topology().rabbitmq).await?;
                 println!("rabbitmq: declared {}", queues.join(", "));
                 connection.close(200, "done".into()).await?;
             }

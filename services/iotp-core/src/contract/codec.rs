@@ -212,7 +212,9 @@ impl<T: Record> Codec<T> {
 /// The writer fingerprint of a single-object encoded message.
 pub fn frame_fingerprint(bytes: &[u8]) -> Result<Fingerprint, CodecError> {
     if bytes.len() < FRAME_HEADER_LEN {
-        return Err(CodecError::NotSingleObject("shorter than the 10-byte header"));
+        return Err(CodecError::NotSingleObject(
+            "shorter than the 10-byte header",
+        ));
     }
     if bytes[..2] != SINGLE_OBJECT_MAGIC {
         return Err(CodecError::NotSingleObject("no C3 01 magic"));

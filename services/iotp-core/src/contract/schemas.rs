@@ -41,7 +41,6 @@ const FILES: &[SchemaFile] = &[
     schema_file!("dead-letter", 1),
 ];
 
-
 /// The 8-byte CRC-64-AVRO fingerprint of a schema's parsing canonical form, in the byte order
 /// single-object encoding puts on the wire (little-endian).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,9 +83,8 @@ impl Registry {
         let mut versions = Vec::with_capacity(FILES.len());
         let mut by_fingerprint = HashMap::new();
         for file in FILES {
-            let schema = Schema::parse_str(file.text).map_err(|e| {
-                format!("schemas/{}/v{}.avsc: {e}", file.family, file.version)
-            })?;
+            let schema = Schema::parse_str(file.text)
+                .map_err(|e| format!("schemas/{}/v{}.avsc: {e}", file.family, file.version))?;
             let bytes = schema.fingerprint::<Rabin>().bytes;
             let fingerprint = Fingerprint(
                 bytes
@@ -142,7 +140,11 @@ impl Registry {
 
     /// All versions of a family, oldest first.
     pub fn family(&self, family: &str) -> Vec<&SchemaVersion> {
-        let mut out: Vec<_> = self.versions.iter().filter(|v| v.family == family).collect();
+        let mut out: Vec<_> = self
+            .versions
+            .iter()
+            .filter(|v| v.family == family)
+            .collect();
         out.sort_by_key(|v| v.version);
         out
     }
@@ -192,9 +194,17 @@ mod tests {
                 continue;
             }
             for file in std::fs::read_dir(&family).expect("family dir") {
-                let name = file.expect("entry").file_name().into_string().expect("utf8");
+                let name = file
+                    .expect("entry")
+                    .file_name()
+                    .into_string()
+                    .expect("utf8");
                 if let Some(v) = name.strip_prefix('v').and_then(|n| n.strip_suffix(".avsc")) {
-                    let fam = family.file_name().expect("name").to_string_lossy().to_string();
+                    let fam = family
+                        .file_name()
+                        .expect("name")
+                        .to_string_lossy()
+                        .to_string();
                     on_disk.push((fam, v.parse::<u32>().expect("vN.avsc")));
                 }
             }
@@ -206,7 +216,10 @@ mod tests {
             .map(|v| (v.family.to_string(), v.version))
             .collect();
         embedded.sort();
-        assert_eq!(on_disk, embedded, "add new schema files to FILES in schemas.rs");
+        assert_eq!(
+            on_disk, embedded,
+            "add new schema files to FILES in schemas.rs"
+        );
     }
 
     /// A published version is immutable: producers put its fingerprint on every message, so
@@ -233,7 +246,11 @@ mod tests {
                 v.version + 1
             );
         }
-        assert_eq!(published.len(), registry().versions().len(), "fingerprints.txt lists a removed schema");
+        assert_eq!(
+            published.len(),
+            registry().versions().len(),
+            "fingerprints.txt lists a removed schema"
+        );
     }
 
     /// Full transitive compatibility: any version can read data of any other version of its
@@ -264,7 +281,10 @@ mod tests {
             .find(|f| f.family == "telemetry" && f.version == 2)
             .expect("file")
             .text
-            .replace("\"name\": \"kind\", \"type\": \"string\"", "\"name\": \"kind2\", \"type\": \"string\"");
+            .replace(
+                "\"name\": \"kind\", \"type\": \"string\"",
+                "\"name\": \"kind2\", \"type\": \"string\"",
+            );
         let broken = Schema::parse_str(&text).expect("parse");
         assert!(SchemaCompatibility::can_read(v2, &broken).is_err());
     }

@@ -31,8 +31,16 @@ fn header(seq_no: i64) -> Header {
 
 fn readings() -> Vec<Reading> {
     vec![
-        Reading { metric: "energy_wh".into(), value: 1234.5, unit: Some("Wh".into()) },
-        Reading { metric: "voltage".into(), value: 229.9, unit: None },
+        Reading {
+            metric: "energy_wh".into(),
+            value: 1234.5,
+            unit: Some("Wh".into()),
+        },
+        Reading {
+            metric: "voltage".into(),
+            value: 229.9,
+            unit: None,
+        },
     ]
 }
 
@@ -85,7 +93,12 @@ fn dead_letter_round_trips_with_optional_bytes() {
             first_failure_at: 5,
             last_failure_at: 6,
         };
-        assert_eq!(codec.decode(&codec.encode(&record).expect("encode")).expect("decode"), record);
+        assert_eq!(
+            codec
+                .decode(&codec.encode(&record).expect("encode"))
+                .expect("decode"),
+            record
+        );
     }
 }
 
@@ -94,8 +107,14 @@ fn v1_written_is_read_by_v2_with_default() {
     let old = Codec::<TelemetryV1>::with_versions(1, 1).expect("v1 codec");
     let new = Codec::<Telemetry>::latest().expect("v2 codec");
     assert_eq!(new.writer_version().version, 2);
-    let v1 = TelemetryV1 { header: header(1), kind: "telemetry".into(), readings: readings() };
-    let decoded = new.decode(&old.encode(&v1).expect("encode")).expect("decode");
+    let v1 = TelemetryV1 {
+        header: header(1),
+        kind: "telemetry".into(),
+        readings: readings(),
+    };
+    let decoded = new
+        .decode(&old.encode(&v1).expect("encode"))
+        .expect("decode");
     assert_eq!(decoded.header, v1.header);
     assert_eq!(decoded.readings, v1.readings);
     assert_eq!(decoded.firmware_version, None, "v2 default applies");
@@ -115,28 +134,49 @@ fn v2_written_is_read_by_v1_ignoring_new_field() {
     let fp = registry().get("telemetry", 2).expect("v2").fingerprint;
     assert_eq!(&bytes[2..10], &fp.0, "v2 writer fingerprint on the wire");
     let decoded = old.decode(&bytes).expect("decode");
-    assert_eq!(decoded, TelemetryV1 { header: header(2), kind: "heartbeat".into(), readings: readings() });
+    assert_eq!(
+        decoded,
+        TelemetryV1 {
+            header: header(2),
+            kind: "heartbeat".into(),
+            readings: readings()
+        }
+    );
 }
 
 #[test]
 fn unknown_and_foreign_schemas_are_errors_with_reason_codes() {
     let codec = Codec::<Telemetry>::latest().expect("codec");
-    let mut bytes = codec.encode(&Telemetry {
-        header: header(3),
-        kind: "telemetry".into(),
-        readings: vec![],
-        firmware_version: None,
-    }).expect("encode");
+    let mut bytes = codec
+        .encode(&Telemetry {
+            header: header(3),
+            kind: "telemetry".into(),
+            readings: vec![],
+            firmware_version: None,
+        })
+        .expect("encode");
     bytes[2] ^= 0xff;
     let err = codec.decode(&bytes).expect_err("unknown");
     assert_eq!(err.reason_code(), "unknown_schema");
 
-    let raw = Codec::<RawEnvelope>::latest().expect("codec").encode(&envelope()).expect("encode");
+    let raw = Codec::<RawEnvelope>::latest()
+        .expect("codec")
+        .encode(&envelope())
+        .expect("encode");
     let err = codec.decode(&raw).expect_err("foreign family");
     assert_eq!(err.reason_code(), "wrong_schema_family");
 
-    assert_eq!(codec.decode(b"{\"json\":1}").expect_err("json").reason_code(), "not_single_object");
-    assert_eq!(codec.decode(&[0xC3]).expect_err("short").reason_code(), "not_single_object");
+    assert_eq!(
+        codec
+            .decode(b"{\"json\":1}")
+            .expect_err("json")
+            .reason_code(),
+        "not_single_object"
+    );
+    assert_eq!(
+        codec.decode(&[0xC3]).expect_err("short").reason_code(),
+        "not_single_object"
+    );
 }
 
 #[test]
@@ -145,7 +185,13 @@ fn corrupt_bodies_are_errors_never_panics() {
     let good = codec.encode(&envelope()).expect("encode");
     // Every truncation and a sweep of single-byte corruptions.
     for len in FRAME_HEADER_LEN..good.len() {
-        assert_eq!(codec.decode(&good[..len]).expect_err("truncated").reason_code(), "malformed_avro");
+        assert_eq!(
+            codec
+                .decode(&good[..len])
+                .expect_err("truncated")
+                .reason_code(),
+            "malformed_avro"
+        );
     }
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in FRAME_HEADER_LEN..good.len() {

@@ -1,0 +1,405 @@
+//! Test harness: the project's Mosquitto on a free port, bridge processes, a device fleet
+//! publishing with a real MQTT client, and a Kafka reader. Broker addresses come from
+//! `IOTP_TEST_KAFKA` (default 127.0.0.1:9092); `dev/brokers.sh up` starts it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iotp_core::contract::{Codec, RawEnvelope};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::Outgoing;
+
+pub fn kafka_brokers() -> String {
+    std::env::var("IOTP_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        uuid::Uuid::new_v4().simple().to_string().get(..10).unwrap()
+    )
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = repo_root().join("target/test-scratch").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_port(port: u16, what: &str) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "{what} did not open port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{sig} failed");
+}
+
+/// A Mosquitto started from `dev/mosquitto.conf` (the project's configuration).
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Self {
+        let port = free_port();
+        Self::start_on(dir, port)
+    }
+
+    fn start_on(dir: &Path, port: u16) -> Self {
+        let template = std::fs::read_to_string(repo_root().join("dev/mosquitto.conf")).unwrap();
+        let conf = template
+            .replace("@PORT@", &port.to_string())
+            .replace("@DIR@", dir.to_str().unwrap());
+        let path = dir.join("mosquitto.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (dev/brokers.sh up installs it)");
+        wait_port(port, "mosquitto");
+        Self {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM (Mosquitto saves its state), wait, start again on the same port.
+    pub fn restart(&mut self) {
+        signal(&self.child, "TERM");
+        self.child.wait().unwrap();
+        let port = self.port;
+        let dir = self.dir.clone();
+        *self = Self::start_on(&dir, port);
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bridge process.
+pub struct Bridge {
+    child: Option<Child>,
+    pub replica: String,
+    pub admin_port: u16,
+}
+
+pub struct BridgeSpec {
+    pub mqtt_port: u16,
+    pub topic: String,
+    pub subscription: String,
+    pub kafka: String,
+    pub log_dir: PathBuf,
+}
+
+impl Bridge {
+    pub fn start(spec: &BridgeSpec, replica: &str) -> Self {
+        let admin_port = free_port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.log_dir.join(format!("{replica}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_iotp-mqtt-bridge"))
+            .env("IOTP__COMMON__REPLICA", replica)
+            .env(
+                "IOTP__COMMON__ADMIN_LISTEN",
+                format!("127.0.0.1:{admin_port}"),
+            )
+            .env("IOTP__COMMON__LOG_FORMAT", "text")
+            .env("IOTP__MQTT__PORT", spec.mqtt_port.to_string())
+            .env(
+                "IOTP__MQTT__SUBSCRIPTIONS",
+                format!("[\"{}\"]", spec.subscription),
+            )
+            .env("IOTP__MQTT__RECONNECT_MAX", "1s")
+            .env("IOTP__KAFKA__BROKERS", &spec.kafka)
+            .env("IOTP__RAW_TOPIC", &spec.topic)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            child: Some(child),
+            replica: replica.to_string(),
+            admin_port,
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").1
+    }
+
+    pub fn wait_ready(&self) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
+                && http_get(self.admin_port, "/readyz").0 == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < until, "bridge {} not ready", self.replica);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM and the exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let mut child = self.child.take().unwrap();
+        signal(&child, "TERM");
+        child.wait().unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET: (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let res = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    res.into_iter().for_each(|r| {
+        r.unwrap();
+    });
+}
+
+/// What one device sent and which of its messages the broker acknowledged.
+#[derive(Debug, Default)]
+pub struct SentLog {
+    pub acked: BTreeMap<String, Vec<i64>>,
+}
+
+impl SentLog {
+    pub fn total(&self) -> usize {
+        self.acked.values().map(Vec::len).sum()
+    }
+}
+
+/// `devices` devices, each on its own MQTT 5 connection, each publishing `per_device` QoS 1
+/// messages `iot/{tenant}/dev-{i}/telemetry` with payload `{"deviceId","seqNo"}`; returns the
+/// PUBACKed (device, seqNo) pairs.
+pub async fn publish_fleet(port: u16, tenant: &str, devices: usize, per_device: i64) -> SentLog {
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let tenant = tenant.to_string();
+        tasks.push(tokio::spawn(async move {
+            let device = format!("dev-{d:04}");
+            let mut opts = MqttOptions::new(format!("{tenant}-{device}"), "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(30));
+            let (client, mut eventloop) = AsyncClient::new(opts, 64);
+            let topic = format!("iot/{tenant}/{device}/telemetry");
+            let publisher = {
+                let client = client.clone();
+                let device = device.clone();
+                tokio::spawn(async move {
+                    for seq in 0..per_device {
+                        let payload = format!(
+                            "{{\"deviceId\":\"{device}\",\"seqNo\":{seq},\"t\":{}}}",
+                            iotp_core::now_millis()
+                        );
+                        client
+                            .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                            .await
+                            .unwrap();
+                    }
+                })
+            };
+            let mut pkid_to_seq: HashMap<u16, i64> = HashMap::new();
+            let mut next_seq = 0i64;
+            let mut acked = Vec::new();
+            let until = Instant::now() + Duration::from_secs(120);
+            while (acked.len() as i64) < per_device && Instant::now() < until {
+                match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+                    Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                        pkid_to_seq.insert(pkid, next_seq);
+                        next_seq += 1;
+                    }
+                    Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                        if let Some(seq) = pkid_to_seq.remove(&ack.pkid) {
+                            acked.push(seq);
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => panic!("device {device}: {e}"),
+                    Err(_) => break,
+                }
+            }
+            publisher.await.unwrap();
+            let _ = client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+            acked.sort_unstable();
+            (device, acked)
+        }));
+    }
+    let mut log = SentLog::default();
+    for t in tasks {
+        let (device, acked) = t.await.unwrap();
+        log.acked.insert(device, acked);
+    }
+    log
+}
+
+/// One record read back from the raw topic.
+#[derive(Debug)]
+pub struct Seen {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub envelope: RawEnvelope,
+    pub seq_no: i64,
+}
+
+/// Read `topic` from the beginning until every acked message was seen (or `timeout`).
+pub async fn read_until_complete(topic: &str, sent: &SentLog, timeout: Duration) -> Vec<Seen> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique("test-reader-"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let codec = Codec::<RawEnvelope>::latest().unwrap();
+    let mut wanted: HashSet<(String, i64)> = sent
+        .acked
+        .iter()
+        .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.clone(), *s)))
+        .collect();
+    let mut seen = Vec::new();
+    let until = Instant::now() + timeout;
+    while !wanted.is_empty() && Instant::now() < until {
+        let Ok(msg) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
+            continue;
+        };
+        let msg = msg.unwrap();
+        let envelope = codec.decode(msg.payload().unwrap()).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&envelope.payload).unwrap();
+        let seq_no = body["seqNo"].as_i64().unwrap();
+        wanted.remove(&(envelope.device_id.clone(), seq_no));
+        seen.push(Seen {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: String::from_utf8(msg.key().unwrap().to_vec()).unwrap(),
+            envelope,
+            seq_no,
+        });
+    }
+    seen
+}
+
+/// Acked messages never seen in Kafka.
+pub fn missing(sent: &SentLog, seen: &[Seen]) -> Vec<(String, i64)> {
+    let got: HashSet<(&str, i64)> = seen
+        .iter()
+        .map(|s| (s.envelope.device_id.as_str(), s.seq_no))
+        .collect();
+    sent.acked
+        .iter()
+        .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.clone(), *s)))
+        .filter(|(d, s)| !got.contains(&(d.as_str(), *s)))
+        .collect()
+}
+
+pub fn assert_none_missing(sent: &SentLog, seen: &[Seen]) {
+    let missing = missing(sent, seen);
+    assert!(
+        missing.is_empty(),
+        "{} of {} PUBACKed messages missing from kafka ({} records read), e.g. {:?}",
+        missing.len(),
+        sent.total(),
+        seen.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
