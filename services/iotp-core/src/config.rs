@@ -124,6 +124,7 @@ fn validate_common(common: &Common) -> Vec<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

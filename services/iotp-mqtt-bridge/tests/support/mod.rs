@@ -332,6 +332,7 @@ pub struct Seen {
     pub key: String,
     pub envelope: RawEnvelope,
     pub seq_no: i64,
+    pub raw: Vec<u8>,
 }
 
 /// Read `topic` from the beginning until every acked message was seen (or `timeout`).
@@ -364,7 +365,8 @@ pub async fn read_until_complete(topic: &str, sent: &SentLog, timeout: Duration)
             continue;
         };
         let msg = msg.unwrap();
-        let envelope = codec.decode(msg.payload().unwrap()).unwrap();
+        let raw = msg.payload().unwrap().to_vec();
+        let envelope = codec.decode(&raw).unwrap();
         let body: serde_json::Value = serde_json::from_slice(&envelope.payload).unwrap();
         let seq_no = body["seqNo"].as_i64().unwrap();
         wanted.remove(&(envelope.device_id.clone(), seq_no));
@@ -374,6 +376,7 @@ pub async fn read_until_complete(topic: &str, sent: &SentLog, timeout: Duration)
             key: String::from_utf8(msg.key().unwrap().to_vec()).unwrap(),
             envelope,
             seq_no,
+            raw,
         });
     }
     seen
@@ -402,4 +405,30 @@ pub fn assert_none_missing(sent: &SentLog, seen: &[Seen]) {
         seen.len(),
         &missing[..missing.len().min(5)]
     );
+}
+
+/// The interpreter with fastavro: `IOTP_PYTHON`, else the venv `make test` prepares.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("IOTP_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap();
+    PathBuf::from(home).join(".cache/iotp/venv/bin/python")
+}
+
+/// Decode raw topic records with fastavro and `schemas/` only; returns one JSON value each.
+pub fn decode_with_fastavro(dir: &Path, records: &[&Seen]) -> Vec<serde_json::Value> {
+    let mut files = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        let path = dir.join(format!("record-{i:03}.avro"));
+        std::fs::write(&path, &r.raw).unwrap();
+        files.push(path);
+    }
+    let out = Command::new(python())
+        .arg(repo_root().join("schemas/interop/decode.py"))
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (make test creates the venv with fastavro)", python().display()));
+    assert!(out.status.success(), "decode.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
