@@ -83,6 +83,41 @@ async fn every_acked_message_reaches_kafka_in_device_order() {
         metric(&metrics, "iotp_mqtt_acked_messages_total"),
         Some(sent.total() as f64)
     );
+
+    // Another Avro implementation reads the raw topic with only schemas/ and the framing.
+    let sample: Vec<&Seen> = seen.iter().take(25).collect();
+    let decoded = decode_with_fastavro(&s.spec.log_dir, &sample);
+    assert_eq!(decoded.len(), sample.len());
+    for (ours, theirs) in sample.iter().zip(&decoded) {
+        assert_eq!(theirs["schema"], "raw-envelope v1");
+        let record = &theirs["record"];
+        assert_eq!(record["deviceId"], ours.envelope.device_id.as_str());
+        assert_eq!(record["mqttTopic"], ours.envelope.mqtt_topic.as_str());
+        assert_eq!(record["receivedAt"], ours.envelope.received_at);
+        let payload = record["payload"]["base64"].as_str().unwrap();
+        assert_eq!(payload, base64_encode(&ours.envelope.payload));
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

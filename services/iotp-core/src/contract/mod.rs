@@ -9,4 +9,6 @@ pub use codec::{Codec, CodecError, FRAME_HEADER_LEN, SINGLE_OBJECT_MAGIC};
 pub use records::{
     Aggregate, DeadLetter, EnrichedTelemetry, Header, RawEnvelope, Reading, Record, Telemetry,
 };
-pub use schemas::{registry, Fingerprint, Registry, SchemaVersion};
+pub use schemas::{
+    crc64_avro, parsing_canonical_form, registry, Fingerprint, Registry, SchemaVersion,
+};

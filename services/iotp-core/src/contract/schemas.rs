@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::LazyLock;
 
-use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
 
 /// One embedded schema file: `schemas/{family}/v{version}.avsc`.
@@ -85,13 +84,8 @@ impl Registry {
         for file in FILES {
             let schema = Schema::parse_str(file.text)
                 .map_err(|e| format!("schemas/{}/v{}.avsc: {e}", file.family, file.version))?;
-            let bytes = schema.fingerprint::<Rabin>().bytes;
-            let fingerprint = Fingerprint(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| "rabin fingerprint is not 8 bytes".to_string())?,
-            );
+            let fingerprint =
+                Fingerprint(crc64_avro(parsing_canonical_form(&schema).as_bytes()).to_le_bytes());
             if by_fingerprint.insert(fingerprint, versions.len()).is_some() {
                 return Err(format!(
                     "schemas/{}/v{}.avsc has the same fingerprint as another version",
@@ -148,6 +142,43 @@ impl Registry {
         out.sort_by_key(|v| v.version);
         out
     }
+}
+
+/// The Parsing Canonical Form of the Avro specification. apache-avro's `canonical_form()`
+/// keeps a logical type's base as `{"type":"long"}` where the specification (and the Java and
+/// Python implementations) write `"long"`; fingerprints must match theirs, so that is undone
+/// here. In canonical form such an object can only be a lone primitive: records carry a name
+/// and fields, and names cannot contain quotes or braces.
+pub fn parsing_canonical_form(schema: &Schema) -> String {
+    let mut form = schema.canonical_form();
+    for primitive in [
+        "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+    ] {
+        form = form.replace(
+            &format!("{{\"type\":\"{primitive}\"}}"),
+            &format!("\"{primitive}\""),
+        );
+    }
+    form
+}
+
+/// CRC-64-AVRO (Rabin) fingerprint, as given in the Avro specification.
+pub fn crc64_avro(bytes: &[u8]) -> u64 {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    static TABLE: LazyLock<[u64; 256]> = LazyLock::new(|| {
+        let mut table = [0u64; 256];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut fp = i as u64;
+            for _ in 0..8 {
+                fp = (fp >> 1) ^ (EMPTY & (fp & 1).wrapping_neg());
+            }
+            *slot = fp;
+        }
+        table
+    });
+    bytes.iter().fold(EMPTY, |fp, &b| {
+        (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize]
+    })
 }
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(|| match Registry::load() {
@@ -269,6 +300,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn crc64_matches_apache_avro_and_canonical_form_matches_the_spec() {
+        use apache_avro::rabin::Rabin;
+        for text in [
+            r#""long""#,
+            r#"{"type":"record","name":"a.B","fields":[{"name":"x","type":"int"}]}"#,
+        ] {
+            let schema = Schema::parse_str(text).expect("parse");
+            let theirs = schema.fingerprint::<Rabin>().bytes;
+            assert_eq!(
+                crc64_avro(schema.canonical_form().as_bytes())
+                    .to_le_bytes()
+                    .as_slice(),
+                theirs.as_slice()
+            );
+        }
+        let ts = Schema::parse_str(
+            r#"{"type":"record","name":"a.T","fields":[{"name":"t","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            parsing_canonical_form(&ts),
+            r#"{"name":"a.T","type":"record","fields":[{"name":"t","type":"long"}]}"#
+        );
     }
 
     #[test]

@@ -428,7 +428,20 @@ pub fn decode_with_fastavro(dir: &Path, records: &[&Seen]) -> Vec<serde_json::Va
         .arg(repo_root().join("schemas/interop/decode.py"))
         .args(&files)
         .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (make test creates the venv with fastavro)", python().display()));
-    assert!(out.status.success(), "decode.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (make test creates the venv with fastavro)",
+                python().display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "decode.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
