@@ -4,14 +4,19 @@
 pub mod admin;
 pub mod amqp;
 pub mod config;
+pub mod consume;
 pub mod contract;
+pub mod dead_letter;
 pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
 pub mod service;
 pub mod shutdown;
+pub mod stage;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod topology;
 
 /// Milliseconds since the Unix epoch, from the system clock.

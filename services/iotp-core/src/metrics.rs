@@ -28,6 +28,8 @@ pub struct Metrics {
     pub kafka_produced_messages_total: IntCounterVec,
     /// Kafka produce failures that were retried, by reason.
     pub kafka_produce_errors_total: IntCounterVec,
+    /// Dead letters RabbitMQ confirmed, by stage and reason.
+    pub dead_letters_total: IntCounterVec,
     /// Messages handed to the sink and not yet confirmed, by stage.
     pub inflight_messages: IntGaugeVec,
     /// Time from receiving a message to its downstream confirmation, by stage.
@@ -81,6 +83,10 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            dead_letters_total: IntCounterVec::new(
+                Opts::new("iotp_dead_letters_total", "Dead letters RabbitMQ confirmed"),
+                &["stage", "reason"],
+            )?,
             inflight_messages: IntGaugeVec::new(
                 Opts::new(
                     "iotp_inflight_messages",
@@ -122,6 +128,8 @@ impl Metrics {
             .register(Box::new(m.kafka_produced_messages_total.clone()))?;
         m.registry
             .register(Box::new(m.kafka_produce_errors_total.clone()))?;
+        m.registry
+            .register(Box::new(m.dead_letters_total.clone()))?;
         m.registry.register(Box::new(m.inflight_messages.clone()))?;
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
         m.registry

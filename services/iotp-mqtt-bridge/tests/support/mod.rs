@@ -10,8 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iotp_core::contract::{Codec, RawEnvelope};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+pub use iotp_core::testkit::{create_topic, kafka_brokers, unique};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -19,17 +18,6 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::Outgoing;
-
-pub fn kafka_brokers() -> String {
-    std::env::var("IOTP_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}",
-        uuid::Uuid::new_v4().simple().to_string().get(..10).unwrap()
-    )
-}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -231,21 +219,6 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-}
-
-pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap();
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let res = admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .unwrap();
-    res.into_iter().for_each(|r| {
-        r.unwrap();
-    });
 }
 
 /// What one device sent and which of its messages the broker acknowledged.

@@ -1,0 +1,31 @@
+# Entry points. `make demo` and `make test` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+CARGO ?= cargo
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: setup up down status build test lint demo clean-run
+
+setup:            ## build tools and the fastavro venv
+	dev/setup.sh
+
+up: setup         ## start Mosquitto (:1884), RabbitMQ (:5672), Tansu (:9092); declare topology
+	dev/brokers.sh up
+
+down:             ## stop the brokers this project started
+	dev/brokers.sh down
+
+status:
+	dev/brokers.sh status
+
+build:
+	$(CARGO) build --locked --workspace --bins
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+test: up lint     ## everything CI runs
+	$(CARGO) test --locked --workspace
+
+demo: up build    ## run the pipeline end to end with a burst of simulated devices
+	dev/demo.sh

@@ -1,0 +1,317 @@
+//! The Kafka stage runtime: consume a batch, let the stage judge it, produce its outputs and
+//! dead-letter its rejections, wait until Kafka and RabbitMQ confirmed every one, and only then
+//! store the batch's offsets (auto-commit commits stored offsets only). A crash anywhere before
+//! that replays the batch: at-least-once, made exactly-once by idempotent writes downstream.
+//! Memory is bounded by one batch.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::contract::DeadLetter;
+use crate::dead_letter::{DeadLetterConfig, DeadLetterPublisher};
+use crate::kafka::KafkaConfig;
+use crate::metrics::metrics;
+use crate::service::Context;
+use crate::stage::{Input, Output, Rejection, Stage, Verdict};
+
+/// Where a stage reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageIo {
+    /// Topics consumed.
+    pub input_topics: Vec<String>,
+    /// Default output topic.
+    pub output_topic: String,
+    /// Consumer group.
+    pub group: String,
+    /// Most records per batch.
+    pub batch_max: usize,
+    /// How long to wait to fill a batch once it has a record.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// First retry delay when Kafka or RabbitMQ refuse a batch's outputs (doubles to 10 s).
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Dead-letter destination.
+    pub dead_letter: DeadLetterConfig,
+}
+
+impl Default for StageIo {
+    fn default() -> Self {
+        Self {
+            input_topics: Vec::new(),
+            output_topic: String::new(),
+            group: String::new(),
+            batch_max: 1000,
+            batch_linger: Duration::from_millis(20),
+            retry_min: Duration::from_millis(200),
+            dead_letter: DeadLetterConfig::default(),
+        }
+    }
+}
+
+impl StageIo {
+    /// Rules for `validate()`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.input_topics.is_empty() {
+            out.push("io.input_topics must not be empty".into());
+        }
+        if self.group.is_empty() {
+            out.push("io.group must not be empty".into());
+        }
+        if self.batch_max == 0 {
+            out.push("io.batch_max must be at least 1".into());
+        }
+        out
+    }
+}
+
+/// Run `stage` until shutdown; then finish the batch in hand, commit, and return.
+pub async fn run<S: Stage>(
+    ctx: Context,
+    kafka: KafkaConfig,
+    io: StageIo,
+    mut stage: S,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer = kafka.consumer_config(&io.group, &ctx.replica).create()?;
+    let topics: Vec<&str> = io.input_topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let producer = kafka.producer(&ctx.replica)?;
+    let mut dead_letters = DeadLetterPublisher::new(io.dead_letter.clone())?;
+    ctx.health.set_ready(true);
+    tracing::info!(stage = S::NAME, topics = ?io.input_topics, group = %io.group, "consuming");
+    let inflight = metrics().inflight_messages.with_label_values(&[S::NAME]);
+
+    loop {
+        let batch = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            batch = next_batch(&consumer, io.batch_max, io.batch_linger) => batch?,
+        };
+        inflight.set(batch.len() as i64);
+        let inputs: Vec<Input<'_>> = batch.iter().map(as_input).collect();
+        let started = Instant::now();
+        let verdicts = stage.process(&inputs)?;
+        metrics()
+            .stage_batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            verdicts.len() == inputs.len(),
+            "stage {} returned {} verdicts for {} inputs",
+            S::NAME,
+            verdicts.len(),
+            inputs.len()
+        );
+        let delivered = deliver(
+            &ctx,
+            &producer,
+            &mut dead_letters,
+            &io,
+            S::NAME,
+            &inputs,
+            &verdicts,
+        )
+        .await;
+        if !delivered {
+            // Shutdown while outputs were still refused: leave the batch uncommitted.
+            break;
+        }
+        consumer.store_offsets(&next_offsets(&inputs))?;
+        metrics()
+            .delivery_seconds
+            .with_label_values(&[S::NAME])
+            .observe(started.elapsed().as_secs_f64());
+        inflight.set(0);
+    }
+    tracing::info!(stage = S::NAME, "draining: committing stored offsets");
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "final commit failed; the last batch will be consumed again")
+        }
+    }
+    dead_letters.close().await;
+    drop(consumer);
+    Ok(())
+}
+
+async fn next_batch(
+    consumer: &StreamConsumer,
+    max: usize,
+    linger: Duration,
+) -> anyhow::Result<Vec<BorrowedMessage<'_>>> {
+    let first = consumer.recv().await?;
+    let mut batch = vec![first];
+    let until = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        match tokio::time::timeout_at(until, consumer.recv()).await {
+            Ok(msg) => batch.push(msg?),
+            Err(_) => break,
+        }
+    }
+    Ok(batch)
+}
+
+fn as_input<'a>(m: &'a BorrowedMessage<'a>) -> Input<'a> {
+    Input {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload().unwrap_or_default(),
+    }
+}
+
+/// Offsets to store: one past the last record of each partition in the batch.
+fn next_offsets(inputs: &[Input<'_>]) -> TopicPartitionList {
+    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for i in inputs {
+        let e = last.entry((i.topic, i.partition)).or_insert(i.offset);
+        *e = (*e).max(i.offset);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in last {
+        // Adding to a fresh list cannot fail.
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1));
+    }
+    tpl
+}
+
+/// Produce and dead-letter everything, retrying refused items with backoff, until all are
+/// confirmed (true) or shutdown interrupts the retries (false).
+async fn deliver(
+    ctx: &Context,
+    producer: &FutureProducer,
+    dead_letters: &mut DeadLetterPublisher,
+    io: &StageIo,
+    stage: &'static str,
+    inputs: &[Input<'_>],
+    verdicts: &[Verdict],
+) -> bool {
+    let mut outputs: Vec<&Output> = Vec::new();
+    let mut rejects: Vec<(&Input<'_>, &Rejection)> = Vec::new();
+    for (input, verdict) in inputs.iter().zip(verdicts) {
+        match verdict {
+            Verdict::Emit(out) => outputs.extend(out),
+            Verdict::Reject(r) => rejects.push((input, r)),
+        }
+    }
+    let mut backoff = io.retry_min;
+    loop {
+        let refused = produce_all(producer, &io.output_topic, &outputs).await;
+        let produced = outputs.len() - refused.len();
+        for topic in [io.output_topic.as_str()] {
+            metrics()
+                .kafka_produced_messages_total
+                .with_label_values(&[topic])
+                .inc_by(produced as u64);
+        }
+        outputs = refused;
+        let mut still = Vec::new();
+        for (input, rejection) in rejects {
+            let letter = dead_letter(stage, input, rejection);
+            match dead_letters.publish(&letter).await {
+                Ok(()) => metrics()
+                    .dead_letters_total
+                    .with_label_values(&[stage, rejection.reason])
+                    .inc(),
+                Err(e) => {
+                    tracing::warn!(error = %e, reason = rejection.reason, "dead letter not confirmed; retrying");
+                    still.push((input, rejection));
+                }
+            }
+        }
+        rejects = still;
+        if outputs.is_empty() && rejects.is_empty() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = ctx.shutdown.cancelled() => return false,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Produce all, await all delivery reports; return what Kafka refused.
+async fn produce_all<'o>(
+    producer: &FutureProducer,
+    default_topic: &str,
+    outputs: &[&'o Output],
+) -> Vec<&'o Output> {
+    let mut pending = Vec::with_capacity(outputs.len());
+    for out in outputs {
+        let topic = out.topic.as_deref().unwrap_or(default_topic);
+        loop {
+            let record = FutureRecord::to(topic)
+                .key(out.key.as_slice())
+                .payload(out.value.as_slice());
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push((*out, Some(delivery)));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, topic, "cannot enqueue record");
+                    pending.push((*out, None));
+                    break;
+                }
+            }
+        }
+    }
+    let (outs, deliveries): (Vec<&Output>, Vec<_>) = pending.into_iter().unzip();
+    let results = join_all(deliveries.into_iter().map(|d| async move {
+        match d {
+            Some(d) => matches!(d.await, Ok(Ok(_))),
+            None => false,
+        }
+    }))
+    .await;
+    let refused: Vec<&Output> = outs
+        .into_iter()
+        .zip(results)
+        .filter(|(_, ok)| !ok)
+        .map(|(o, _)| o)
+        .collect();
+    if !refused.is_empty() {
+        metrics()
+            .kafka_produce_errors_total
+            .with_label_values(&["refused"])
+            .inc_by(refused.len() as u64);
+    }
+    refused
+}
+
+fn dead_letter(stage: &str, input: &Input<'_>, r: &Rejection) -> DeadLetter {
+    let now = crate::now_millis();
+    DeadLetter {
+        id: format!(
+            "{stage}/{}/{}/{}",
+            input.topic, input.partition, input.offset
+        ),
+        stage: stage.to_string(),
+        reason_code: r.reason.to_string(),
+        error: r.error.clone(),
+        source_topic: Some(input.topic.to_string()),
+        source_partition: Some(input.partition),
+        source_offset: Some(input.offset),
+        key: input.key.map(<[u8]>::to_vec),
+        payload: input.payload.to_vec(),
+        tenant: r.tenant.clone(),
+        device_id: r.device_id.clone(),
+        attempts: 1,
+        first_failure_at: now,
+        last_failure_at: now,
+    }
+}

@@ -1,0 +1,148 @@
+//! Dead-letter publisher: a rejected record travels to RabbitMQ as an Avro `DeadLetter` with
+//! its original bytes and reason. Persistent, mandatory (unroutable is an error, not a silent
+//! drop), and confirmed by the broker before the caller may commit the source offset.
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::{Deserialize, Serialize};
+
+use crate::contract::{Codec, DeadLetter};
+use crate::topology::topology;
+
+/// Where dead letters go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// RabbitMQ URI. Never logged (it may hold a password).
+    pub amqp_uri: String,
+    /// Exchange; routing key is `{stage}.{reasonCode}`.
+    pub exchange: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            amqp_uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: topology().rabbitmq.dead_letter_exchange.clone(),
+        }
+    }
+}
+
+/// Why a dead letter was not confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Connection or channel trouble.
+    #[error("rabbitmq: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker refused it.
+    #[error("rabbitmq nacked the dead letter")]
+    Nacked,
+    /// No queue is bound for it: the topology is missing.
+    #[error("dead letter unroutable on exchange {exchange} with key {key}: declare the topology")]
+    Unroutable {
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        key: String,
+    },
+    /// Encoding failed.
+    #[error(transparent)]
+    Codec(#[from] crate::contract::CodecError),
+}
+
+/// Publishes dead letters with publisher confirms, reconnecting when the channel breaks.
+pub struct DeadLetterPublisher {
+    config: DeadLetterConfig,
+    codec: Codec<DeadLetter>,
+    conn: Option<(Connection, Channel)>,
+}
+
+impl DeadLetterPublisher {
+    /// A publisher; connects on first use.
+    pub fn new(config: DeadLetterConfig) -> Result<Self, PublishError> {
+        Ok(Self {
+            config,
+            codec: Codec::latest()?,
+            conn: None,
+        })
+    }
+
+    async fn channel(&mut self) -> Result<&Channel, PublishError> {
+        let usable = matches!(&self.conn, Some((c, ch)) if c.status().connected() && ch.status().connected());
+        if !usable {
+            let connection = crate::amqp::connect(&self.config.amqp_uri).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            self.conn = Some((connection, channel));
+        }
+        match &self.conn {
+            Some((_, ch)) => Ok(ch),
+            None => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Publish and wait for the broker's confirm.
+    pub async fn publish(&mut self, letter: &DeadLetter) -> Result<(), PublishError> {
+        let body = self.codec.encode(letter)?;
+        let key = format!("{}.{}", letter.stage, letter.reason_code);
+        let exchange = self.config.exchange.clone();
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("x-reason"),
+            AMQPValue::LongString(LongString::from(letter.reason_code.as_str())),
+        );
+        headers.insert(
+            ShortString::from("x-stage"),
+            AMQPValue::LongString(LongString::from(letter.stage.as_str())),
+        );
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(ShortString::from(letter.id.as_str()))
+            .with_content_type(ShortString::from("application/vnd.apache.avro+binary"))
+            .with_headers(headers);
+        let result = async {
+            let channel = self.channel().await?;
+            let confirm = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?
+                .await?;
+            if confirm.is_nack() {
+                return Err(PublishError::Nacked);
+            }
+            if confirm.take_message().is_some() {
+                return Err(PublishError::Unroutable {
+                    exchange: exchange.clone(),
+                    key: key.clone(),
+                });
+            }
+            Ok(())
+        }
+        .await;
+        if matches!(result, Err(PublishError::Amqp(_))) {
+            self.conn = None;
+        }
+        result
+    }
+
+    /// Close the connection politely.
+    pub async fn close(&mut self) {
+        if let Some((conn, _)) = self.conn.take() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! What a processing stage is: logic from a batch of consumed records to one verdict per
+//! record. Consuming, producing, dead-lettering, offsets, metrics and shutdown are the
+//! runtime's ([`crate::consume`]).
+
+/// One consumed Kafka record.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<&'a [u8]>,
+    /// Value (empty for a tombstone).
+    pub payload: &'a [u8],
+}
+
+/// A record to produce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Topic; `None` is the stage's configured output topic.
+    pub topic: Option<String>,
+    /// Key.
+    pub key: Vec<u8>,
+    /// Value.
+    pub value: Vec<u8>,
+}
+
+/// Why a record cannot go on. The record travels to the dead-letter path with its original
+/// bytes; the DLQ handler retries transient reasons with backoff and parks the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// Machine-readable reason code (`unknown_schema`, `bad_seq_no`, …).
+    pub reason: &'static str,
+    /// Human-readable text; never payload contents.
+    pub error: String,
+    /// Worth retrying later (a dependency was down), as opposed to bad input.
+    pub transient: bool,
+    /// Tenant, if known.
+    pub tenant: Option<String>,
+    /// Device, if known.
+    pub device_id: Option<String>,
+}
+
+impl Rejection {
+    /// A permanent rejection: the input itself is bad.
+    pub fn permanent(reason: &'static str, error: impl Into<String>) -> Self {
+        Self {
+            reason,
+            error: error.into(),
+            transient: false,
+            tenant: None,
+            device_id: None,
+        }
+    }
+
+    /// A transient rejection: try again later.
+    pub fn transient(reason: &'static str, error: impl Into<String>) -> Self {
+        Self {
+            transient: true,
+            ..Self::permanent(reason, error)
+        }
+    }
+}
+
+/// What to do with one input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Produce these records (none: consumed, nothing to pass on).
+    Emit(Vec<Output>),
+    /// Dead-letter the input.
+    Reject(Rejection),
+}
+
+/// A stage's logic.
+pub trait Stage: Send + 'static {
+    /// Stage name, used in dead letters and metrics.
+    const NAME: &'static str;
+
+    /// One verdict per input, in input order. An `Err` is a defect or an unusable dependency:
+    /// the service stops without committing, and the batch is consumed again after restart.
+    fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>>;
+}
