@@ -42,7 +42,7 @@ up_mosquitto() {
   if listening "$MQTT_PORT"; then log "mosquitto on :$MQTT_PORT already running"; return; fi
   command -v mosquitto >/dev/null || apt_install mosquitto
   mkdir -p "$RUN/mosquitto"
-  sed -e "s|@PORT@|$MQTT_PORT|" -e "s|@DIR@|$RUN/mosquitto|" "$ROOT/dev/mosquitto.conf" >"$RUN/mosquitto/mosquitto.conf"
+  sed -e "s|@PORT@|$MQTT_PORT|" -e "s|@BIND@|127.0.0.1|" -e "s|@USER@|$(id -un)|" -e "s|@DIR@|$RUN/mosquitto|" "$ROOT/dev/mosquitto.conf" >"$RUN/mosquitto/mosquitto.conf"
   mosquitto -d -c "$RUN/mosquitto/mosquitto.conf"
   wait_port "$MQTT_PORT" mosquitto
   log "mosquitto on :$MQTT_PORT (config $RUN/mosquitto/mosquitto.conf)"

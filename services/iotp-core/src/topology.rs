@@ -45,6 +45,22 @@ impl MqttTopology {
 pub struct KafkaTopology {
     /// Topics.
     pub topics: Vec<TopicSpec>,
+    /// Consumer groups.
+    pub consumers: Vec<ConsumerSpec>,
+}
+
+/// A consuming service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSpec {
+    /// Service name.
+    pub service: String,
+    /// Consumer group.
+    pub group: String,
+    /// Topics consumed.
+    pub topics: Vec<String>,
+    /// Topic written ("" if it writes to the store only).
+    pub output: String,
 }
 
 /// One Kafka topic.
@@ -92,6 +108,11 @@ impl RabbitTopology {
 }
 
 impl Topology {
+    /// The consumer spec of a service.
+    pub fn consumer(&self, service: &str) -> Option<&ConsumerSpec> {
+        self.kafka.consumers.iter().find(|c| c.service == service)
+    }
+
     /// A Kafka topic by its schema family.
     pub fn topic_for(&self, schema: &str) -> Option<&TopicSpec> {
         self.kafka.topics.iter().find(|t| t.schema == schema)
@@ -134,6 +155,11 @@ mod tests {
                 topic.name,
                 topic.schema
             );
+        }
+        for c in &t.kafka.consumers {
+            for topic in c.topics.iter().chain(Some(&c.output).filter(|o| !o.is_empty())) {
+                assert!(t.kafka.topics.iter().any(|s| &s.name == topic), "{} uses unknown topic {topic}", c.service);
+            }
         }
         assert_eq!(t.mqtt.shared_subscription(), "$share/iotp-bridge/iot/+/+/+");
         assert_eq!(t.rabbitmq.retry_queue(2), "iotp.dlq.retry.2");

@@ -73,8 +73,11 @@ impl Mosquitto {
 
     fn start_on(dir: &Path, port: u16) -> Self {
         let template = std::fs::read_to_string(repo_root().join("dev/mosquitto.conf")).unwrap();
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
         let conf = template
             .replace("@PORT@", &port.to_string())
+            .replace("@BIND@", "127.0.0.1")
+            .replace("@USER@", &user)
             .replace("@DIR@", dir.to_str().unwrap());
         let path = dir.join("mosquitto.conf");
         std::fs::write(&path, conf).unwrap();
