@@ -153,3 +153,25 @@ pub async fn ensure_topics(
     }
     Ok(created)
 }
+
+/// Records ever written to `topic`: the sum of its partitions' high watermarks.
+pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> Result<i64, KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let config = kafka.base("iotp-count");
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut total = 0;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (_, high) = consumer.fetch_watermarks(&topic, p.id(), timeout)?;
+                total += high;
+            }
+        }
+        Ok(total)
+    })
+    .await
+    .unwrap_or(Err(KafkaError::Canceled))
+}

@@ -157,8 +157,16 @@ mod tests {
             );
         }
         for c in &t.kafka.consumers {
-            for topic in c.topics.iter().chain(Some(&c.output).filter(|o| !o.is_empty())) {
-                assert!(t.kafka.topics.iter().any(|s| &s.name == topic), "{} uses unknown topic {topic}", c.service);
+            for topic in c
+                .topics
+                .iter()
+                .chain(Some(&c.output).filter(|o| !o.is_empty()))
+            {
+                assert!(
+                    t.kafka.topics.iter().any(|s| &s.name == topic),
+                    "{} uses unknown topic {topic}",
+                    c.service
+                );
             }
         }
         assert_eq!(t.mqtt.shared_subscription(), "$share/iotp-bridge/iot/+/+/+");

@@ -37,6 +37,14 @@ enum Command {
     },
     /// Print topics as `name partitions`.
     Topics,
+    /// Print how many records a topic holds (sum of its partitions' high watermarks).
+    Count {
+        /// Topic.
+        topic: String,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "IOTP__KAFKA__BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -56,6 +64,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             for t in &topology().kafka.topics {
                 println!("{} {}", t.name, t.partitions);
             }
+        }
+        Command::Count { topic, brokers } => {
+            let kafka = KafkaConfig {
+                brokers,
+                ..KafkaConfig::default()
+            };
+            println!("{}", iotp_core::kafka::count_records(&kafka, &topic).await?);
         }
         Command::Apply {
             brokers,
