@@ -78,6 +78,22 @@ pub async fn read_topic(
     timeout: Duration,
     done: impl Fn(&[OwnedMessage]) -> bool,
 ) -> Vec<OwnedMessage> {
+    let mut out = Vec::new();
+    read_topic_until(topic, timeout, |m| {
+        out.push(m.clone());
+        done(&out)
+    })
+    .await;
+    out
+}
+
+/// Read `topic` from the beginning, handing each record to `seen` until it returns true or
+/// `timeout` passes; returns whether it did.
+pub async fn read_topic_until(
+    topic: &str,
+    timeout: Duration,
+    mut seen: impl FnMut(&OwnedMessage) -> bool,
+) -> bool {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .set("group.id", unique("test-reader-"))
@@ -93,14 +109,15 @@ pub async fn read_topic(
             .unwrap();
     }
     consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
     let until = Instant::now() + timeout;
-    while !done(&out) && Instant::now() < until {
+    while Instant::now() < until {
         if let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
-            out.push(msg.unwrap().detach());
+            if seen(&msg.unwrap().detach()) {
+                return true;
+            }
         }
     }
-    out
+    false
 }
 
 /// Declare a topic exchange and a queue bound to it with `#`.

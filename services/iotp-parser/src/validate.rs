@@ -1,0 +1,266 @@
+//! The rules a device message must pass to become canonical telemetry. Each failure is a
+//! rejection with a reason code; none is silently fixed.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use iotp_core::contract::{Header, RawEnvelope, Reading, Telemetry};
+use iotp_core::registry::{unit_conversion, Registry};
+use iotp_core::stage::Rejection;
+
+use crate::payload::{self, Fields};
+
+/// Validation limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rules {
+    /// Largest payload accepted, bytes.
+    pub max_payload_bytes: usize,
+    /// How far in the future a device clock may be.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// Oldest reading accepted: the raw retention tier (older would be expired on arrival).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Message kinds accepted from the topic.
+    pub kinds: Vec<String>,
+    /// Most readings per message.
+    pub max_readings: usize,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 64 * 1024,
+            clock_skew: Duration::from_secs(300),
+            max_age: Duration::from_secs(180 * 24 * 3600),
+            kinds: vec!["telemetry".into(), "heartbeat".into()],
+            max_readings: 256,
+        }
+    }
+}
+
+/// Envelope + payload → canonical telemetry, or why not.
+pub fn validate(
+    env: &RawEnvelope,
+    rules: &Rules,
+    registry: Option<&Registry>,
+    now_ms: i64,
+) -> Result<Telemetry, Rejection> {
+    let with_identity = |mut r: Rejection| {
+        r.tenant = Some(env.tenant.clone()).filter(|t| !t.is_empty());
+        r.device_id = Some(env.device_id.clone()).filter(|d| !d.is_empty());
+        r
+    };
+    check(env, rules, registry, now_ms).map_err(with_identity)
+}
+
+fn check(
+    env: &RawEnvelope,
+    rules: &Rules,
+    registry: Option<&Registry>,
+    now_ms: i64,
+) -> Result<Telemetry, Rejection> {
+    if env.tenant.is_empty() || env.device_id.is_empty() {
+        return Err(Rejection::permanent(
+            "bad_topic",
+            format!(
+                "topic {:?} is not iot/{{tenant}}/{{deviceId}}/{{kind}}",
+                env.mqtt_topic
+            ),
+        ));
+    }
+    if !rules.kinds.iter().any(|k| k == &env.kind) {
+        return Err(Rejection::permanent(
+            "unknown_kind",
+            format!(
+                "message kind {:?} is not one of {:?}",
+                env.kind, rules.kinds
+            ),
+        ));
+    }
+    if env.payload.len() > rules.max_payload_bytes {
+        return Err(Rejection::permanent(
+            "payload_too_large",
+            format!(
+                "payload is {} bytes, limit {}",
+                env.payload.len(),
+                rules.max_payload_bytes
+            ),
+        ));
+    }
+    let format = payload::detect(env.content_type.as_deref(), &env.payload)?;
+    let fields = payload::decode(format, &env.payload)?;
+
+    let msg_id = string(&fields, "msgId")?;
+    let device_id = string(&fields, "deviceId")?;
+    if device_id != env.device_id {
+        return Err(Rejection::permanent(
+            "device_mismatch",
+            format!(
+                "payload deviceId {device_id:?} differs from topic device {:?}",
+                env.device_id
+            ),
+        ));
+    }
+    let seq_no = match fields.get("seqNo") {
+        None => return Err(missing("seqNo")),
+        Some(v) => v.as_i64().filter(|n| *n >= 0).ok_or_else(|| {
+            Rejection::permanent(
+                "bad_seq_no",
+                format!("seqNo {v} is not a non-negative integer"),
+            )
+        })?,
+    };
+    let produced_at = integer(&fields, "producedAt")?;
+    // The device clock is judged against the bridge's receive time, so a replay later is
+    // judged the same way.
+    if produced_at > env.received_at + rules.clock_skew.as_millis() as i64 {
+        return Err(Rejection::permanent(
+            "produced_in_future",
+            format!(
+                "producedAt is {} ms ahead of the bridge clock (skew allowed {:?})",
+                produced_at - env.received_at,
+                rules.clock_skew
+            ),
+        ));
+    }
+    if produced_at < now_ms - rules.max_age.as_millis() as i64 {
+        return Err(Rejection::permanent(
+            "too_old",
+            format!(
+                "producedAt is older than the raw retention ({:?})",
+                rules.max_age
+            ),
+        ));
+    }
+    let schema_version = integer(&fields, "schemaVersion")?;
+    if schema_version != 1 {
+        return Err(Rejection::permanent(
+            "unsupported_payload_version",
+            format!("payload schemaVersion {schema_version} is not supported (1)"),
+        ));
+    }
+    let readings = readings(&fields, env.kind == "heartbeat", rules)?;
+    if let Some((_, profile)) = registry.and_then(|r| r.device(&env.tenant, &env.device_id)) {
+        for r in &readings {
+            let Some(spec) = profile.metrics.get(&r.metric) else {
+                return Err(Rejection::permanent(
+                    "unknown_metric",
+                    format!("metric {:?} is not in the device profile", r.metric),
+                ));
+            };
+            let unit = r.unit.as_deref().unwrap_or(&spec.unit);
+            let Some((factor, offset)) = unit_conversion(unit, &spec.unit) else {
+                return Err(Rejection::permanent(
+                    "bad_unit",
+                    format!(
+                        "metric {:?}: unit {unit:?} cannot convert to {:?}",
+                        r.metric, spec.unit
+                    ),
+                ));
+            };
+            let value = r.value * factor + offset;
+            if !(spec.min..=spec.max).contains(&value) {
+                return Err(Rejection::permanent(
+                    "out_of_range",
+                    format!(
+                        "metric {:?} = {value} {} outside [{}, {}]",
+                        r.metric, spec.unit, spec.min, spec.max
+                    ),
+                ));
+            }
+        }
+    }
+    let firmware_version = match fields.get("firmware") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(bad_type("firmware", "a string")),
+    };
+    Ok(Telemetry {
+        header: Header {
+            msg_id,
+            tenant: env.tenant.clone(),
+            device_id,
+            seq_no,
+            produced_at,
+            received_at: env.received_at,
+            schema_version: schema_version as i32,
+        },
+        kind: env.kind.clone(),
+        readings,
+        firmware_version,
+    })
+}
+
+fn missing(field: &str) -> Rejection {
+    Rejection::permanent("missing_field", format!("{field} is missing"))
+}
+
+fn bad_type(field: &str, expected: &str) -> Rejection {
+    Rejection::permanent("bad_field_type", format!("{field} is not {expected}"))
+}
+
+fn string(fields: &Fields, name: &str) -> Result<String, Rejection> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Err(missing(name)),
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(_) => Err(bad_type(name, "a non-empty string")),
+    }
+}
+
+fn integer(fields: &Fields, name: &str) -> Result<i64, Rejection> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Err(missing(name)),
+        Some(v) => v.as_i64().ok_or_else(|| bad_type(name, "an integer")),
+    }
+}
+
+fn readings(fields: &Fields, heartbeat: bool, rules: &Rules) -> Result<Vec<Reading>, Rejection> {
+    let list = match fields.get("readings") {
+        None | Some(Value::Null) if heartbeat => return Ok(Vec::new()),
+        None | Some(Value::Null) => return Err(missing("readings")),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(bad_type("readings", "an array")),
+    };
+    if list.len() > rules.max_readings {
+        return Err(Rejection::permanent(
+            "too_many_readings",
+            format!("{} readings, limit {}", list.len(), rules.max_readings),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let obj = r
+                .as_object()
+                .ok_or_else(|| bad_type(&format!("readings[{i}]"), "an object"))?;
+            let metric = string(obj, "metric").map_err(|mut e| {
+                e.error = format!("readings[{i}].{}", e.error);
+                e
+            })?;
+            let value = match obj.get("value") {
+                None | Some(Value::Null) => return Err(missing(&format!("readings[{i}].value"))),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|f| f.is_finite())
+                    .ok_or_else(|| bad_type(&format!("readings[{i}].value"), "a finite number"))?,
+            };
+            let unit = match obj.get("unit") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(u)) => Some(u.clone()),
+                Some(_) => return Err(bad_type(&format!("readings[{i}].unit"), "a string")),
+            };
+            Ok(Reading {
+                metric,
+                value,
+                unit,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
