@@ -88,7 +88,7 @@ fn reading(seq: i64) -> serde_json::Value {
            "readings": [{"metric": "power", "value": 100 + seq}]})
 }
 
-fn raw_record(env: &RawEnvelope) -> (Vec<u8>, Vec<u8>) {
+fn raw_record(env: &RawEnvelope) -> Record {
     let codec = Codec::<RawEnvelope>::latest().unwrap();
     (
         format!("{}/{}", env.tenant, env.device_id).into_bytes(),
@@ -97,7 +97,10 @@ fn raw_record(env: &RawEnvelope) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// One bad message per reason code, as the bridge would have wrapped it.
-fn bad_inputs() -> Vec<(&'static str, (Vec<u8>, Vec<u8>))> {
+/// (key, value) of a Kafka record.
+type Record = (Vec<u8>, Vec<u8>);
+
+fn bad_inputs() -> Vec<(&'static str, Record)> {
     let json = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
     let with = |f: &str, v: serde_json::Value| {
         let mut r = reading(1);
