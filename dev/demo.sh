@@ -49,6 +49,7 @@ for _ in $(seq 120); do
   [ "$bridged" -ge "$published" ] && break
   sleep 0.5
 done
+received_by_bridge=$(metric "$PORT_mqtt_bridge" iotp_mqtt_received_messages_total)
 acked_by_bridge=$(metric "$PORT_mqtt_bridge" iotp_mqtt_acked_messages_total)
 dropped=$(metric "$PORT_mqtt_bridge" iotp_mqtt_broker_dropped_messages)
 
@@ -56,7 +57,7 @@ cat <<REPORT
 
 == demo ==
 published (PUBACKed by Mosquitto):      $published
-bridged   (new records on $RAW_TOPIC):  $bridged   (bridge PUBACKs after Kafka confirmed: ${acked_by_bridge:-0})
+bridged   (new records on $RAW_TOPIC):  $bridged   (bridge received ${received_by_bridge:-0}, PUBACKed after Kafka confirmed ${acked_by_bridge:-0})
 broker-dropped messages (\$SYS):        ${dropped:-0}
 validated / enriched / stored / dead-lettered: stages not implemented yet (issues 3 and 4)
 simulator: $summary

@@ -4,7 +4,9 @@
 //! maximum, so the broker (not our memory) holds what we have not taken yet. If Kafka is down,
 //! records are retried with backoff and nothing is acknowledged: the broker keeps the messages.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -41,16 +43,45 @@ pub trait IngressStage: Send + 'static {
 }
 
 struct Pending {
-    generation: u64,
+    receipt: u64,
     publish: Publish,
     record: OutRecord,
     delivery: DeliveryFuture,
     received: Instant,
 }
 
-struct Confirmed {
-    generation: u64,
-    publish: Publish,
+/// What the event-loop driver hands to the stage loop.
+enum FromBroker {
+    Publish(u64, Publish),
+    Connected,
+    Lost,
+}
+
+/// The latest receipt number per packet id. A PUBACK is sent only for the latest receipt of
+/// its packet id: after a reconnect the broker resends unacknowledged messages under their old
+/// ids and may then reuse an id for another message, so acknowledging an older receipt could
+/// acknowledge a message Kafka has not confirmed.
+#[derive(Default)]
+struct Receipts {
+    latest: Mutex<HashMap<u16, u64>>,
+    next: AtomicU64,
+}
+
+impl Receipts {
+    fn record(&self, pkid: u16) -> u64 {
+        let receipt = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.latest.lock() {
+            m.insert(pkid, receipt);
+        }
+        receipt
+    }
+
+    fn is_latest(&self, pkid: u16, receipt: u64) -> bool {
+        self.latest
+            .lock()
+            .map(|m| m.get(&pkid) == Some(&receipt))
+            .unwrap_or(false)
+    }
 }
 
 const STAGE: &str = "mqtt-bridge";
@@ -65,112 +96,64 @@ pub async fn run<S: IngressStage>(
     mut stage: S,
 ) -> anyhow::Result<()> {
     let producer = kafka.producer(&ctx.replica)?;
-    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(usize::from(mqtt.max_in_flight));
-    let (confirmed_tx, mut confirmed_rx) =
-        mpsc::channel::<Confirmed>(usize::from(mqtt.max_in_flight));
+    let window = usize::from(mqtt.max_in_flight);
+    let (client, eventloop) = mqtt.connect(&ctx.replica)?;
+    let receipts = Arc::new(Receipts::default());
+    let (from_broker_tx, mut from_broker) = mpsc::channel::<FromBroker>(window);
+    let driver = tokio::spawn(drive(
+        eventloop,
+        client.clone(),
+        mqtt.clone(),
+        receipts.clone(),
+        from_broker_tx,
+    ));
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(window);
     let confirmer = tokio::spawn(confirm_in_order(
         pending_rx,
-        confirmed_tx,
+        client.clone(),
+        receipts,
         producer.clone(),
         topic.clone(),
         mqtt.reconnect_min,
         mqtt.reconnect_max,
     ));
-    let mut pending_tx = Some(pending_tx);
-    let mut session = Session::new(&mqtt, &ctx.replica)?;
-    let mut backoff = mqtt.reconnect_min;
-    let mut confirmations_open = true;
     let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
 
-    let mut acks: VecDeque<Publish> = VecDeque::new();
     loop {
-        // Hand PUBACKs to the client's request queue in receive order; what does not fit
-        // waits for the event loop to drain the queue (it is polled below).
-        while let Some(publish) = acks.front() {
-            match session.client.try_ack(publish) {
-                Ok(()) => {
-                    acks.pop_front();
-                    metrics().mqtt_acked_messages_total.inc();
+        let event = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            event = from_broker.recv() => event,
+        };
+        match event {
+            Some(FromBroker::Publish(receipt, publish)) => {
+                let received = Instant::now();
+                let record = stage.map(&publish, crate::now_millis())?;
+                let delivery = produce(&producer, &topic, &record).await;
+                inflight.inc();
+                let pending = Pending {
+                    receipt,
+                    publish,
+                    record,
+                    delivery,
+                    received,
+                };
+                if pending_tx.send(pending).await.is_err() {
+                    anyhow::bail!("confirmation task stopped");
                 }
-                Err(_) => break,
             }
-        }
-        tokio::select! {
-            _ = ctx.shutdown.cancelled(), if pending_tx.is_some() => {
-                tracing::info!("draining: no new messages; acknowledging what Kafka confirms");
-                pending_tx = None;
-            }
-            confirmed = confirmed_rx.recv(), if confirmations_open => match confirmed {
-                Some(c) => {
-                    inflight.dec();
-                    // A message from a connection that is gone is not acknowledged: the broker
-                    // resends it on the new one, and that copy is acknowledged once confirmed.
-                    if c.generation == session.generation {
-                        acks.push_back(c.publish);
-                    }
-                }
-                None if !acks.is_empty() => {
-                    // Let the event loop drain the request queue first.
-                    tokio::task::yield_now().await;
-                }
-                None => {
-                    confirmations_open = false;
-                    tracing::info!("all produced messages confirmed and acknowledged; disconnecting");
-                    session.client.disconnect().await?;
-                }
-            },
-            event = session.eventloop.poll() => match event {
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if publish.topic.starts_with(b"$SYS/") {
-                        record_broker_counter(&publish);
-                        continue;
-                    }
-                    metrics().mqtt_received_messages_total.inc();
-                    let Some(tx) = &pending_tx else { continue };
-                    let received = Instant::now();
-                    let record = stage.map(&publish, crate::now_millis())?;
-                    let delivery = produce(&producer, &topic, &record).await;
-                    inflight.inc();
-                    let pending = Pending { generation: session.generation, publish, record, delivery, received };
-                    if tx.send(pending).await.is_err() {
-                        anyhow::bail!("confirmation task stopped");
-                    }
-                }
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    tracing::info!(session_present = ack.session_present, generation = session.generation, "mqtt connected");
-                    for filter in &mqtt.subscriptions {
-                        session.client.try_subscribe(filter.clone(), QoS::AtLeastOnce)?;
-                    }
-                    if mqtt.watch_broker_counters {
-                        for t in ["$SYS/broker/publish/messages/dropped", "$SYS/broker/store/messages/count"] {
-                            session.client.try_subscribe(t, QoS::AtMostOnce)?;
-                        }
-                    }
-                    backoff = mqtt.reconnect_min;
-                    ctx.health.set_ready(pending_tx.is_some());
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) if !confirmations_open => break,
-                Ok(_) => {}
-                Err(e) => {
-                    if !confirmations_open {
-                        break;
-                    }
-                    ctx.health.set_ready(false);
-                    metrics().mqtt_connection_errors_total.with_label_values(&[connection_error_kind(&e)]).inc();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "mqtt connection lost");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = ctx.shutdown.cancelled(), if pending_tx.is_some() => {}
-                    }
-                    backoff = (backoff * 2).min(mqtt.reconnect_max);
-                    // A new client: acks queued for the old connection die with it.
-                    session = Session::reconnect(session, &mqtt, &ctx.replica)?;
-                    acks.clear();
-                }
-            },
+            Some(FromBroker::Connected) => ctx.health.set_ready(true),
+            Some(FromBroker::Lost) => ctx.health.set_ready(false),
+            None => anyhow::bail!("mqtt event loop stopped"),
         }
     }
+    tracing::info!("draining: no new messages; acknowledging what Kafka confirms");
+    // Messages that arrive from now on stay unacknowledged in the session for the next start.
+    drop(from_broker);
+    drop(pending_tx);
     confirmer.await??;
+    tracing::info!("all produced messages confirmed and acknowledged; disconnecting");
+    client.disconnect().await?;
+    driver.await?;
     let flushed =
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await?;
     flushed?;
@@ -178,37 +161,75 @@ pub async fn run<S: IngressStage>(
     Ok(())
 }
 
-struct Session {
+/// Poll the MQTT event loop for the life of the service. It is never cancelled mid-poll (that
+/// could lose a PUBACK being written) and reconnects with backoff; the session is resumed.
+async fn drive(
+    mut eventloop: EventLoop,
     client: AsyncClient,
-    eventloop: EventLoop,
-    generation: u64,
-}
-
-impl Session {
-    fn new(mqtt: &MqttConfig, replica: &str) -> anyhow::Result<Self> {
-        let (client, eventloop) = mqtt.connect(replica)?;
-        Ok(Self {
-            client,
-            eventloop,
-            generation: 0,
-        })
-    }
-
-    fn reconnect(old: Self, mqtt: &MqttConfig, replica: &str) -> anyhow::Result<Self> {
-        let (client, eventloop) = mqtt.connect(replica)?;
-        Ok(Self {
-            client,
-            eventloop,
-            generation: old.generation + 1,
-        })
+    mqtt: MqttConfig,
+    receipts: Arc<Receipts>,
+    to_stage: mpsc::Sender<FromBroker>,
+) {
+    let mut backoff = mqtt.reconnect_min;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if publish.topic.starts_with(b"$SYS/") {
+                    record_broker_counter(&publish);
+                    continue;
+                }
+                metrics().mqtt_received_messages_total.inc();
+                let receipt = receipts.record(publish.pkid);
+                // Closed while draining: the message stays unacknowledged in the session.
+                let _ = to_stage.send(FromBroker::Publish(receipt, publish)).await;
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(session_present = ack.session_present, "mqtt connected");
+                for filter in &mqtt.subscriptions {
+                    if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                        tracing::error!(error = %e, filter, "cannot subscribe");
+                    }
+                }
+                if mqtt.watch_broker_counters {
+                    for t in [
+                        "$SYS/broker/publish/messages/dropped",
+                        "$SYS/broker/store/messages/count",
+                    ] {
+                        let _ = client.try_subscribe(t, QoS::AtMostOnce);
+                    }
+                }
+                backoff = mqtt.reconnect_min;
+                let _ = to_stage.send(FromBroker::Connected).await;
+            }
+            Ok(Event::Outgoing(Outgoing::PubAck(_))) => metrics().mqtt_acked_messages_total.inc(),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                if matches!(e, rumqttc::v5::ConnectionError::RequestsDone) {
+                    return;
+                }
+                metrics()
+                    .mqtt_connection_errors_total
+                    .with_label_values(&[connection_error_kind(&e)])
+                    .inc();
+                tracing::warn!(error = %e, retry_in = ?backoff, "mqtt connection lost");
+                let _ = to_stage.send(FromBroker::Lost).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(mqtt.reconnect_max);
+            }
+        }
     }
 }
 
 /// Await delivery reports in receive order; re-produce failed records with backoff until Kafka
-/// takes them; pass each confirmed PUBLISH back for its PUBACK.
+/// takes them; then PUBACK each, in receive order. This task never blocks on the MQTT client:
+/// a PUBACK that does not fit the client's request queue waits in a small local queue (packet
+/// id and receipt only), because the queue drains only while the event-loop driver polls, and
+/// the driver may itself be waiting for the stage loop, which waits for this task.
 async fn confirm_in_order(
     mut pending: mpsc::Receiver<Pending>,
-    confirmed: mpsc::Sender<Confirmed>,
+    client: AsyncClient,
+    receipts: Arc<Receipts>,
     producer: FutureProducer,
     topic: String,
     backoff_min: Duration,
@@ -218,7 +239,37 @@ async fn confirm_in_order(
         .kafka_produced_messages_total
         .with_label_values(&[&topic]);
     let latency = metrics().delivery_seconds.with_label_values(&[STAGE]);
-    while let Some(p) = pending.recv().await {
+    let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
+    let mut acks: VecDeque<(u16, u64, QoS)> = VecDeque::new();
+    let mut open = true;
+    while open || !acks.is_empty() {
+        while let Some(&(pkid, receipt, qos)) = acks.front() {
+            // Not the latest receipt of its packet id: the broker has sent it again since, and
+            // that copy is acknowledged once it is confirmed.
+            if receipts.is_latest(pkid, receipt) {
+                let mut stub = Publish::new("", qos, Vec::<u8>::new(), None);
+                stub.pkid = pkid;
+                if client.try_ack(&stub).is_err() {
+                    break;
+                }
+            }
+            acks.pop_front();
+        }
+        let next = if acks.is_empty() {
+            pending.recv().await
+        } else if open {
+            tokio::select! {
+                p = pending.recv() => p,
+                _ = tokio::time::sleep(Duration::from_millis(2)) => continue,
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        };
+        let Some(p) = next else {
+            open = false;
+            continue;
+        };
         let mut delivery = p.delivery;
         let mut backoff = backoff_min;
         loop {
@@ -245,13 +296,8 @@ async fn confirm_in_order(
         }
         produced.inc();
         latency.observe(p.received.elapsed().as_secs_f64());
-        let c = Confirmed {
-            generation: p.generation,
-            publish: p.publish,
-        };
-        if confirmed.send(c).await.is_err() {
-            anyhow::bail!("ingress loop stopped before acknowledging");
-        }
+        inflight.dec();
+        acks.push_back((p.publish.pkid, p.receipt, p.publish.qos));
     }
     Ok(())
 }

@@ -74,7 +74,9 @@ impl Default for MqttConfig {
             keep_alive: Duration::from_secs(15),
             session_expiry: Duration::from_secs(7 * 24 * 3600),
             max_in_flight: 1000,
-            max_packet_size: 256 * 1024,
+            // Above the broker's own limit (dev/mosquitto.conf: 1 MiB): a PUBLISH larger than what
+            // the client accepts is discarded by an MQTT 5 broker without a trace.
+            max_packet_size: 2 * 1024 * 1024,
             subscriptions: vec![topology().mqtt.shared_subscription()],
             watch_broker_counters: true,
             reconnect_min: Duration::from_millis(100),
