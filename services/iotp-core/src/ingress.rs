@@ -51,6 +51,7 @@ struct Pending {
 }
 
 /// What the event-loop driver hands to the stage loop.
+#[allow(clippy::large_enum_variant)] // almost every value is a Publish
 enum FromBroker {
     Publish(u64, Publish),
     Connected,
