@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+VENV ?= $(HOME)/.cache/iotp/venv
 
 .PHONY: setup up down status build test lint demo clean-run
 
@@ -20,9 +21,10 @@ status:
 build:
 	$(CARGO) build --locked --workspace --bins
 
-lint:
+lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(VENV)/bin/python dev/check_manifests.py   # docker-compose.yml and k8s/ against topology.toml and the upstream schemas
 
 test: up lint     ## everything CI runs
 	$(CARGO) test --locked --workspace

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on a fresh Debian machine of this kind: the C
 # toolchain bits librdkafka's build uses, and a Python venv with fastavro (the second Avro
-# implementation the contract tests decode with). Safe to run twice.
+# implementation the contract tests decode with; the manifest checker's libraries). Safe to
+# run twice.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${IOTP_VENV:-$HOME/.cache/iotp/venv}"
@@ -16,8 +17,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "[setup] cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
 
-if ! "$VENV/bin/python" -c "import fastavro" 2>/dev/null; then
-  echo "[setup] creating $VENV with fastavro" >&2
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q -r "$ROOT/schemas/interop/requirements.txt"
+# fastavro for the contract's interop test; PyYAML and jsonschema for dev/check_manifests.py.
+if ! "$VENV/bin/python" -c "import fastavro, yaml, jsonschema" 2>/dev/null; then
+  echo "[setup] preparing $VENV (fastavro, PyYAML, jsonschema)" >&2
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r "$ROOT/schemas/interop/requirements.txt" -r "$ROOT/dev/requirements-check.txt"
 fi
