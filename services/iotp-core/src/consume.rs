@@ -40,6 +40,9 @@ pub struct StageIo {
     /// First retry delay when Kafka or RabbitMQ refuse a batch's outputs (doubles to 10 s).
     #[serde(with = "humantime_serde")]
     pub retry_min: Duration,
+    /// How often the stage's `tick` runs.
+    #[serde(with = "humantime_serde")]
+    pub tick_interval: Duration,
     /// Dead-letter destination.
     pub dead_letter: DeadLetterConfig,
 }
@@ -53,6 +56,7 @@ impl Default for StageIo {
             batch_max: 1000,
             batch_linger: Duration::from_millis(20),
             retry_min: Duration::from_millis(200),
+            tick_interval: Duration::from_secs(10),
             dead_letter: DeadLetterConfig::default(),
         }
     }
@@ -67,6 +71,9 @@ impl StageIo {
         }
         if self.group.is_empty() {
             out.push("io.group must not be empty".into());
+        }
+        if self.tick_interval.is_zero() {
+            out.push("io.tick_interval must be > 0".into());
         }
         if self.batch_max == 0 {
             out.push("io.batch_max must be at least 1".into());
@@ -91,15 +98,21 @@ pub async fn run<S: Stage>(
     tracing::info!(stage = S::NAME, topics = ?io.input_topics, group = %io.group, "consuming");
     let inflight = metrics().inflight_messages.with_label_values(&[S::NAME]);
 
+    let mut tick = tokio::time::interval(io.tick_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                stage.tick().await?;
+                continue;
+            }
             batch = next_batch(&consumer, io.batch_max, io.batch_linger) => batch?,
         };
         inflight.set(batch.len() as i64);
         let inputs: Vec<Input<'_>> = batch.iter().map(as_input).collect();
         let started = Instant::now();
-        let verdicts = stage.process(&inputs)?;
+        let verdicts = stage.process(&inputs).await?;
         metrics()
             .stage_batch_seconds
             .observe(started.elapsed().as_secs_f64());

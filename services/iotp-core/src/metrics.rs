@@ -30,6 +30,8 @@ pub struct Metrics {
     pub kafka_produce_errors_total: IntCounterVec,
     /// Dead letters RabbitMQ confirmed, by stage and reason.
     pub dead_letters_total: IntCounterVec,
+    /// Devices marked offline after missed heartbeats.
+    pub devices_marked_offline_total: IntCounter,
     /// Messages handed to the sink and not yet confirmed, by stage.
     pub inflight_messages: IntGaugeVec,
     /// Time from receiving a message to its downstream confirmation, by stage.
@@ -87,6 +89,10 @@ impl Metrics {
                 Opts::new("iotp_dead_letters_total", "Dead letters RabbitMQ confirmed"),
                 &["stage", "reason"],
             )?,
+            devices_marked_offline_total: IntCounter::new(
+                "iotp_devices_marked_offline_total",
+                "Devices marked offline after missing heartbeat intervals",
+            )?,
             inflight_messages: IntGaugeVec::new(
                 Opts::new(
                     "iotp_inflight_messages",
@@ -130,6 +136,8 @@ impl Metrics {
             .register(Box::new(m.kafka_produce_errors_total.clone()))?;
         m.registry
             .register(Box::new(m.dead_letters_total.clone()))?;
+        m.registry
+            .register(Box::new(m.devices_marked_offline_total.clone()))?;
         m.registry.register(Box::new(m.inflight_messages.clone()))?;
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
         m.registry

@@ -54,6 +54,9 @@ pub struct Device {
     /// Firmware the registry knows.
     #[serde(default)]
     pub firmware: Option<String>,
+    /// Configuration version deployed to the device.
+    #[serde(default)]
+    pub config_version: Option<String>,
     /// Metrics that carry personal data: masked by the enricher.
     #[serde(default)]
     pub pii: Vec<String>,

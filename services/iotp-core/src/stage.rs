@@ -2,6 +2,8 @@
 //! record. Consuming, producing, dead-lettering, offsets, metrics and shutdown are the
 //! runtime's ([`crate::consume`]).
 
+use std::future::Future;
+
 /// One consumed Kafka record.
 #[derive(Debug, Clone, Copy)]
 pub struct Input<'a> {
@@ -79,7 +81,18 @@ pub trait Stage: Send + 'static {
     /// Stage name, used in dead letters and metrics.
     const NAME: &'static str;
 
-    /// One verdict per input, in input order. An `Err` is a defect or an unusable dependency:
-    /// the service stops without committing, and the batch is consumed again after restart.
-    fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>>;
+    /// One verdict per input, in input order. Side effects a stage owns (the enricher's twin
+    /// writes) finish before it returns, so they are done before the batch is committed. An
+    /// `Err` is a defect or an unusable dependency: the service stops without committing, and
+    /// the batch is consumed again after restart.
+    fn process(
+        &mut self,
+        batch: &[Input<'_>],
+    ) -> impl Future<Output = anyhow::Result<Vec<Verdict>>> + Send;
+
+    /// Called every `io.tick_interval` between batches: periodic work such as liveness checks
+    /// or window flushes.
+    fn tick(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
 }

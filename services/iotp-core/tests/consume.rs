@@ -20,7 +20,7 @@ struct Upper;
 impl Stage for Upper {
     const NAME: &'static str = "upper";
 
-    fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
         Ok(batch
             .iter()
             .map(|i| {

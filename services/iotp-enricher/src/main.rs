@@ -1,10 +1,5 @@
-//! iotp-enricher: start-up, config, admin endpoints and shutdown are in place; the stage logic
-//! lands with its issue.
-
 use std::process::ExitCode;
 
-use iotp_core::service::{self, BasicConfig};
-
 fn main() -> ExitCode {
-    service::run("enricher", |ctx, _config: BasicConfig| service::idle(ctx))
+    iotp_core::service::run("enricher", iotp_enricher::run)
 }

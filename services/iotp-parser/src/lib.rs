@@ -130,7 +130,7 @@ impl Parser {
 impl Stage for Parser {
     const NAME: &'static str = "parser";
 
-    fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
         if let Some(handle) = &self.registry {
             if let Err(e) = handle.reload_if_changed() {
                 tracing::warn!(error = %e, "registry reload failed; keeping the previous one");

@@ -1,0 +1,225 @@
+//! The enricher stage: tags each validated record from the device registry, converts readings
+//! to the profile's canonical units, drops metrics flagged as personal data, keeps each
+//! device's digital twin, and marks devices offline after missed heartbeats. Unknown devices are
+//! quarantined (dead letter `unknown_device`, parked until the registry knows them).
+
+mod enrich;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use iotp_core::config::{Common, ServiceConfig};
+use iotp_core::consume::{self, StageIo};
+use iotp_core::contract::{Codec, EnrichedTelemetry, Telemetry};
+use iotp_core::kafka::KafkaConfig;
+use iotp_core::metrics::metrics;
+use iotp_core::registry::RegistryHandle;
+use iotp_core::service::Context;
+use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
+use iotp_core::store::sqlite::SqliteStore;
+use iotp_core::store::TwinStore;
+use iotp_core::topology::topology;
+use serde::{Deserialize, Serialize};
+
+pub use enrich::{enrich, Enriched};
+
+/// Enricher configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnricherConfig {
+    /// Settings every service has.
+    pub common: Common,
+    /// Kafka cluster.
+    pub kafka: KafkaConfig,
+    /// Topics, group, batching, dead letters.
+    pub io: StageIo,
+    /// Device registry (TOML), reloaded when it changes.
+    pub registry_file: PathBuf,
+    /// Embedded store (SQLite) holding the twins.
+    pub store_path: PathBuf,
+    /// Heartbeat intervals a device may miss before it is marked offline.
+    pub missed_heartbeats: u32,
+    /// Store retries before the service gives up on a batch (it is then consumed again).
+    pub store_attempts: u32,
+    /// First store retry delay (doubles).
+    #[serde(with = "humantime_serde")]
+    pub store_retry: Duration,
+}
+
+impl Default for EnricherConfig {
+    fn default() -> Self {
+        let spec = topology().consumer("enricher");
+        Self {
+            common: Common::default(),
+            kafka: KafkaConfig::default(),
+            io: StageIo {
+                input_topics: spec.map(|s| s.topics.clone()).unwrap_or_default(),
+                output_topic: spec.map(|s| s.output.clone()).unwrap_or_default(),
+                group: spec.map(|s| s.group.clone()).unwrap_or_default(),
+                ..StageIo::default()
+            },
+            registry_file: PathBuf::from("registry.toml"),
+            store_path: PathBuf::from(".run/iotp.sqlite"),
+            missed_heartbeats: 3,
+            store_attempts: 5,
+            store_retry: Duration::from_millis(100),
+        }
+    }
+}
+
+impl ServiceConfig for EnricherConfig {
+    fn common(&self) -> &Common {
+        &self.common
+    }
+
+    fn validate(&self) -> Vec<String> {
+        let mut out = self.kafka.problems();
+        out.extend(self.io.problems());
+        if !self.registry_file.exists() {
+            out.push(format!(
+                "registry_file {} does not exist",
+                self.registry_file.display()
+            ));
+        }
+        if self.missed_heartbeats == 0 {
+            out.push("missed_heartbeats must be at least 1".into());
+        }
+        if self.store_attempts == 0 {
+            out.push("store_attempts must be at least 1".into());
+        }
+        out
+    }
+}
+
+/// Run the enricher.
+pub async fn run(ctx: Context, config: EnricherConfig) -> anyhow::Result<()> {
+    if let Some(dir) = config
+        .store_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let store = SqliteStore::open(&config.store_path)?;
+    let registry = RegistryHandle::open(&config.registry_file)?;
+    let stage = Enricher::new(registry, store, &config)?;
+    consume::run(ctx, config.kafka, config.io, stage).await
+}
+
+/// The enricher stage over a twin store.
+pub struct Enricher<S: TwinStore> {
+    registry: RegistryHandle,
+    registry_readable: bool,
+    store: S,
+    input: Codec<Telemetry>,
+    output: Codec<EnrichedTelemetry>,
+    missed_heartbeats: u32,
+    store_attempts: u32,
+    store_retry: Duration,
+}
+
+impl<S: TwinStore> Enricher<S> {
+    /// An enricher.
+    pub fn new(
+        registry: RegistryHandle,
+        store: S,
+        config: &EnricherConfig,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            registry,
+            registry_readable: true,
+            store,
+            input: Codec::latest()?,
+            output: Codec::latest()?,
+            missed_heartbeats: config.missed_heartbeats,
+            store_attempts: config.store_attempts,
+            store_retry: config.store_retry,
+        })
+    }
+}
+
+impl<S: TwinStore> Stage for Enricher<S> {
+    const NAME: &'static str = "enricher";
+
+    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+        match self.registry.reload_if_changed() {
+            Ok(reloaded) => {
+                if reloaded {
+                    tracing::info!(
+                        devices = self.registry.current().len(),
+                        "device registry reloaded"
+                    );
+                }
+                self.registry_readable = true;
+            }
+            Err(e) => {
+                if self.registry_readable {
+                    tracing::warn!(error = %e, "device registry unreadable; unknown devices are retried, not quarantined");
+                }
+                self.registry_readable = false;
+            }
+        }
+        let registry = self.registry.current();
+        let mut verdicts = Vec::with_capacity(batch.len());
+        let mut observations = Vec::new();
+        for input in batch {
+            let telemetry = match self.input.decode(input.payload) {
+                Ok(t) => t,
+                Err(e) => {
+                    verdicts.push(Verdict::Reject(Rejection::permanent(
+                        e.reason_code(),
+                        e.to_string(),
+                    )));
+                    continue;
+                }
+            };
+            match enrich(telemetry, &registry, self.registry_readable) {
+                Ok(Enriched {
+                    record,
+                    observation,
+                }) => {
+                    observations.push(observation);
+                    let out = match record {
+                        // Heartbeats end at the twin.
+                        None => Vec::new(),
+                        Some(r) => vec![Output {
+                            topic: None,
+                            key: format!("{}/{}", r.header.tenant, r.header.device_id).into_bytes(),
+                            value: self.output.encode(&r)?,
+                        }],
+                    };
+                    verdicts.push(Verdict::Emit(out));
+                }
+                Err(rejection) => verdicts.push(Verdict::Reject(rejection)),
+            }
+        }
+        let mut delay = self.store_retry;
+        for attempt in 1..=self.store_attempts {
+            match self.store.apply(&observations).await {
+                Ok(()) => break,
+                Err(e) if attempt < self.store_attempts => {
+                    tracing::warn!(error = %e, attempt, "twin update failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(verdicts)
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        let marked = self
+            .store
+            .mark_offline(iotp_core::now_millis(), self.missed_heartbeats)
+            .await?;
+        if marked > 0 {
+            tracing::info!(
+                devices = marked,
+                "devices marked offline after missed heartbeats"
+            );
+            metrics().devices_marked_offline_total.inc_by(marked);
+        }
+        Ok(())
+    }
+}
