@@ -10,17 +10,20 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::contract::DeadLetter;
-use crate::dead_letter::{DeadLetterConfig, DeadLetterPublisher};
+use crate::dead_letter::{
+    DeadLetterConfig, DeadLetterPublisher, HEADER_ATTEMPTS, HEADER_DEAD_LETTER_ID,
+    HEADER_FIRST_FAILURE_AT,
+};
 use crate::kafka::KafkaConfig;
 use crate::metrics::metrics;
 use crate::service::Context;
-use crate::stage::{Input, Output, Rejection, Stage, Verdict};
+use crate::stage::{Input, Output, Rejection, Retry, Stage, Verdict};
 
 /// Where a stage reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,7 +183,27 @@ fn as_input<'a>(m: &'a BorrowedMessage<'a>) -> Input<'a> {
         offset: m.offset(),
         key: m.key(),
         payload: m.payload().unwrap_or_default(),
+        retry: m.headers().and_then(retry_headers),
     }
+}
+
+fn retry_headers<'a>(headers: &'a BorrowedHeaders) -> Option<Retry<'a>> {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    };
+    Some(Retry {
+        dead_letter_id: get(HEADER_DEAD_LETTER_ID)?,
+        attempts: get(HEADER_ATTEMPTS)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+        first_failure_at: get(HEADER_FIRST_FAILURE_AT)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    })
 }
 
 /// Offsets to store: one past the last record of each partition in the batch.
@@ -229,7 +252,7 @@ async fn deliver(
         let mut still = Vec::new();
         for (input, rejection) in rejects {
             let letter = dead_letter(stage, input, rejection);
-            match dead_letters.publish(&letter).await {
+            match dead_letters.publish(&letter, rejection.transient).await {
                 Ok(()) => metrics()
                     .dead_letters_total
                     .with_label_values(&[stage, rejection.reason])
@@ -306,11 +329,23 @@ async fn produce_all<'o>(
 
 fn dead_letter(stage: &str, input: &Input<'_>, r: &Rejection) -> DeadLetter {
     let now = crate::now_millis();
-    DeadLetter {
-        id: format!(
-            "{stage}/{}/{}/{}",
-            input.topic, input.partition, input.offset
+    let (id, attempts, first_failure_at) = match input.retry {
+        Some(retry) => (
+            retry.dead_letter_id.to_string(),
+            retry.attempts + 1,
+            retry.first_failure_at,
         ),
+        None => (
+            format!(
+                "{stage}/{}/{}/{}",
+                input.topic, input.partition, input.offset
+            ),
+            1,
+            now,
+        ),
+    };
+    DeadLetter {
+        id,
         stage: stage.to_string(),
         reason_code: r.reason.to_string(),
         error: r.error.clone(),
@@ -321,8 +356,8 @@ fn dead_letter(stage: &str, input: &Input<'_>, r: &Rejection) -> DeadLetter {
         payload: input.payload.to_vec(),
         tenant: r.tenant.clone(),
         device_id: r.device_id.clone(),
-        attempts: 1,
-        first_failure_at: now,
+        attempts,
+        first_failure_at,
         last_failure_at: now,
     }
 }

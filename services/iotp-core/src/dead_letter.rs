@@ -12,6 +12,15 @@ use serde::{Deserialize, Serialize};
 use crate::contract::{Codec, DeadLetter};
 use crate::topology::topology;
 
+/// Kafka header on a record the DLQ handler replays: the dead letter it came from.
+pub const HEADER_DEAD_LETTER_ID: &str = "iotp-dead-letter-id";
+/// Kafka header: attempts made so far.
+pub const HEADER_ATTEMPTS: &str = "iotp-attempts";
+/// Kafka header: first failure time, epoch ms.
+pub const HEADER_FIRST_FAILURE_AT: &str = "iotp-first-failure-at";
+/// AMQP header: the stage judged the failure transient (worth retrying).
+pub const AMQP_TRANSIENT: &str = "x-transient";
+
 /// Where dead letters go.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -87,7 +96,11 @@ impl DeadLetterPublisher {
     }
 
     /// Publish and wait for the broker's confirm.
-    pub async fn publish(&mut self, letter: &DeadLetter) -> Result<(), PublishError> {
+    pub async fn publish(
+        &mut self,
+        letter: &DeadLetter,
+        transient: bool,
+    ) -> Result<(), PublishError> {
         let body = self.codec.encode(letter)?;
         let key = format!("{}.{}", letter.stage, letter.reason_code);
         let exchange = self.config.exchange.clone();
@@ -99,6 +112,10 @@ impl DeadLetterPublisher {
         headers.insert(
             ShortString::from("x-stage"),
             AMQPValue::LongString(LongString::from(letter.stage.as_str())),
+        );
+        headers.insert(
+            ShortString::from(AMQP_TRANSIENT),
+            AMQPValue::Boolean(transient),
         );
         let properties = BasicProperties::default()
             .with_delivery_mode(2)

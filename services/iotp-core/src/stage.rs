@@ -17,6 +17,20 @@ pub struct Input<'a> {
     pub key: Option<&'a [u8]>,
     /// Value (empty for a tombstone).
     pub payload: &'a [u8],
+    /// Set when the DLQ handler put this record back for another attempt.
+    pub retry: Option<Retry<'a>>,
+}
+
+/// Where a retried record comes from: read from its Kafka headers
+/// ([`crate::dead_letter::HEADER_DEAD_LETTER_ID`] and friends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry<'a> {
+    /// Id of the dead letter it was replayed from: a new failure updates that dead letter.
+    pub dead_letter_id: &'a str,
+    /// Attempts made so far.
+    pub attempts: i32,
+    /// When it first failed, epoch ms.
+    pub first_failure_at: i64,
 }
 
 /// A record to produce.

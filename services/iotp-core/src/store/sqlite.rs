@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{fold, Observation, StoreError, Twin, TwinStore};
+use super::{
+    fold, Archived, DeadLetterArchive, LetterFilter, Observation, StoreError, Twin, TwinStore,
+};
+use crate::contract::DeadLetter;
 
 /// A SQLite-backed store.
 #[derive(Clone)]
@@ -33,6 +36,27 @@ CREATE TABLE IF NOT EXISTS twins (
     PRIMARY KEY (tenant, device_id)
 );
 CREATE INDEX IF NOT EXISTS twins_online ON twins (online, last_seen_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    stage TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    error TEXT NOT NULL,
+    source_topic TEXT,
+    source_partition INTEGER,
+    source_offset INTEGER,
+    key BLOB,
+    payload BLOB NOT NULL,
+    tenant TEXT,
+    device_id TEXT,
+    attempts INTEGER NOT NULL,
+    first_failure_at INTEGER NOT NULL,
+    last_failure_at INTEGER NOT NULL,
+    parked_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    replayed_at INTEGER,
+    replays INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS dead_letters_expiry ON dead_letters (expires_at);
 ";
 
 impl SqliteStore {
@@ -170,6 +194,122 @@ impl TwinStore for SqliteStore {
     }
 }
 
+impl DeadLetterArchive for SqliteStore {
+    async fn archive(
+        &self,
+        l: &DeadLetter,
+        parked_at: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let l = l.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO dead_letters (id, stage, reason, error, source_topic, source_partition, source_offset, key, payload,
+                   tenant, device_id, attempts, first_failure_at, last_failure_at, parked_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, error = excluded.error,
+                   attempts = max(attempts, excluded.attempts), last_failure_at = max(last_failure_at, excluded.last_failure_at),
+                   parked_at = excluded.parked_at, expires_at = excluded.expires_at, replayed_at = NULL",
+                params![
+                    l.id, l.stage, l.reason_code, l.error, l.source_topic, l.source_partition, l.source_offset, l.key, l.payload,
+                    l.tenant, l.device_id, l.attempts, l.first_failure_at, l.last_failure_at, parked_at, expires_at
+                ],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn letters(&self, f: &LetterFilter) -> Result<Vec<Archived>, StoreError> {
+        let f = f.clone();
+        self.with(move |conn| {
+            let mut sql = String::from(
+                "SELECT id, stage, reason, error, source_topic, source_partition, source_offset, key, payload, tenant, device_id,
+                        attempts, first_failure_at, last_failure_at, parked_at, expires_at, replayed_at, replays
+                 FROM dead_letters WHERE 1 = 1",
+            );
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            for (column, value) in [("reason", &f.reason), ("stage", &f.stage), ("tenant", &f.tenant), ("device_id", &f.device_id)] {
+                if let Some(v) = value {
+                    args.push(v.clone().into());
+                    sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+                }
+            }
+            if !f.ids.is_empty() {
+                let mut marks = Vec::new();
+                for id in &f.ids {
+                    args.push(id.clone().into());
+                    marks.push(format!("?{}", args.len()));
+                }
+                sql.push_str(&format!(" AND id IN ({})", marks.join(", ")));
+            }
+            if !f.include_replayed {
+                sql.push_str(" AND replayed_at IS NULL");
+            }
+            let limit = if f.limit == 0 { 1000 } else { f.limit };
+            sql.push_str(&format!(" ORDER BY parked_at, id LIMIT {limit}"));
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok(Archived {
+                        letter: DeadLetter {
+                            id: r.get(0)?,
+                            stage: r.get(1)?,
+                            reason_code: r.get(2)?,
+                            error: r.get(3)?,
+                            source_topic: r.get(4)?,
+                            source_partition: r.get(5)?,
+                            source_offset: r.get(6)?,
+                            key: r.get(7)?,
+                            payload: r.get(8)?,
+                            tenant: r.get(9)?,
+                            device_id: r.get(10)?,
+                            attempts: r.get(11)?,
+                            first_failure_at: r.get(12)?,
+                            last_failure_at: r.get(13)?,
+                        },
+                        parked_at: r.get(14)?,
+                        expires_at: r.get(15)?,
+                        replayed_at: r.get(16)?,
+                        replays: r.get(17)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            for id in &ids {
+                tx.execute(
+                    "UPDATE dead_letters SET replayed_at = ?2, replays = replays + 1 WHERE id = ?1",
+                    params![id, at],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn prune_letters(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM dead_letters WHERE expires_at < ?1",
+                params![now_ms],
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +351,83 @@ mod tests {
         assert!(t.online);
         assert_eq!(t.config_version.as_deref(), Some("cfg-1"));
         assert!(store.twin("acme", "nope").await.expect("read").is_none());
+    }
+
+    fn letter(id: &str, reason: &str, device: &str) -> DeadLetter {
+        DeadLetter {
+            id: id.into(),
+            stage: "enricher".into(),
+            reason_code: reason.into(),
+            error: "e".into(),
+            source_topic: Some("iotp.validated".into()),
+            source_partition: Some(1),
+            source_offset: Some(7),
+            key: Some(b"acme/d".to_vec()),
+            payload: vec![0xC3, 0x01, 9],
+            tenant: Some("acme".into()),
+            device_id: Some(device.into()),
+            attempts: 1,
+            first_failure_at: 10,
+            last_failure_at: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn archive_filters_replays_and_expires() {
+        let store = SqliteStore::open(Path::new(":memory:")).expect("open");
+        store
+            .archive(&letter("a", "unknown_device", "d1"), 100, 1_000)
+            .await
+            .expect("archive");
+        store
+            .archive(&letter("b", "bad_seq_no", "d2"), 101, 2_000)
+            .await
+            .expect("archive");
+        store
+            .archive(&letter("a", "unknown_device", "d1"), 102, 1_500)
+            .await
+            .expect("same id again");
+        let all = store.letters(&LetterFilter::default()).await.expect("list");
+        assert_eq!(
+            all.iter().map(|a| a.letter.id.as_str()).collect::<Vec<_>>(),
+            vec!["b", "a"]
+        );
+        assert_eq!(all[1].letter.payload, vec![0xC3, 0x01, 9], "bytes intact");
+        let f = LetterFilter {
+            reason: Some("unknown_device".into()),
+            ..LetterFilter::default()
+        };
+        assert_eq!(store.letters(&f).await.expect("list").len(), 1);
+        store
+            .mark_replayed(&["a".to_string()], 200)
+            .await
+            .expect("mark");
+        assert_eq!(
+            store.letters(&f).await.expect("list").len(),
+            0,
+            "replayed ones hidden by default"
+        );
+        let f = LetterFilter {
+            include_replayed: true,
+            ..f
+        };
+        assert_eq!(store.letters(&f).await.expect("list")[0].replays, 1);
+        assert_eq!(
+            store.prune_letters(1_600).await.expect("prune"),
+            1,
+            "a expired, b kept"
+        );
+        assert_eq!(
+            store
+                .letters(&LetterFilter {
+                    include_replayed: true,
+                    ..LetterFilter::default()
+                })
+                .await
+                .expect("list")
+                .len(),
+            1
+        );
     }
 
     #[tokio::test]
