@@ -95,16 +95,35 @@ impl DeadLetterPublisher {
         }
     }
 
-    /// Publish and wait for the broker's confirm.
+    /// Publish to the dead-letter exchange, routing key `{stage}.{reasonCode}`, and wait for
+    /// the broker's confirm.
     pub async fn publish(
         &mut self,
         letter: &DeadLetter,
         transient: bool,
     ) -> Result<(), PublishError> {
-        let body = self.codec.encode(letter)?;
         let key = format!("{}.{}", letter.stage, letter.reason_code);
         let exchange = self.config.exchange.clone();
         let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(AMQP_TRANSIENT),
+            AMQPValue::Boolean(transient),
+        );
+        self.publish_to(&exchange, &key, letter, headers).await
+    }
+
+    /// Publish `letter` to `exchange` with routing key `key` and extra headers, persistent and
+    /// mandatory, and wait for the broker's confirm. Unroutable is an error.
+    pub async fn publish_to(
+        &mut self,
+        exchange: &str,
+        key: &str,
+        letter: &DeadLetter,
+        extra: FieldTable,
+    ) -> Result<(), PublishError> {
+        let body = self.codec.encode(letter)?;
+        let (exchange, key) = (exchange.to_string(), key.to_string());
+        let mut headers = extra;
         headers.insert(
             ShortString::from("x-reason"),
             AMQPValue::LongString(LongString::from(letter.reason_code.as_str())),
@@ -112,10 +131,6 @@ impl DeadLetterPublisher {
         headers.insert(
             ShortString::from("x-stage"),
             AMQPValue::LongString(LongString::from(letter.stage.as_str())),
-        );
-        headers.insert(
-            ShortString::from(AMQP_TRANSIENT),
-            AMQPValue::Boolean(transient),
         );
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
