@@ -2,7 +2,7 @@
 //! replay one, by filter, or all, with a dry run.
 //!
 //! - `GET  /dead-letters?reason=&stage=&tenant=&device_id=&include_replayed=&limit=`
-//! - `GET  /dead-letters/{id}`
+//! - `GET  /dead-letters/{id}` (ids contain slashes)
 //! - `POST /dead-letters/replay` with a JSON filter (`ids`, `reason`, …) and `dry_run`
 
 use std::sync::Arc;
@@ -32,7 +32,8 @@ pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/dead-letters", get(list))
         .route("/dead-letters/replay", post(replay))
-        .route("/dead-letters/{id}", get(show))
+        // Ids contain slashes (stage/topic/partition/offset).
+        .route("/dead-letters/{*id}", get(show))
         .with_state(api)
 }
 
