@@ -307,6 +307,26 @@ async fn transient_failure_is_retried_until_the_registry_is_back_and_parked_ones
         status == 200 && shown.contains("\"schema\":\"telemetry\""),
         "{shown}"
     );
+    // The CLI sees the same.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_iotp-dlq"))
+            .arg("--api")
+            .arg(rig.dlq.api_listen.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "iotp-dlq {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(cli(&["list", "--reason", "unknown_device"]).contains("late-dev"));
+    assert!(
+        cli(&["replay", "--reason", "unknown_device", "--dry-run"]).contains(&parked[0].letter.id)
+    );
+    assert!(cli(&["show", &parked[0].letter.id]).contains("unknown_device"));
     let (status, body) = api(
         &rig,
         "POST",

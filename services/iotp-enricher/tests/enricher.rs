@@ -12,6 +12,26 @@ use iotp_core::testkit::*;
 use rdkafka::Message;
 
 const REGISTRY: &str = r#"
+[[devices]]
+tenant = "acme"
+id = "k-0"
+profile = "meter"
+
+[[devices]]
+tenant = "acme"
+id = "k-1"
+profile = "meter"
+
+[[devices]]
+tenant = "acme"
+id = "k-2"
+profile = "meter"
+
+[[devices]]
+tenant = "acme"
+id = "k-3"
+profile = "meter"
+
 [profiles.meter]
 heartbeat_secs = 60
 metrics = { energy = { unit = "Wh", min = 0.0, max = 1e12, cumulative = true }, location = { unit = "deg", min = -180.0, max = 180.0 } }
@@ -60,6 +80,30 @@ fn telemetry(device: &str, seq_no: i64, kind: &str) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+fn spawn(
+    dir: &std::path::Path,
+    input: &str,
+    output: &str,
+    exchange: &str,
+    group: &str,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_iotp-enricher"))
+        .env("IOTP__COMMON__REPLICA", "enricher-0")
+        .env("IOTP__COMMON__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("IOTP__COMMON__LOG_FORMAT", "text")
+        .env("IOTP__KAFKA__BROKERS", kafka_brokers())
+        .env("IOTP__IO__INPUT_TOPICS", format!("[\"{input}\"]"))
+        .env("IOTP__IO__OUTPUT_TOPIC", output)
+        .env("IOTP__IO__GROUP", group)
+        .env("IOTP__IO__DEAD_LETTER__EXCHANGE", exchange)
+        .env("IOTP__IO__DEAD_LETTER__AMQP_URI", amqp_uri())
+        .env("IOTP__REGISTRY_FILE", dir.join("registry.toml"))
+        .env("IOTP__STORE_PATH", dir.join("store.sqlite"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enriches_quarantines_unknown_devices_and_keeps_the_twin_at_the_newest_state() {
     let (input, output) = (unique("test.validated."), unique("test.enriched."));
@@ -84,22 +128,7 @@ async fn enriches_quarantines_unknown_devices_and_keeps_the_twin_at_the_newest_s
     }
     produce(&input, &records).await;
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iotp-enricher"))
-        .env("IOTP__COMMON__REPLICA", "enricher-0")
-        .env("IOTP__COMMON__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("IOTP__COMMON__LOG_FORMAT", "text")
-        .env("IOTP__KAFKA__BROKERS", kafka_brokers())
-        .env("IOTP__IO__INPUT_TOPICS", format!("[\"{input}\"]"))
-        .env("IOTP__IO__OUTPUT_TOPIC", &output)
-        .env("IOTP__IO__GROUP", unique("test-enricher-"))
-        .env("IOTP__IO__DEAD_LETTER__EXCHANGE", &exchange)
-        .env("IOTP__IO__DEAD_LETTER__AMQP_URI", amqp_uri())
-        .env("IOTP__REGISTRY_FILE", dir.join("registry.toml"))
-        .env("IOTP__STORE_PATH", dir.join("store.sqlite"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-
+    let mut child = spawn(&dir, &input, &output, &exchange, &unique("test-enricher-"));
     let codec = Codec::<EnrichedTelemetry>::latest().unwrap();
     let out = read_topic(&output, Duration::from_secs(60), |r| r.len() >= 103).await;
     let mut letters = Vec::new();
@@ -160,5 +189,72 @@ async fn enriches_quarantines_unknown_devices_and_keeps_the_twin_at_the_newest_s
     assert!(
         store.twin("acme", "stranger").await.unwrap().is_none(),
         "quarantined devices get no twin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing_and_the_twins_end_at_the_newest_state() {
+    const PER_DEVICE: i64 = 5_000;
+    let (input, output) = (unique("test.validated."), unique("test.enriched."));
+    create_topic(&input, 4).await;
+    create_topic(&output, 4).await;
+    let exchange = unique("test.dlx.");
+    let conn = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    declare_exchange_and_queue(&channel, &exchange, &unique("test.dlq.")).await;
+    let dir = std::env::temp_dir().join(unique("enricher-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("registry.toml"), REGISTRY).unwrap();
+    let records: Vec<_> = (0..PER_DEVICE)
+        .flat_map(|seq| (0..4).map(move |d| telemetry(&format!("k-{d}"), seq, "telemetry")))
+        .collect();
+    produce(&input, &records).await;
+
+    let group = unique("test-enricher-");
+    let mut child = spawn(&dir, &input, &output, &exchange, &group);
+    let partial = read_topic(&output, Duration::from_secs(60), |r| r.len() >= 3_000).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        partial.len() >= 3_000 && (partial.len() as i64) < 4 * PER_DEVICE,
+        "killed mid-stream at {}",
+        partial.len()
+    );
+
+    let mut child = spawn(&dir, &input, &output, &exchange, &group);
+    let codec = Codec::<EnrichedTelemetry>::latest().unwrap();
+    let mut seen = HashSet::new();
+    let mut read = 0;
+    read_topic_until(&output, Duration::from_secs(120), |m| {
+        read += 1;
+        let r = codec.decode(m.payload().unwrap()).unwrap();
+        seen.insert((r.header.device_id, r.header.seq_no));
+        seen.len() as i64 >= 4 * PER_DEVICE
+    })
+    .await;
+    let term = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        seen.len() as i64,
+        4 * PER_DEVICE,
+        "every record enriched after SIGKILL and restart ({read} read)"
+    );
+    let store = SqliteStore::open(&dir.join("store.sqlite")).unwrap();
+    for d in 0..4 {
+        let twin = store
+            .twin("acme", &format!("k-{d}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(twin.last_seq_no, PER_DEVICE - 1);
+    }
+    eprintln!(
+        "enricher sigkill: {read} records read until all {} were seen",
+        4 * PER_DEVICE
     );
 }
