@@ -43,6 +43,13 @@ pub struct Args {
     /// Give up waiting for acknowledgements after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// Write a device registry (TOML) for the fleet to this file and exit.
+    #[arg(long)]
+    pub write_registry: Option<std::path::PathBuf>,
+    /// With --write-registry: register only the first N devices (the rest are unknown to the
+    /// pipeline and end up quarantined).
+    #[arg(long)]
+    pub registered: Option<usize>,
 }
 
 /// What happened.
