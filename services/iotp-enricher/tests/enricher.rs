@@ -87,7 +87,20 @@ fn spawn(
     exchange: &str,
     group: &str,
 ) -> std::process::Child {
+    spawn_ticking(dir, input, output, exchange, group, "1h")
+}
+
+/// `tick` is how often the liveness check runs (long by default: these records are dated 2023).
+fn spawn_ticking(
+    dir: &std::path::Path,
+    input: &str,
+    output: &str,
+    exchange: &str,
+    group: &str,
+    tick: &str,
+) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_iotp-enricher"))
+        .env("IOTP__IO__TICK_INTERVAL", tick)
         .env("IOTP__COMMON__REPLICA", "enricher-0")
         .env("IOTP__COMMON__ADMIN_LISTEN", "127.0.0.1:0")
         .env("IOTP__COMMON__LOG_FORMAT", "text")
@@ -257,4 +270,45 @@ async fn sigkill_mid_stream_loses_nothing_and_the_twins_end_at_the_newest_state(
         "enricher sigkill: {read} records read until all {} were seen",
         4 * PER_DEVICE
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_misses_heartbeats_is_marked_offline() {
+    let (input, output) = (unique("test.validated."), unique("test.enriched."));
+    create_topic(&input, 1).await;
+    create_topic(&output, 1).await;
+    let exchange = unique("test.dlx.");
+    let conn = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    declare_exchange_and_queue(&channel, &exchange, &unique("test.dlq.")).await;
+    let dir = std::env::temp_dir().join(unique("enricher-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("registry.toml"), REGISTRY).unwrap();
+    // m-1's profile expects a heartbeat every 60 s; its last sign of life (2023) is long past.
+    produce(&input, &[telemetry("m-1", 0, "heartbeat")]).await;
+    let mut child = spawn_ticking(
+        &dir,
+        &input,
+        &output,
+        &exchange,
+        &unique("test-enricher-"),
+        "300ms",
+    );
+    let store = SqliteStore::open(&dir.join("store.sqlite")).unwrap();
+    let mut twin = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        twin = store.twin("acme", "m-1").await.unwrap();
+        if twin.as_ref().is_some_and(|t| !t.online) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let twin = twin.expect("twin written");
+    assert!(
+        !twin.online,
+        "marked offline by the periodic liveness check"
+    );
+    assert_eq!(twin.alarms, vec!["offline".to_string()]);
 }
