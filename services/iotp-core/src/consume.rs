@@ -66,6 +66,17 @@ impl Default for StageIo {
 }
 
 impl StageIo {
+    /// Topics and group of `service` as `schemas/topology.toml` names them; defaults otherwise.
+    pub fn for_service(service: &str) -> Self {
+        let spec = crate::topology::topology().consumer(service);
+        Self {
+            input_topics: spec.map(|s| s.topics.clone()).unwrap_or_default(),
+            output_topic: spec.map(|s| s.output.clone()).unwrap_or_default(),
+            group: spec.map(|s| s.group.clone()).unwrap_or_default(),
+            ..Self::default()
+        }
+    }
+
     /// Rules for `validate()`.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();

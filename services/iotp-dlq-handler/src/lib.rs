@@ -111,14 +111,7 @@ impl ServiceConfig for DlqConfig {
 
 /// Run the handler.
 pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
-    if let Some(dir) = config
-        .store_path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir)?;
-    }
-    let store = SqliteStore::open(&config.store_path)?;
+    let store = SqliteStore::create(&config.store_path)?;
     let producer = config.kafka.producer(&ctx.replica)?;
     let api = Arc::new(api::Api {
         store: store.clone(),

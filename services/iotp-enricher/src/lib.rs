@@ -18,7 +18,6 @@ use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::TwinStore;
-use iotp_core::topology::topology;
 use serde::{Deserialize, Serialize};
 
 pub use enrich::{enrich, Enriched};
@@ -48,16 +47,10 @@ pub struct EnricherConfig {
 
 impl Default for EnricherConfig {
     fn default() -> Self {
-        let spec = topology().consumer("enricher");
         Self {
             common: Common::default(),
             kafka: KafkaConfig::default(),
-            io: StageIo {
-                input_topics: spec.map(|s| s.topics.clone()).unwrap_or_default(),
-                output_topic: spec.map(|s| s.output.clone()).unwrap_or_default(),
-                group: spec.map(|s| s.group.clone()).unwrap_or_default(),
-                ..StageIo::default()
-            },
+            io: StageIo::for_service("enricher"),
             registry_file: PathBuf::from("registry.toml"),
             store_path: PathBuf::from(".run/iotp.sqlite"),
             missed_heartbeats: 3,
@@ -93,14 +86,7 @@ impl ServiceConfig for EnricherConfig {
 
 /// Run the enricher.
 pub async fn run(ctx: Context, config: EnricherConfig) -> anyhow::Result<()> {
-    if let Some(dir) = config
-        .store_path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir)?;
-    }
-    let store = SqliteStore::open(&config.store_path)?;
+    let store = SqliteStore::create(&config.store_path)?;
     let registry = RegistryHandle::open(&config.registry_file)?;
     let stage = Enricher::new(registry, store, &config)?;
     consume::run(ctx, config.kafka, config.io, stage).await

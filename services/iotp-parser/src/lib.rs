@@ -14,7 +14,6 @@ use iotp_core::kafka::KafkaConfig;
 use iotp_core::registry::RegistryHandle;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
-use iotp_core::topology::topology;
 use serde::{Deserialize, Serialize};
 
 pub use validate::{validate, Rules};
@@ -37,16 +36,10 @@ pub struct ParserConfig {
 
 impl Default for ParserConfig {
     fn default() -> Self {
-        let spec = topology().consumer("parser");
         Self {
             common: Common::default(),
             kafka: KafkaConfig::default(),
-            io: StageIo {
-                input_topics: spec.map(|s| s.topics.clone()).unwrap_or_default(),
-                output_topic: spec.map(|s| s.output.clone()).unwrap_or_default(),
-                group: spec.map(|s| s.group.clone()).unwrap_or_default(),
-                ..StageIo::default()
-            },
+            io: StageIo::for_service("parser"),
             rules: Rules::default(),
             registry_file: None,
         }

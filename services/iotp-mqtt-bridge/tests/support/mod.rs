@@ -10,10 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iotp_core::contract::{Codec, RawEnvelope};
-pub use iotp_core::testkit::{create_topic, kafka_brokers, unique};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+pub use iotp_core::testkit::{create_topic, kafka_brokers, read_topic_until, unique};
+
+use rdkafka::Message;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -313,21 +312,6 @@ pub struct Seen {
 
 /// Read `topic` from the beginning until every acked message was seen (or `timeout`).
 pub async fn read_until_complete(topic: &str, sent: &SentLog, timeout: Duration) -> Vec<Seen> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", unique("test-reader-"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
     let codec = Codec::<RawEnvelope>::latest().unwrap();
     let mut wanted: HashSet<(String, i64)> = sent
         .acked
@@ -335,12 +319,10 @@ pub async fn read_until_complete(topic: &str, sent: &SentLog, timeout: Duration)
         .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.clone(), *s)))
         .collect();
     let mut seen = Vec::new();
-    let until = Instant::now() + timeout;
-    while !wanted.is_empty() && Instant::now() < until {
-        let Ok(msg) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
-            continue;
-        };
-        let msg = msg.unwrap();
+    if wanted.is_empty() {
+        return seen;
+    }
+    read_topic_until(topic, timeout, |msg| {
         let raw = msg.payload().unwrap().to_vec();
         let envelope = codec.decode(&raw).unwrap();
         let body: serde_json::Value = serde_json::from_slice(&envelope.payload).unwrap();
@@ -354,7 +336,9 @@ pub async fn read_until_complete(topic: &str, sent: &SentLog, timeout: Duration)
             seq_no,
             raw,
         });
-    }
+        wanted.is_empty()
+    })
+    .await;
     seen
 }
 
