@@ -32,6 +32,12 @@ pub struct Metrics {
     pub dead_letters_total: IntCounterVec,
     /// Devices marked offline after missed heartbeats.
     pub devices_marked_offline_total: IntCounter,
+    /// Messages the upserter stored.
+    pub messages_stored_total: IntCounter,
+    /// Redelivered or replayed messages the upserter found already stored.
+    pub duplicates_removed_total: IntCounter,
+    /// seqNo gaps of the devices in the upserter's last batch.
+    pub batch_device_seq_gaps: IntGauge,
     /// Messages handed to the sink and not yet confirmed, by stage.
     pub inflight_messages: IntGaugeVec,
     /// Time from receiving a message to its downstream confirmation, by stage.
@@ -93,6 +99,18 @@ impl Metrics {
                 "iotp_devices_marked_offline_total",
                 "Devices marked offline after missing heartbeat intervals",
             )?,
+            messages_stored_total: IntCounter::new(
+                "iotp_messages_stored_total",
+                "Messages the upserter stored",
+            )?,
+            duplicates_removed_total: IntCounter::new(
+                "iotp_duplicates_removed_total",
+                "Redelivered or replayed messages found already stored",
+            )?,
+            batch_device_seq_gaps: IntGauge::new(
+                "iotp_batch_device_seq_gaps",
+                "seqNo gaps (numbers never stored) of the devices in the last stored batch",
+            )?,
             inflight_messages: IntGaugeVec::new(
                 Opts::new(
                     "iotp_inflight_messages",
@@ -138,6 +156,12 @@ impl Metrics {
             .register(Box::new(m.dead_letters_total.clone()))?;
         m.registry
             .register(Box::new(m.devices_marked_offline_total.clone()))?;
+        m.registry
+            .register(Box::new(m.messages_stored_total.clone()))?;
+        m.registry
+            .register(Box::new(m.duplicates_removed_total.clone()))?;
+        m.registry
+            .register(Box::new(m.batch_device_seq_gaps.clone()))?;
         m.registry.register(Box::new(m.inflight_messages.clone()))?;
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
         m.registry

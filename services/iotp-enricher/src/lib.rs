@@ -179,18 +179,10 @@ impl<S: TwinStore> Stage for Enricher<S> {
                 Err(rejection) => verdicts.push(Verdict::Reject(rejection)),
             }
         }
-        let mut delay = self.store_retry;
-        for attempt in 1..=self.store_attempts {
-            match self.store.apply(&observations).await {
-                Ok(()) => break,
-                Err(e) if attempt < self.store_attempts => {
-                    tracing::warn!(error = %e, attempt, "twin update failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        iotp_core::store::with_retries(self.store_attempts, self.store_retry, || {
+            self.store.apply(&observations)
+        })
+        .await?;
         Ok(verdicts)
     }
 

@@ -1,10 +1,5 @@
-//! iotp-upserter: start-up, config, admin endpoints and shutdown are in place; the stage logic
-//! lands with its issue.
-
 use std::process::ExitCode;
 
-use iotp_core::service::{self, BasicConfig};
-
 fn main() -> ExitCode {
-    service::run("upserter", |ctx, _config: BasicConfig| service::idle(ctx))
+    iotp_core::service::run("upserter", iotp_upserter::run)
 }

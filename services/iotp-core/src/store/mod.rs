@@ -69,6 +69,8 @@ pub struct Twin {
     pub online: bool,
     /// Active alarms (`offline`, …).
     pub alarms: Vec<String>,
+    /// Sequence numbers the device used that were never stored (set by the upserter).
+    pub seq_gaps: i64,
 }
 
 /// Storage errors. All are worth retrying: the runtime keeps the batch and tries again.
@@ -161,6 +163,91 @@ pub trait DeadLetterArchive: Send + Sync + 'static {
     fn prune_letters(&self, now_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
+/// One message's readings: the unit of idempotency is (tenant, deviceId, seqNo).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRecord {
+    /// Tenant.
+    pub tenant: String,
+    /// Device id.
+    pub device_id: String,
+    /// Device sequence number.
+    pub seq_no: i64,
+    /// Device message id.
+    pub msg_id: String,
+    /// Device time, epoch ms.
+    pub produced_at: i64,
+    /// Bridge time, epoch ms.
+    pub received_at: i64,
+    /// Site tag.
+    pub site: Option<String>,
+    /// Asset tag.
+    pub asset: Option<String>,
+    /// Profile.
+    pub profile: String,
+    /// `(metric, value, unit)` in canonical units.
+    pub readings: Vec<(String, f64, Option<String>)>,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Messages newly stored.
+    pub stored: u64,
+    /// Messages already stored (redeliveries, replays): skipped.
+    pub duplicates: u64,
+}
+
+/// The readings part of the storage contract (raw tier).
+pub trait ReadingStore: Send + Sync + 'static {
+    /// Store each message exactly once, whatever the redeliveries; the whole batch is durable
+    /// when this returns Ok.
+    fn write_messages(
+        &self,
+        messages: &[MessageRecord],
+    ) -> impl Future<Output = Result<WriteReport, StoreError>> + Send;
+    /// Messages stored (for one tenant, or all).
+    fn message_count(
+        &self,
+        tenant: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Readings stored (for one tenant, or all).
+    fn reading_count(
+        &self,
+        tenant: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Recompute the seqNo gaps of these devices (numbers between the lowest and highest
+    /// stored that were never stored) into their twins; returns the total over them.
+    fn update_seq_gaps(
+        &self,
+        devices: &[(String, String)],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Run a store operation up to `attempts` times, doubling `delay` between tries.
+pub async fn with_retries<T, F, Fut>(
+    attempts: u32,
+    mut delay: std::time::Duration,
+    mut op: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < attempts => {
+                tracing::warn!(error = %e, attempt, "store operation failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Fold `obs` into `twin` (or a new twin). Pure: the backends share it.
 pub fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
     let mut t = twin.unwrap_or_else(|| Twin {
@@ -174,6 +261,7 @@ pub fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
         heartbeat_secs: None,
         online: false,
         alarms: Vec::new(),
+        seq_gaps: 0,
     });
     for (metric, value, unit) in &obs.readings {
         let newer = t

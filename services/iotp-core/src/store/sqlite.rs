@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    fold, Archived, DeadLetterArchive, LetterFilter, Observation, StoreError, Twin, TwinStore,
+    fold, Archived, DeadLetterArchive, LetterFilter, MessageRecord, Observation, ReadingStore,
+    StoreError, Twin, TwinStore, WriteReport,
 };
 use crate::contract::DeadLetter;
 
@@ -33,8 +34,33 @@ CREATE TABLE IF NOT EXISTS twins (
     heartbeat_secs INTEGER,
     online INTEGER NOT NULL,
     alarms TEXT NOT NULL,
+    seq_gaps INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, device_id)
 );
+CREATE TABLE IF NOT EXISTS messages (
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    seq_no INTEGER NOT NULL,
+    msg_id TEXT NOT NULL,
+    produced_at INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    site TEXT,
+    asset TEXT,
+    profile TEXT NOT NULL,
+    stored_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device_id, seq_no)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS readings (
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    seq_no INTEGER NOT NULL,
+    metric TEXT NOT NULL,
+    value REAL NOT NULL,
+    unit TEXT,
+    produced_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device_id, seq_no, metric)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS readings_time ON readings (produced_at);
 CREATE INDEX IF NOT EXISTS twins_online ON twins (online, last_seen_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY,
@@ -99,7 +125,7 @@ impl SqliteStore {
 
 fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
     conn.query_row(
-        "SELECT last_seq_no, last_seen_at, last_values, firmware, config_version, heartbeat_secs, online, alarms
+        "SELECT last_seq_no, last_seen_at, last_values, firmware, config_version, heartbeat_secs, online, alarms, seq_gaps
          FROM twins WHERE tenant = ?1 AND device_id = ?2",
         params![tenant, device_id],
         |row| {
@@ -112,12 +138,13 @@ fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<
                 row.get::<_, Option<i64>>(5)?,
                 row.get::<_, bool>(6)?,
                 row.get::<_, String>(7)?,
+                row.get::<_, i64>(8)?,
             ))
         },
     )
     .optional()
     .map_err(backend)?
-    .map(|(last_seq_no, last_seen_at, values, firmware, config_version, heartbeat, online, alarms)| {
+    .map(|(last_seq_no, last_seen_at, values, firmware, config_version, heartbeat, online, alarms, seq_gaps)| {
         Ok(Twin {
             tenant: tenant.to_string(),
             device_id: device_id.to_string(),
@@ -129,6 +156,7 @@ fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<
             heartbeat_secs: heartbeat.map(|h| h as u64),
             online,
             alarms: serde_json::from_str(&alarms).map_err(backend)?,
+            seq_gaps,
         })
     })
     .transpose()
@@ -197,6 +225,98 @@ impl TwinStore for SqliteStore {
                 )
                 .map_err(backend)?;
             Ok(n as u64)
+        })
+        .await
+    }
+}
+
+impl ReadingStore for SqliteStore {
+    async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
+        let messages = messages.to_vec();
+        self.with(move |conn| {
+            let now = crate::now_millis();
+            let tx = conn.transaction().map_err(backend)?;
+            let mut report = WriteReport::default();
+            {
+                let mut message = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO messages (tenant, device_id, seq_no, msg_id, produced_at, received_at, site, asset, profile, stored_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    )
+                    .map_err(backend)?;
+                let mut reading = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO readings (tenant, device_id, seq_no, metric, value, unit, produced_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .map_err(backend)?;
+                for m in &messages {
+                    let inserted = message
+                        .execute(params![m.tenant, m.device_id, m.seq_no, m.msg_id, m.produced_at, m.received_at, m.site, m.asset, m.profile, now])
+                        .map_err(backend)?;
+                    if inserted == 0 {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    report.stored += 1;
+                    for (metric, value, unit) in &m.readings {
+                        reading.execute(params![m.tenant, m.device_id, m.seq_no, metric, value, unit, m.produced_at]).map_err(backend)?;
+                    }
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn message_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+        let tenant = tenant.map(String::from);
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT count(*) FROM messages WHERE ?1 IS NULL OR tenant = ?1",
+                params![tenant],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn reading_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+        let tenant = tenant.map(String::from);
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT count(*) FROM readings WHERE ?1 IS NULL OR tenant = ?1",
+                params![tenant],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {
+        let devices = devices.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let mut total = 0u64;
+            for (tenant, device) in &devices {
+                let gaps: i64 = tx
+                    .query_row(
+                        "SELECT coalesce(max(seq_no) - min(seq_no) + 1 - count(*), 0) FROM messages WHERE tenant = ?1 AND device_id = ?2",
+                        params![tenant, device],
+                        |r| r.get(0),
+                    )
+                    .map_err(backend)?;
+                tx.execute("UPDATE twins SET seq_gaps = ?3 WHERE tenant = ?1 AND device_id = ?2", params![tenant, device, gaps])
+                    .map_err(backend)?;
+                total += gaps.max(0) as u64;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(total)
         })
         .await
     }
@@ -378,6 +498,71 @@ mod tests {
             first_failure_at: 10,
             last_failure_at: 10,
         }
+    }
+
+    fn message(device: &str, seq_no: i64) -> MessageRecord {
+        MessageRecord {
+            tenant: "acme".into(),
+            device_id: device.into(),
+            seq_no,
+            msg_id: format!("m{seq_no}"),
+            produced_at: 1000 + seq_no,
+            received_at: 1001 + seq_no,
+            site: None,
+            asset: None,
+            profile: "meter".into(),
+            readings: vec![
+                ("energy".into(), seq_no as f64, Some("Wh".into())),
+                ("power".into(), 1.0, Some("W".into())),
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn each_message_is_stored_once_and_gaps_reach_the_twin() {
+        let store = SqliteStore::open(Path::new(":memory:")).expect("open");
+        let first: Vec<_> = [0, 1, 2, 5].iter().map(|s| message("d1", *s)).collect();
+        assert_eq!(
+            store.write_messages(&first).await.expect("write"),
+            WriteReport {
+                stored: 4,
+                duplicates: 0
+            }
+        );
+        let again = vec![
+            message("d1", 2),
+            message("d1", 3),
+            message("d1", 3),
+            message("d2", 0),
+        ];
+        assert_eq!(
+            store.write_messages(&again).await.expect("write"),
+            WriteReport {
+                stored: 2,
+                duplicates: 2
+            }
+        );
+        assert_eq!(store.message_count(None).await.expect("count"), 6);
+        assert_eq!(store.reading_count(Some("acme")).await.expect("count"), 12);
+        assert_eq!(store.message_count(Some("other")).await.expect("count"), 0);
+        store.apply(&[obs("d1", 5, 1005, 1.0)]).await.expect("twin");
+        assert_eq!(
+            store
+                .update_seq_gaps(&[("acme".into(), "d1".into())])
+                .await
+                .expect("gaps"),
+            1,
+            "seq 4 never arrived"
+        );
+        assert_eq!(
+            store
+                .twin("acme", "d1")
+                .await
+                .expect("read")
+                .expect("twin")
+                .seq_gaps,
+            1
+        );
     }
 
     #[tokio::test]
