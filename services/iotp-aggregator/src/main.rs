@@ -1,10 +1,5 @@
-//! iotp-aggregator: start-up, config, admin endpoints and shutdown are in place; the stage logic
-//! lands with its issue.
-
 use std::process::ExitCode;
 
-use iotp_core::service::{self, BasicConfig};
-
 fn main() -> ExitCode {
-    service::run("aggregator", |ctx, _config: BasicConfig| service::idle(ctx))
+    iotp_core::service::run("aggregator", iotp_aggregator::run)
 }

@@ -118,7 +118,11 @@ pub async fn run<S: Stage>(
         let batch = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = tick.tick() => {
-                stage.tick().await?;
+                let outputs = stage.tick().await?;
+                if !deliver(&ctx, &producer, &mut dead_letters, &io, S::NAME, outputs.iter().collect(), Vec::new()).await {
+                    break;
+                }
+                stage.delivered().await?;
                 continue;
             }
             batch = next_batch(&consumer, io.batch_max, io.batch_linger) => batch?,
@@ -137,21 +141,30 @@ pub async fn run<S: Stage>(
             verdicts.len(),
             inputs.len()
         );
-        let delivered = deliver(
+        let mut outputs: Vec<&Output> = Vec::new();
+        let mut rejects: Vec<(&Input<'_>, &Rejection)> = Vec::new();
+        for (input, verdict) in inputs.iter().zip(&verdicts) {
+            match verdict {
+                Verdict::Emit(out) => outputs.extend(out),
+                Verdict::Reject(r) => rejects.push((input, r)),
+            }
+        }
+        if !deliver(
             &ctx,
             &producer,
             &mut dead_letters,
             &io,
             S::NAME,
-            &inputs,
-            &verdicts,
+            outputs,
+            rejects,
         )
-        .await;
-        if !delivered {
+        .await
+        {
             // Shutdown while outputs were still refused: leave the batch uncommitted.
             break;
         }
         consumer.store_offsets(&next_offsets(&inputs))?;
+        stage.delivered().await?;
         metrics()
             .delivery_seconds
             .with_label_values(&[S::NAME])
@@ -234,23 +247,15 @@ fn next_offsets(inputs: &[Input<'_>]) -> TopicPartitionList {
 
 /// Produce and dead-letter everything, retrying refused items with backoff, until all are
 /// confirmed (true) or shutdown interrupts the retries (false).
-async fn deliver(
+async fn deliver<'a>(
     ctx: &Context,
     producer: &FutureProducer,
     dead_letters: &mut DeadLetterPublisher,
     io: &StageIo,
     stage: &'static str,
-    inputs: &[Input<'_>],
-    verdicts: &[Verdict],
+    mut outputs: Vec<&'a Output>,
+    mut rejects: Vec<(&'a Input<'a>, &'a Rejection)>,
 ) -> bool {
-    let mut outputs: Vec<&Output> = Vec::new();
-    let mut rejects: Vec<(&Input<'_>, &Rejection)> = Vec::new();
-    for (input, verdict) in inputs.iter().zip(verdicts) {
-        match verdict {
-            Verdict::Emit(out) => outputs.extend(out),
-            Verdict::Reject(r) => rejects.push((input, r)),
-        }
-    }
     let mut backoff = io.retry_min;
     loop {
         let refused = produce_all(producer, &io.output_topic, &outputs).await;

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub duplicates_removed_total: IntCounter,
     /// seqNo gaps of the devices in the upserter's last batch.
     pub batch_device_seq_gaps: IntGauge,
+    /// Messages that arrived after their hour window closed, by what was done (corrected, rejected).
+    pub late_messages_total: IntCounterVec,
+    /// Roll-up buckets published to Kafka.
+    pub rollups_published_total: IntCounter,
     /// Messages handed to the sink and not yet confirmed, by stage.
     pub inflight_messages: IntGaugeVec,
     /// Time from receiving a message to its downstream confirmation, by stage.
@@ -111,6 +115,17 @@ impl Metrics {
                 "iotp_batch_device_seq_gaps",
                 "seqNo gaps (numbers never stored) of the devices in the last stored batch",
             )?,
+            late_messages_total: IntCounterVec::new(
+                Opts::new(
+                    "iotp_late_messages_total",
+                    "Messages later than their window's allowed lateness",
+                ),
+                &["outcome"],
+            )?,
+            rollups_published_total: IntCounter::new(
+                "iotp_rollups_published_total",
+                "Roll-up buckets published to Kafka",
+            )?,
             inflight_messages: IntGaugeVec::new(
                 Opts::new(
                     "iotp_inflight_messages",
@@ -162,6 +177,10 @@ impl Metrics {
             .register(Box::new(m.duplicates_removed_total.clone()))?;
         m.registry
             .register(Box::new(m.batch_device_seq_gaps.clone()))?;
+        m.registry
+            .register(Box::new(m.late_messages_total.clone()))?;
+        m.registry
+            .register(Box::new(m.rollups_published_total.clone()))?;
         m.registry.register(Box::new(m.inflight_messages.clone()))?;
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
         m.registry

@@ -151,6 +151,23 @@ impl Registry {
         Some((device, self.profiles.get(&device.profile)?))
     }
 
+    /// Names of metrics that some profile marks cumulative.
+    pub fn cumulative_metrics(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .profiles
+            .values()
+            .flat_map(|p| {
+                p.metrics
+                    .iter()
+                    .filter(|(_, m)| m.cumulative)
+                    .map(|(n, _)| n.clone())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Number of devices.
     pub fn len(&self) -> usize {
         self.devices.len()

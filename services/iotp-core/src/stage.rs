@@ -105,8 +105,14 @@ pub trait Stage: Send + 'static {
     ) -> impl Future<Output = anyhow::Result<Vec<Verdict>>> + Send;
 
     /// Called every `io.tick_interval` between batches: periodic work such as liveness checks
-    /// or window flushes.
-    fn tick(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+    /// or window flushes. Returned records are produced like a batch's outputs.
+    fn tick(&mut self) -> impl Future<Output = anyhow::Result<Vec<Output>>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
+    /// Called once Kafka and RabbitMQ confirmed everything the last `process` or `tick`
+    /// returned (and, for a batch, its offsets are stored): e.g. mark emitted windows published.
+    fn delivered(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
         async { Ok(()) }
     }
 }

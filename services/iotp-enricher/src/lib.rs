@@ -186,7 +186,7 @@ impl<S: TwinStore> Stage for Enricher<S> {
         Ok(verdicts)
     }
 
-    async fn tick(&mut self) -> anyhow::Result<()> {
+    async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
         let marked = self
             .store
             .mark_offline(iotp_core::now_millis(), self.missed_heartbeats)
@@ -198,6 +198,6 @@ impl<S: TwinStore> Stage for Enricher<S> {
             );
             metrics().devices_marked_offline_total.inc_by(marked);
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    fold, Archived, DeadLetterArchive, LetterFilter, MessageRecord, Observation, ReadingStore,
-    StoreError, Twin, TwinStore, WriteReport,
+    fold, fold_reading, Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter,
+    MessageRecord, Observation, ReadingStore, RollupStore, StoreError, Twin, TwinStore,
+    WriteReport, GRANULARITIES,
 };
 use crate::contract::DeadLetter;
 
@@ -61,6 +62,35 @@ CREATE TABLE IF NOT EXISTS readings (
     PRIMARY KEY (tenant, device_id, seq_no, metric)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_time ON readings (produced_at);
+CREATE TABLE IF NOT EXISTS rollup_applied (
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    seq_no INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device_id, seq_no)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollups (
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    granularity TEXT NOT NULL,
+    bucket_start INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    min REAL NOT NULL,
+    max REAL NOT NULL,
+    first REAL NOT NULL,
+    first_at INTEGER NOT NULL,
+    last REAL NOT NULL,
+    last_at INTEGER NOT NULL,
+    unit TEXT,
+    cumulative INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    published_revision INTEGER NOT NULL DEFAULT 0,
+    bucket_end INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device_id, metric, granularity, bucket_start)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollups_unpublished ON rollups (bucket_end) WHERE revision > published_revision;
+CREATE TABLE IF NOT EXISTS rollup_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS twins_online ON twins (online, last_seen_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY,
@@ -322,6 +352,161 @@ impl ReadingStore for SqliteStore {
     }
 }
 
+const BUCKET_COLUMNS: &str = "tenant, device_id, metric, granularity, bucket_start, count, sum, min, max, first, first_at, last, last_at, unit, cumulative, revision";
+
+fn read_bucket(r: &rusqlite::Row<'_>) -> rusqlite::Result<Bucket> {
+    Ok(Bucket {
+        tenant: r.get(0)?,
+        device_id: r.get(1)?,
+        metric: r.get(2)?,
+        granularity: r.get(3)?,
+        bucket_start: r.get(4)?,
+        count: r.get(5)?,
+        sum: r.get(6)?,
+        min: r.get(7)?,
+        max: r.get(8)?,
+        first: r.get(9)?,
+        first_at: r.get(10)?,
+        last: r.get(11)?,
+        last_at: r.get(12)?,
+        unit: r.get(13)?,
+        cumulative: r.get(14)?,
+        revision: r.get(15)?,
+    })
+}
+
+impl RollupStore for SqliteStore {
+    async fn fold(
+        &self,
+        messages: &[MessageRecord],
+        cumulative: &[String],
+        watermark: i64,
+    ) -> Result<FoldReport, StoreError> {
+        let (messages, cumulative) = (messages.to_vec(), cumulative.to_vec());
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let mut report = FoldReport::default();
+            {
+                let mut applied = tx
+                    .prepare_cached("INSERT OR IGNORE INTO rollup_applied (tenant, device_id, seq_no) VALUES (?1, ?2, ?3)")
+                    .map_err(backend)?;
+                let mut read = tx
+                    .prepare_cached(&format!(
+                        "SELECT {BUCKET_COLUMNS} FROM rollups WHERE tenant = ?1 AND device_id = ?2 AND metric = ?3 AND granularity = ?4 AND bucket_start = ?5"
+                    ))
+                    .map_err(backend)?;
+                let mut write = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO rollups ({BUCKET_COLUMNS}, bucket_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                         ON CONFLICT (tenant, device_id, metric, granularity, bucket_start) DO UPDATE SET
+                           count = excluded.count, sum = excluded.sum, min = excluded.min, max = excluded.max,
+                           first = excluded.first, first_at = excluded.first_at, last = excluded.last, last_at = excluded.last_at,
+                           revision = excluded.revision"
+                    ))
+                    .map_err(backend)?;
+                for m in &messages {
+                    if applied.execute(params![m.tenant, m.device_id, m.seq_no]).map_err(backend)? == 0 {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    report.applied += 1;
+                    for (metric, value, unit) in &m.readings {
+                        for (granularity, len) in GRANULARITIES {
+                            let start = m.produced_at.div_euclid(len) * len;
+                            let current = read
+                                .query_row(params![m.tenant, m.device_id, metric, granularity, start], read_bucket)
+                                .optional()
+                                .map_err(backend)?;
+                            let key = (m.tenant.as_str(), m.device_id.as_str(), metric.as_str(), granularity, start);
+                            let b = fold_reading(current, key, *value, m.produced_at, unit, cumulative.contains(metric));
+                            write
+                                .execute(params![
+                                    b.tenant, b.device_id, b.metric, b.granularity, b.bucket_start, b.count, b.sum, b.min, b.max,
+                                    b.first, b.first_at, b.last, b.last_at, b.unit, b.cumulative, b.revision, start + len
+                                ])
+                                .map_err(backend)?;
+                        }
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO rollup_state (name, value) VALUES ('watermark', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                params![watermark],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn watermark(&self) -> Result<i64, StoreError> {
+        self.with(|conn| {
+            conn.query_row(
+                "SELECT value FROM rollup_state WHERE name = 'watermark'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(i64::MIN))
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn closed_unpublished(
+        &self,
+        lateness_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Bucket>, StoreError> {
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {BUCKET_COLUMNS} FROM rollups
+                     WHERE revision > published_revision
+                       AND bucket_end + ?1 <= (SELECT value FROM rollup_state WHERE name = 'watermark')
+                     ORDER BY bucket_end LIMIT ?2"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map(params![lateness_ms, limit as i64], read_bucket).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn mark_published(&self, buckets: &[Bucket]) -> Result<(), StoreError> {
+        let buckets = buckets.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            for b in &buckets {
+                tx.execute(
+                    "UPDATE rollups SET published_revision = max(published_revision, ?6)
+                     WHERE tenant = ?1 AND device_id = ?2 AND metric = ?3 AND granularity = ?4 AND bucket_start = ?5",
+                    params![b.tenant, b.device_id, b.metric, b.granularity, b.bucket_start, b.revision],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn buckets(&self, tenant: &str, device_id: &str) -> Result<Vec<Bucket>, StoreError> {
+        let (tenant, device_id) = (tenant.to_string(), device_id.to_string());
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {BUCKET_COLUMNS} FROM rollups WHERE tenant = ?1 AND device_id = ?2 ORDER BY granularity, metric, bucket_start"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map(params![tenant, device_id], read_bucket).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+}
+
 impl DeadLetterArchive for SqliteStore {
     async fn archive(
         &self,
@@ -562,6 +747,91 @@ mod tests {
                 .expect("twin")
                 .seq_gaps,
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn rollups_fold_once_in_any_order_and_publish_when_closed() {
+        let store = SqliteStore::open(Path::new(":memory:")).expect("open");
+        const H: i64 = 3_600_000;
+        let at = |seq: i64, t: i64, v: f64| MessageRecord {
+            produced_at: t,
+            readings: vec![("energy".into(), v, Some("Wh".into()))],
+            ..message("d1", seq)
+        };
+        // Hour 0: values 10 (t=10 min), 30 (t=50 min), 20 (t=30 min) arriving out of order.
+        let batch = vec![at(1, 10 * 60_000, 10.0), at(3, 50 * 60_000, 30.0)];
+        store
+            .fold(&batch, &["energy".to_string()], 50 * 60_000)
+            .await
+            .expect("fold");
+        let again = vec![
+            at(2, 30 * 60_000, 20.0),
+            at(3, 50 * 60_000, 30.0),
+            at(4, H + 60_000, 5.0),
+        ];
+        let report = store
+            .fold(&again, &["energy".to_string()], H + 60_000)
+            .await
+            .expect("fold");
+        assert_eq!(
+            report,
+            FoldReport {
+                applied: 2,
+                duplicates: 1
+            }
+        );
+        let buckets = store.buckets("acme", "d1").await.expect("buckets");
+        let hour0 = buckets
+            .iter()
+            .find(|b| b.granularity == "hour" && b.bucket_start == 0)
+            .expect("hour 0");
+        assert_eq!(
+            (hour0.count, hour0.sum, hour0.min, hour0.max),
+            (3, 60.0, 10.0, 30.0)
+        );
+        assert_eq!(
+            (hour0.first, hour0.last),
+            (10.0, 30.0),
+            "first/last by event time"
+        );
+        assert!(hour0.cumulative);
+        let day0 = buckets
+            .iter()
+            .find(|b| b.granularity == "day")
+            .expect("day");
+        assert_eq!(day0.count, 4);
+        // Watermark is 1h01m: with 0 lateness hour 0 is closed, hour 1 and day 0 are not.
+        let closed = store.closed_unpublished(0, 100).await.expect("closed");
+        assert_eq!(closed.len(), 1);
+        assert_eq!(
+            (closed[0].granularity.as_str(), closed[0].bucket_start),
+            ("hour", 0)
+        );
+        assert!(
+            store
+                .closed_unpublished(10 * 60_000, 100)
+                .await
+                .expect("closed")
+                .is_empty(),
+            "lateness keeps it open"
+        );
+        store.mark_published(&closed).await.expect("publish");
+        assert!(store
+            .closed_unpublished(0, 100)
+            .await
+            .expect("closed")
+            .is_empty());
+        // Late data corrects the published bucket, which is then due again with a new revision.
+        store
+            .fold(&[at(0, 5 * 60_000, 1.0)], &[], 0)
+            .await
+            .expect("late");
+        let again = store.closed_unpublished(0, 100).await.expect("closed");
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            (again[0].count, again[0].first, again[0].revision),
+            (4, 1.0, closed[0].revision + 1)
         );
     }
 

@@ -1,0 +1,258 @@
+//! The aggregator: hourly and daily roll-ups per (device, metric) by event time — count, sum,
+//! min, max, avg, first/last, and for cumulative counters the delta over the bucket.
+//!
+//! Each message is folded once: the fold records (tenant, deviceId, seqNo) in the same store
+//! transaction as the bucket updates, so redeliveries, restarts and replays never double-count,
+//! and open windows survive restarts (they live in the store). A bucket is published to
+//! Kafka once its end plus the allowed lateness is behind the watermark (newest event time
+//! seen); data later than that corrects the bucket (new revision, published again) or, with
+//! `late_policy = "reject"`, is dead-lettered as `too_late` — never silently lost.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use iotp_core::config::{Common, ServiceConfig};
+use iotp_core::consume::{self, StageIo};
+use iotp_core::contract::{Aggregate, Codec, EnrichedTelemetry};
+use iotp_core::kafka::KafkaConfig;
+use iotp_core::metrics::metrics;
+use iotp_core::registry::Registry;
+use iotp_core::service::Context;
+use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
+use iotp_core::store::sqlite::SqliteStore;
+use iotp_core::store::{with_retries, Bucket, MessageRecord, RollupStore, GRANULARITIES};
+use serde::{Deserialize, Serialize};
+
+/// What to do with data later than the allowed lateness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatePolicy {
+    /// Fold it into its bucket and publish the corrected bucket again.
+    Correct,
+    /// Dead-letter the message with reason `too_late`.
+    Reject,
+}
+
+/// Aggregator configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Settings every service has.
+    pub common: Common,
+    /// Kafka cluster.
+    pub kafka: KafkaConfig,
+    /// Topics, group, batching, dead letters; `io.tick_interval` is how often closed buckets
+    /// are published.
+    pub io: StageIo,
+    /// Embedded store (SQLite).
+    pub store_path: PathBuf,
+    /// Device registry, for which metrics are cumulative counters (optional).
+    pub registry_file: Option<PathBuf>,
+    /// Cumulative metrics in addition to those the registry names.
+    pub cumulative_metrics: Vec<String>,
+    /// How long after its end a bucket waits for late data before it is published.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// Data later than that: `correct` or `reject`.
+    pub late_policy: LatePolicy,
+    /// Most buckets published per tick.
+    pub publish_batch: usize,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        Self {
+            common: Common::default(),
+            kafka: KafkaConfig::default(),
+            io: StageIo::for_service("aggregator"),
+            store_path: PathBuf::from(".run/iotp.sqlite"),
+            registry_file: None,
+            cumulative_metrics: Vec::new(),
+            allowed_lateness: Duration::from_secs(3600),
+            late_policy: LatePolicy::Correct,
+            publish_batch: 5000,
+        }
+    }
+}
+
+impl ServiceConfig for AggregatorConfig {
+    fn common(&self) -> &Common {
+        &self.common
+    }
+
+    fn validate(&self) -> Vec<String> {
+        let mut out = self.kafka.problems();
+        out.extend(self.io.problems());
+        if self.io.output_topic.is_empty() {
+            out.push("io.output_topic must not be empty".into());
+        }
+        if self.publish_batch == 0 {
+            out.push("publish_batch must be at least 1".into());
+        }
+        out
+    }
+}
+
+/// Run the aggregator.
+pub async fn run(ctx: Context, config: AggregatorConfig) -> anyhow::Result<()> {
+    let store = SqliteStore::create(&config.store_path)?;
+    let mut cumulative = config.cumulative_metrics.clone();
+    if let Some(path) = &config.registry_file {
+        cumulative.extend(Registry::load(path)?.cumulative_metrics());
+    }
+    let stage = Aggregator::new(store, cumulative, &config)?;
+    consume::run(ctx, config.kafka, config.io, stage).await
+}
+
+/// The aggregator stage over a roll-up store.
+pub struct Aggregator<S: RollupStore> {
+    store: S,
+    cumulative: Vec<String>,
+    lateness_ms: i64,
+    policy: LatePolicy,
+    publish_batch: usize,
+    input: Codec<EnrichedTelemetry>,
+    output: Codec<Aggregate>,
+    emitted: Vec<Bucket>,
+}
+
+impl<S: RollupStore> Aggregator<S> {
+    /// An aggregator.
+    pub fn new(
+        store: S,
+        cumulative: Vec<String>,
+        config: &AggregatorConfig,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            store,
+            cumulative,
+            lateness_ms: config.allowed_lateness.as_millis() as i64,
+            policy: config.late_policy,
+            publish_batch: config.publish_batch,
+            input: Codec::latest()?,
+            output: Codec::latest()?,
+            emitted: Vec::new(),
+        })
+    }
+}
+
+/// The published form of a bucket.
+pub fn aggregate(b: &Bucket) -> Aggregate {
+    Aggregate {
+        tenant: b.tenant.clone(),
+        device_id: b.device_id.clone(),
+        metric: b.metric.clone(),
+        granularity: b.granularity.clone(),
+        bucket_start: b.bucket_start,
+        count: b.count,
+        sum: b.sum,
+        min: b.min,
+        max: b.max,
+        avg: b.sum / b.count.max(1) as f64,
+        first: b.first,
+        first_at: b.first_at,
+        last: b.last,
+        last_at: b.last_at,
+        delta: b.cumulative.then(|| b.last - b.first),
+        unit: b.unit.clone(),
+        revision: b.revision,
+    }
+}
+
+impl<S: RollupStore> Stage for Aggregator<S> {
+    const NAME: &'static str = "aggregator";
+
+    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+        let watermark = self.store.watermark().await?;
+        let hour = GRANULARITIES[0].1;
+        let mut verdicts = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut newest = i64::MIN;
+        for input in batch {
+            let record = match self.input.decode(input.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    verdicts.push(Verdict::Reject(Rejection::permanent(
+                        e.reason_code(),
+                        e.to_string(),
+                    )));
+                    continue;
+                }
+            };
+            let closes_at =
+                record.header.produced_at.div_euclid(hour) * hour + hour + self.lateness_ms;
+            if closes_at <= watermark {
+                if self.policy == LatePolicy::Reject {
+                    metrics()
+                        .late_messages_total
+                        .with_label_values(&["rejected"])
+                        .inc();
+                    let mut r = Rejection::permanent(
+                        "too_late",
+                        "reading is later than its hour window's allowed lateness",
+                    );
+                    r.tenant = Some(record.header.tenant.clone());
+                    r.device_id = Some(record.header.device_id.clone());
+                    verdicts.push(Verdict::Reject(r));
+                    continue;
+                }
+                metrics()
+                    .late_messages_total
+                    .with_label_values(&["corrected"])
+                    .inc();
+            }
+            newest = newest.max(record.header.produced_at);
+            messages.push(MessageRecord {
+                tenant: record.header.tenant,
+                device_id: record.header.device_id,
+                seq_no: record.header.seq_no,
+                msg_id: record.header.msg_id,
+                produced_at: record.header.produced_at,
+                received_at: record.header.received_at,
+                site: record.site,
+                asset: record.asset,
+                profile: record.profile,
+                readings: record
+                    .readings
+                    .into_iter()
+                    .map(|x| (x.metric, x.value, x.unit))
+                    .collect(),
+            });
+            verdicts.push(Verdict::Emit(Vec::new()));
+        }
+        with_retries(5, Duration::from_millis(100), || {
+            self.store.fold(&messages, &self.cumulative, newest)
+        })
+        .await?;
+        Ok(verdicts)
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
+        let due = self
+            .store
+            .closed_unpublished(self.lateness_ms, self.publish_batch)
+            .await?;
+        let mut outputs = Vec::with_capacity(due.len());
+        for b in &due {
+            outputs.push(Output {
+                topic: None,
+                key: format!("{}/{}/{}", b.tenant, b.device_id, b.metric).into_bytes(),
+                value: self.output.encode(&aggregate(b))?,
+            });
+        }
+        self.emitted = due;
+        Ok(outputs)
+    }
+
+    async fn delivered(&mut self) -> anyhow::Result<()> {
+        if !self.emitted.is_empty() {
+            self.store.mark_published(&self.emitted).await?;
+            metrics()
+                .rollups_published_total
+                .inc_by(self.emitted.len() as u64);
+            tracing::debug!(buckets = self.emitted.len(), "roll-ups published");
+            self.emitted.clear();
+        }
+        Ok(())
+    }
+}
