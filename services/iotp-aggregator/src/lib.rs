@@ -153,7 +153,7 @@ pub fn aggregate(b: &Bucket) -> Aggregate {
         first_at: b.first_at,
         last: b.last,
         last_at: b.last_at,
-        delta: b.cumulative.then(|| b.last - b.first),
+        delta: b.cumulative.then_some(b.last - b.first),
         unit: b.unit.clone(),
         revision: b.revision,
     }
