@@ -1,7 +1,7 @@
 //! The aggregator binary against real Kafka with the embedded store: out-of-order, late and
 //! duplicated data, a restart and a full replay; the roll-ups must equal a recomputation from
 //! the raw messages, and the published ones their latest revision.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
