@@ -15,9 +15,11 @@ use iotp_core::contract::{Codec, EnrichedTelemetry};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
-use iotp_core::stage::{Input, Rejection, Stage, Verdict};
+use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
 use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::{with_retries, MessageRecord, ReadingStore};
+use iotp_core::store::{
+    with_retries, MessageRecord, PruneReport, Pruning, ReadingStore, Retention,
+};
 use serde::{Deserialize, Serialize};
 
 /// Upserter configuration.
@@ -37,6 +39,9 @@ pub struct UpserterConfig {
     /// First store retry delay (doubles).
     #[serde(with = "humantime_serde")]
     pub store_retry: Duration,
+    /// Retention tiers, enforced every `io.tick_interval` (raw readings, hourly and daily
+    /// roll-ups).
+    pub retention: Retention,
 }
 
 impl Default for UpserterConfig {
@@ -48,6 +53,7 @@ impl Default for UpserterConfig {
             store_path: PathBuf::from(".run/iotp.sqlite"),
             store_attempts: 5,
             store_retry: Duration::from_millis(100),
+            retention: Retention::default(),
         }
     }
 }
@@ -60,6 +66,7 @@ impl ServiceConfig for UpserterConfig {
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
         out.extend(self.io.problems());
+        out.extend(self.retention.problems());
         if self.store_attempts == 0 {
             out.push("store_attempts must be at least 1".into());
         }
@@ -80,11 +87,12 @@ pub async fn run(ctx: Context, config: UpserterConfig) -> anyhow::Result<()> {
 }
 
 /// The upserter stage over a reading store.
-pub struct Upserter<S: ReadingStore> {
+pub struct Upserter<S: ReadingStore + Pruning> {
     store: S,
     codec: Codec<EnrichedTelemetry>,
     attempts: u32,
     retry: Duration,
+    retention: Retention,
 }
 
 /// The store's view of an enriched record.
@@ -107,7 +115,7 @@ pub fn message_record(r: EnrichedTelemetry) -> MessageRecord {
     }
 }
 
-impl<S: ReadingStore> Stage for Upserter<S> {
+impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
     const NAME: &'static str = "upserter";
 
     async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
@@ -142,5 +150,21 @@ impl<S: ReadingStore> Stage for Upserter<S> {
         .await?;
         metrics().batch_device_seq_gaps.set(gaps as i64);
         Ok(verdicts)
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
+        let pruned = self
+            .store
+            .prune(iotp_core::now_millis(), &self.retention)
+            .await?;
+        if pruned != PruneReport::default() {
+            tracing::info!(
+                raw = pruned.raw,
+                hourly = pruned.hourly,
+                daily = pruned.daily,
+                "expired data pruned"
+            );
+        }
+        Ok(Vec::new())
     }
 }

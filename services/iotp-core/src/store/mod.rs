@@ -352,6 +352,70 @@ pub fn fold_reading(
     }
 }
 
+/// How long each tier keeps its data (the hot/warm/cold tiers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Raw readings (and the dedup keys that guard them).
+    #[serde(with = "humantime_serde")]
+    pub raw: std::time::Duration,
+    /// Hourly roll-ups.
+    #[serde(with = "humantime_serde")]
+    pub hourly: std::time::Duration,
+    /// Daily roll-ups.
+    #[serde(with = "humantime_serde")]
+    pub daily: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            raw: std::time::Duration::from_secs(180 * DAY),
+            hourly: std::time::Duration::from_secs(3 * 365 * DAY),
+            daily: std::time::Duration::from_secs(10 * 365 * DAY),
+        }
+    }
+}
+
+impl Retention {
+    /// Rules for `validate()`: each tier outlives the finer one.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.raw.is_zero() {
+            out.push("retention.raw must be > 0".into());
+        }
+        if self.hourly < self.raw {
+            out.push("retention.hourly must not be shorter than retention.raw".into());
+        }
+        if self.daily < self.hourly {
+            out.push("retention.daily must not be shorter than retention.hourly".into());
+        }
+        out
+    }
+}
+
+/// What a pruning pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Raw messages (with their readings).
+    pub raw: u64,
+    /// Hourly buckets.
+    pub hourly: u64,
+    /// Daily buckets.
+    pub daily: u64,
+}
+
+/// Retention enforcement for backends without server-side TTL (the embedded one).
+pub trait Pruning: Send + Sync + 'static {
+    /// Remove what is older than its tier allows at `now_ms` (event time).
+    fn prune(
+        &self,
+        now_ms: i64,
+        retention: &Retention,
+    ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send;
+}
+
 /// Run a store operation up to `attempts` times, doubling `delay` between tries.
 pub async fn with_retries<T, F, Fut>(
     attempts: u32,

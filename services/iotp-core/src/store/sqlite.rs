@@ -8,8 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     fold, fold_reading, Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter,
-    MessageRecord, Observation, ReadingStore, RollupStore, StoreError, Twin, TwinStore,
-    WriteReport, GRANULARITIES,
+    MessageRecord, Observation, PruneReport, Pruning, ReadingStore, Retention, RollupStore,
+    StoreError, Twin, TwinStore, WriteReport, GRANULARITIES,
 };
 use crate::contract::DeadLetter;
 
@@ -66,8 +66,12 @@ CREATE TABLE IF NOT EXISTS rollup_applied (
     tenant TEXT NOT NULL,
     device_id TEXT NOT NULL,
     seq_no INTEGER NOT NULL,
+    produced_at INTEGER NOT NULL,
     PRIMARY KEY (tenant, device_id, seq_no)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_applied_time ON rollup_applied (produced_at);
+CREATE INDEX IF NOT EXISTS messages_time ON messages (produced_at);
+
 CREATE TABLE IF NOT EXISTS rollups (
     tenant TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -89,6 +93,7 @@ CREATE TABLE IF NOT EXISTS rollups (
     bucket_end INTEGER NOT NULL,
     PRIMARY KEY (tenant, device_id, metric, granularity, bucket_start)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollups_start ON rollups (granularity, bucket_start);
 CREATE INDEX IF NOT EXISTS rollups_unpublished ON rollups (bucket_end) WHERE revision > published_revision;
 CREATE TABLE IF NOT EXISTS rollup_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS twins_online ON twins (online, last_seen_at);
@@ -388,7 +393,7 @@ impl RollupStore for SqliteStore {
             let mut report = FoldReport::default();
             {
                 let mut applied = tx
-                    .prepare_cached("INSERT OR IGNORE INTO rollup_applied (tenant, device_id, seq_no) VALUES (?1, ?2, ?3)")
+                    .prepare_cached("INSERT OR IGNORE INTO rollup_applied (tenant, device_id, seq_no, produced_at) VALUES (?1, ?2, ?3, ?4)")
                     .map_err(backend)?;
                 let mut read = tx
                     .prepare_cached(&format!(
@@ -405,7 +410,7 @@ impl RollupStore for SqliteStore {
                     ))
                     .map_err(backend)?;
                 for m in &messages {
-                    if applied.execute(params![m.tenant, m.device_id, m.seq_no]).map_err(backend)? == 0 {
+                    if applied.execute(params![m.tenant, m.device_id, m.seq_no, m.produced_at]).map_err(backend)? == 0 {
                         report.duplicates += 1;
                         continue;
                     }
@@ -502,6 +507,53 @@ impl RollupStore for SqliteStore {
                 .map_err(backend)?;
             let rows = stmt.query_map(params![tenant, device_id], read_bucket).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+}
+
+impl Pruning for SqliteStore {
+    async fn prune(&self, now_ms: i64, retention: &Retention) -> Result<PruneReport, StoreError> {
+        let r = *retention;
+        self.with(move |conn| {
+            let cutoff = |d: std::time::Duration| now_ms - d.as_millis() as i64;
+            let tx = conn.transaction().map_err(backend)?;
+            let raw = tx
+                .execute(
+                    "DELETE FROM messages WHERE produced_at < ?1",
+                    params![cutoff(r.raw)],
+                )
+                .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM readings WHERE produced_at < ?1",
+                params![cutoff(r.raw)],
+            )
+            .map_err(backend)?;
+            // A message older than the raw tier is rejected as too_old before it reaches the
+            // store, so its dedup key may go with it.
+            tx.execute(
+                "DELETE FROM rollup_applied WHERE produced_at < ?1",
+                params![cutoff(r.raw)],
+            )
+            .map_err(backend)?;
+            let hourly = tx
+                .execute(
+                    "DELETE FROM rollups WHERE granularity = 'hour' AND bucket_start < ?1",
+                    params![cutoff(r.hourly)],
+                )
+                .map_err(backend)?;
+            let daily = tx
+                .execute(
+                    "DELETE FROM rollups WHERE granularity = 'day' AND bucket_start < ?1",
+                    params![cutoff(r.daily)],
+                )
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(PruneReport {
+                raw: raw as u64,
+                hourly: hourly as u64,
+                daily: daily as u64,
+            })
         })
         .await
     }
@@ -833,6 +885,72 @@ mod tests {
             (again[0].count, again[0].first, again[0].revision),
             (4, 1.0, closed[0].revision + 1)
         );
+    }
+
+    #[tokio::test]
+    async fn each_tier_expires_on_its_own_schedule() {
+        const DAY: i64 = 86_400_000;
+        let store = SqliteStore::open(Path::new(":memory:")).expect("open");
+        let retention = Retention {
+            raw: std::time::Duration::from_secs(2 * 86_400),
+            hourly: std::time::Duration::from_secs(5 * 86_400),
+            daily: std::time::Duration::from_secs(9 * 86_400),
+        };
+        let old = MessageRecord {
+            produced_at: 0,
+            ..message("d1", 1)
+        };
+        store
+            .write_messages(std::slice::from_ref(&old))
+            .await
+            .expect("write");
+        store.fold(&[old], &[], 0).await.expect("fold");
+        let count = |g: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .buckets("acme", "d1")
+                    .await
+                    .expect("buckets")
+                    .iter()
+                    .filter(|b| b.granularity == g)
+                    .count()
+            }
+        };
+        // The clock moves: day 1 keeps all; day 3 drops raw; day 6 drops hourly; day 10 daily.
+        assert_eq!(
+            store.prune(DAY, &retention).await.expect("prune"),
+            PruneReport::default()
+        );
+        assert_eq!(
+            store.prune(3 * DAY, &retention).await.expect("prune"),
+            PruneReport {
+                raw: 1,
+                hourly: 0,
+                daily: 0
+            }
+        );
+        assert_eq!(store.message_count(None).await.expect("count"), 0);
+        assert_eq!(store.reading_count(None).await.expect("count"), 0);
+        assert_eq!((count("hour").await, count("day").await), (2, 2));
+        assert_eq!(
+            store.prune(6 * DAY, &retention).await.expect("prune"),
+            PruneReport {
+                raw: 0,
+                hourly: 2,
+                daily: 0
+            }
+        );
+        assert_eq!((count("hour").await, count("day").await), (0, 2));
+        assert_eq!(
+            store.prune(10 * DAY, &retention).await.expect("prune"),
+            PruneReport {
+                raw: 0,
+                hourly: 0,
+                daily: 2
+            }
+        );
+        assert_eq!(count("day").await, 0);
     }
 
     #[tokio::test]
