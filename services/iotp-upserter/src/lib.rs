@@ -82,6 +82,7 @@ pub async fn run(ctx: Context, config: UpserterConfig) -> anyhow::Result<()> {
         codec: Codec::latest()?,
         attempts: config.store_attempts,
         retry: config.store_retry,
+        retention: config.retention,
     };
     consume::run(ctx, config.kafka, config.io, stage).await
 }
