@@ -65,6 +65,10 @@ fn spawn_on(topic: &str, group: &str, store: &Path, exchange: &str, admin_port: 
         .env("IOTP__IO__DEAD_LETTER__EXCHANGE", exchange)
         .env("IOTP__IO__DEAD_LETTER__AMQP_URI", amqp_uri())
         .env("IOTP__STORE_PATH", store)
+        // The test data is dated 2023: keep it past the default 180-day raw tier.
+        .env("IOTP__RETENTION__RAW", "36500days")
+        .env("IOTP__RETENTION__HOURLY", "36500days")
+        .env("IOTP__RETENTION__DAILY", "36500days")
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
