@@ -5,6 +5,7 @@
 //! replayed or late message never moves it backwards; liveness follows the newest heartbeat
 //! or reading by device time.
 
+pub mod mongo;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

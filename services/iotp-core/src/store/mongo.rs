@@ -1,0 +1,470 @@
+//! The MongoDB backend (production), official driver. Collections:
+//!
+//! | collection | kind | retention |
+//! | --- | --- | --- |
+//! | `readings` | time series (timeField `t`, metaField `meta` = tenant/deviceId/metric, granularity `minutes`) | `expireAfterSeconds` = raw tier |
+//! | `message_keys` | `_id` = `tenant/deviceId/seqNo`: the uniqueness time series lack | TTL on `expireAt` (raw tier) |
+//! | `twins` | `_id` = `tenant/deviceId` | none |
+//!
+//! Time-series collections cannot enforce a unique key, so exactly-once goes through
+//! `message_keys` (see [`MongoStore::write_messages`]). Writes use write concern
+//! `majority` with journaling, unordered batches of at most `batch_size` documents.
+//! Roll-ups, twins folding and the dead-letter archive on MongoDB come next; until then the
+//! embedded store serves them.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::error::ErrorKind;
+use mongodb::options::{CollectionOptions, WriteConcern};
+use mongodb::{Client, Collection, Database};
+
+use super::{
+    MessageRecord, PruneReport, Pruning, ReadingStore, Retention, StoreError, WriteReport,
+};
+
+/// Collection names.
+pub const READINGS: &str = "readings";
+/// Collection of dedup keys.
+pub const MESSAGE_KEYS: &str = "message_keys";
+/// Collection of twins.
+pub const TWINS: &str = "twins";
+
+/// How long a writer may hold a pending key before another may take it over.
+const LEASE: Duration = Duration::from_secs(60);
+/// MongoDB's duplicate-key error.
+const DUPLICATE_KEY: i32 = 11000;
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// `create` for the raw-tier time-series collection.
+pub fn create_readings(retention: &Retention) -> Document {
+    doc! {
+        "create": READINGS,
+        "timeseries": { "timeField": "t", "metaField": "meta", "granularity": "minutes" },
+        "expireAfterSeconds": retention.raw.as_secs() as i64,
+    }
+}
+
+/// `collMod` that applies a changed raw tier to an existing time-series collection.
+pub fn retune_readings(retention: &Retention) -> Document {
+    doc! { "collMod": READINGS, "expireAfterSeconds": retention.raw.as_secs() as i64 }
+}
+
+/// `createIndexes` for the dedup keys: TTL on `expireAt` (documents carry their own expiry)
+/// and the per-device lookup the gap count uses.
+pub fn key_indexes() -> Document {
+    doc! {
+        "createIndexes": MESSAGE_KEYS,
+        "indexes": [
+            { "key": { "expireAt": 1 }, "name": "expire", "expireAfterSeconds": 0 },
+            { "key": { "tenant": 1, "deviceId": 1, "seqNo": 1 }, "name": "device_seq" },
+        ],
+    }
+}
+
+/// `createIndexes` on the readings' meta and time, for device queries and the repair lookup.
+pub fn reading_indexes() -> Document {
+    doc! {
+        "createIndexes": READINGS,
+        "indexes": [ { "key": { "meta.tenant": 1, "meta.deviceId": 1, "t": 1 }, "name": "device_time" } ],
+    }
+}
+
+fn key_id(tenant: &str, device: &str, seq_no: i64) -> String {
+    format!("{tenant}/{device}/{seq_no}")
+}
+
+/// The time-series documents of one message: one per reading.
+pub fn reading_docs(m: &MessageRecord) -> Vec<Document> {
+    m.readings
+        .iter()
+        .map(|(metric, value, unit)| {
+            doc! {
+                "t": DateTime::from_millis(m.produced_at),
+                "meta": { "tenant": &m.tenant, "deviceId": &m.device_id, "metric": metric },
+                "seqNo": m.seq_no,
+                "msgId": &m.msg_id,
+                "value": *value,
+                "unit": unit.as_deref().map(Bson::from).unwrap_or(Bson::Null),
+                "receivedAt": DateTime::from_millis(m.received_at),
+                "site": m.site.as_deref().map(Bson::from).unwrap_or(Bson::Null),
+                "asset": m.asset.as_deref().map(Bson::from).unwrap_or(Bson::Null),
+                "profile": &m.profile,
+            }
+        })
+        .collect()
+}
+
+/// A MongoDB store.
+#[derive(Clone)]
+pub struct MongoStore {
+    db: Database,
+    retention: Retention,
+    owner: String,
+    batch_size: usize,
+}
+
+impl MongoStore {
+    /// Connect, and create or retune collections and indexes (idempotent).
+    pub async fn connect(
+        uri: &str,
+        database: &str,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
+        let client = Client::with_uri_str(uri).await.map_err(backend)?;
+        let store = Self {
+            db: client.database(database),
+            retention,
+            owner: format!("{}-{}", std::process::id(), crate::now_millis()),
+            batch_size: 1000,
+        };
+        store.ensure_schema().await?;
+        Ok(store)
+    }
+
+    async fn ensure_schema(&self) -> Result<(), StoreError> {
+        let existing: HashSet<String> = self
+            .db
+            .list_collection_names()
+            .await
+            .map_err(backend)?
+            .into_iter()
+            .collect();
+        if existing.contains(READINGS) {
+            self.db
+                .run_command(retune_readings(&self.retention))
+                .await
+                .map_err(backend)?;
+        } else {
+            self.db
+                .run_command(create_readings(&self.retention))
+                .await
+                .map_err(backend)?;
+        }
+        self.db.run_command(key_indexes()).await.map_err(backend)?;
+        self.db
+            .run_command(reading_indexes())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn collection(&self, name: &str) -> Collection<Document> {
+        let mut concern = WriteConcern::majority();
+        concern.journal = Some(true);
+        let options = CollectionOptions::builder().write_concern(concern).build();
+        self.db.collection_with_options(name, options)
+    }
+
+    /// Insert unordered; return the indexes of documents rejected as duplicate keys. Any
+    /// other error fails the call.
+    async fn insert_tolerating_duplicates(
+        &self,
+        coll: &Collection<Document>,
+        docs: &[Document],
+    ) -> Result<HashSet<usize>, StoreError> {
+        let mut duplicates = HashSet::new();
+        for (chunk_no, chunk) in docs.chunks(self.batch_size).enumerate() {
+            match coll.insert_many(chunk).ordered(false).await {
+                Ok(_) => {}
+                Err(e) => match *e.kind {
+                    ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
+                        for w in failure.write_errors.iter().flatten() {
+                            if w.code != DUPLICATE_KEY {
+                                return Err(backend(format!(
+                                    "insert failed: {} ({})",
+                                    w.message, w.code
+                                )));
+                            }
+                            duplicates.insert(chunk_no * self.batch_size + w.index);
+                        }
+                    }
+                    _ => return Err(backend(e)),
+                },
+            }
+        }
+        Ok(duplicates)
+    }
+}
+
+impl ReadingStore for MongoStore {
+    /// Exactly once on a time-series collection:
+    /// 1. insert a `pending` key per message into `message_keys` (unique `_id`); a duplicate
+    ///    key means the message was seen before;
+    /// 2. a seen key that is `done` is a duplicate; one that is `pending` under an expired
+    ///    lease (a writer died between steps) is claimed atomically and repaired: the readings
+    ///    it already has in `readings` are looked up and only the missing ones are inserted;
+    ///    one pending under another writer's live lease fails the batch (retried later);
+    /// 3. insert the readings of new and claimed messages;
+    /// 4. mark their keys `done`.
+    ///
+    /// A kill between 1 and 3 leaves pending keys without readings; between 3 and 4, pending
+    /// keys with (some) readings: the redelivered batch claims them after the lease and fills
+    /// in exactly what is missing. Nothing is acknowledged upstream before 4.
+    async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
+        let mut report = WriteReport::default();
+        // A key twice in one batch: keep the first, count the rest as duplicates (otherwise
+        // the second would look like a pending key of this writer and be "repaired").
+        let mut in_batch = HashSet::new();
+        let messages: Vec<&MessageRecord> = messages
+            .iter()
+            .filter(|m| {
+                let first = in_batch.insert(key_id(&m.tenant, &m.device_id, m.seq_no));
+                if !first {
+                    report.duplicates += 1;
+                }
+                first
+            })
+            .collect();
+        if messages.is_empty() {
+            return Ok(report);
+        }
+        let keys = self.collection(MESSAGE_KEYS);
+        let readings = self.collection(READINGS);
+        let now = crate::now_millis();
+        let lease_until = DateTime::from_millis(now + LEASE.as_millis() as i64);
+        let key_docs: Vec<Document> = messages
+            .iter()
+            .map(|m| {
+                doc! {
+                    "_id": key_id(&m.tenant, &m.device_id, m.seq_no),
+                    "tenant": &m.tenant, "deviceId": &m.device_id, "seqNo": m.seq_no,
+                    "state": "pending", "owner": &self.owner, "leaseUntil": lease_until,
+                    "expireAt": DateTime::from_millis(m.produced_at + self.retention.raw.as_millis() as i64),
+                }
+            })
+            .collect();
+        let seen = self.insert_tolerating_duplicates(&keys, &key_docs).await?;
+        let mut to_write: Vec<&MessageRecord> = Vec::new();
+        let mut to_repair: Vec<&MessageRecord> = Vec::new();
+        for (i, &m) in messages.iter().enumerate() {
+            if !seen.contains(&i) {
+                to_write.push(m);
+                continue;
+            }
+            let id = key_id(&m.tenant, &m.device_id, m.seq_no);
+            let claimed = keys
+                .update_one(
+                    doc! { "_id": &id, "state": "pending", "$or": [ { "leaseUntil": { "$lt": DateTime::from_millis(now) } }, { "owner": &self.owner } ] },
+                    doc! { "$set": { "owner": &self.owner, "leaseUntil": lease_until } },
+                )
+                .await
+                .map_err(backend)?;
+            if claimed.modified_count == 1 {
+                to_repair.push(m);
+                continue;
+            }
+            let state = keys.find_one(doc! { "_id": &id }).await.map_err(backend)?;
+            match state.as_ref().and_then(|d| d.get_str("state").ok()) {
+                Some("done") | None => report.duplicates += 1,
+                Some(_) => {
+                    return Err(backend(format!(
+                        "message {id} is being written by another writer; retry later"
+                    )))
+                }
+            }
+        }
+        // Repair: insert only readings not already there.
+        let mut docs: Vec<Document> = to_write.iter().flat_map(|m| reading_docs(m)).collect();
+        for m in &to_repair {
+            let present: HashSet<String> = readings
+                .find(doc! { "meta.tenant": &m.tenant, "meta.deviceId": &m.device_id, "seqNo": m.seq_no, "t": DateTime::from_millis(m.produced_at) })
+                .await
+                .map_err(backend)?
+                .try_collect::<Vec<Document>>()
+                .await
+                .map_err(backend)?
+                .iter()
+                .filter_map(|d| d.get_document("meta").ok().and_then(|meta| meta.get_str("metric").ok()).map(String::from))
+                .collect();
+            docs.extend(reading_docs(m).into_iter().filter(|d| {
+                let metric = d
+                    .get_document("meta")
+                    .ok()
+                    .and_then(|meta| meta.get_str("metric").ok())
+                    .unwrap_or_default();
+                !present.contains(metric)
+            }));
+        }
+        for chunk in docs.chunks(self.batch_size) {
+            readings
+                .insert_many(chunk)
+                .ordered(false)
+                .await
+                .map_err(backend)?;
+        }
+        let done: Vec<String> = to_write
+            .iter()
+            .chain(&to_repair)
+            .map(|m| key_id(&m.tenant, &m.device_id, m.seq_no))
+            .collect();
+        for chunk in done.chunks(self.batch_size) {
+            keys.update_many(
+                doc! { "_id": { "$in": chunk } },
+                doc! { "$set": { "state": "done" }, "$unset": { "leaseUntil": "" } },
+            )
+            .await
+            .map_err(backend)?;
+        }
+        report.stored = done.len() as u64;
+        Ok(report)
+    }
+
+    async fn message_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+        let filter = match tenant {
+            Some(t) => doc! { "state": "done", "tenant": t },
+            None => doc! { "state": "done" },
+        };
+        self.collection(MESSAGE_KEYS)
+            .count_documents(filter)
+            .await
+            .map_err(backend)
+    }
+
+    async fn reading_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+        let filter = match tenant {
+            Some(t) => doc! { "meta.tenant": t },
+            None => doc! {},
+        };
+        self.collection(READINGS)
+            .count_documents(filter)
+            .await
+            .map_err(backend)
+    }
+
+    async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {
+        let keys = self.collection(MESSAGE_KEYS);
+        let twins = self.collection(TWINS);
+        let mut total = 0u64;
+        for (tenant, device) in devices {
+            let pipeline = vec![
+                doc! { "$match": { "tenant": tenant, "deviceId": device, "state": "done" } },
+                doc! { "$group": { "_id": Bson::Null, "min": { "$min": "$seqNo" }, "max": { "$max": "$seqNo" }, "n": { "$sum": 1 } } },
+            ];
+            let stats: Vec<Document> = keys
+                .aggregate(pipeline)
+                .await
+                .map_err(backend)?
+                .try_collect()
+                .await
+                .map_err(backend)?;
+            let gaps = stats
+                .first()
+                .map(|s| {
+                    s.get_i64("max").unwrap_or(0) - s.get_i64("min").unwrap_or(0) + 1
+                        - i64::from(s.get_i32("n").unwrap_or(0))
+                })
+                .unwrap_or(0)
+                .max(0);
+            twins
+                .update_one(
+                    doc! { "_id": format!("{tenant}/{device}") },
+                    doc! { "$set": { "seqGaps": gaps } },
+                )
+                .await
+                .map_err(backend)?;
+            total += gaps as u64;
+        }
+        Ok(total)
+    }
+}
+
+impl Pruning for MongoStore {
+    /// Nothing to do: TTL indexes and `expireAfterSeconds` expire data server-side.
+    async fn prune(&self, _now_ms: i64, _retention: &Retention) -> Result<PruneReport, StoreError> {
+        Ok(PruneReport::default())
+    }
+}
+
+/// Map of collection → its TTL in seconds, as [`MongoStore`] sets them (for documentation and
+/// checks).
+pub fn ttl_seconds(retention: &Retention) -> HashMap<&'static str, i64> {
+    HashMap::from([
+        (READINGS, retention.raw.as_secs() as i64),
+        (MESSAGE_KEYS, retention.raw.as_secs() as i64),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retention() -> Retention {
+        Retention {
+            raw: Duration::from_secs(180 * 86_400),
+            ..Retention::default()
+        }
+    }
+
+    #[test]
+    fn readings_are_a_time_series_with_the_raw_tier_as_ttl() {
+        let create = create_readings(&retention());
+        assert_eq!(create.get_str("create").expect("create"), "readings");
+        let ts = create.get_document("timeseries").expect("timeseries");
+        assert_eq!(ts.get_str("timeField").expect("time"), "t");
+        assert_eq!(ts.get_str("metaField").expect("meta"), "meta");
+        assert_eq!(ts.get_str("granularity").expect("granularity"), "minutes");
+        assert_eq!(
+            create.get_i64("expireAfterSeconds").expect("ttl"),
+            180 * 86_400
+        );
+        let retune = retune_readings(&Retention {
+            raw: Duration::from_secs(90 * 86_400),
+            ..retention()
+        });
+        assert_eq!(
+            retune,
+            doc! { "collMod": "readings", "expireAfterSeconds": 90i64 * 86_400 }
+        );
+    }
+
+    #[test]
+    fn keys_expire_with_the_raw_tier_and_are_unique_by_id() {
+        let indexes = key_indexes();
+        let list = indexes.get_array("indexes").expect("indexes");
+        let ttl = list[0].as_document().expect("doc");
+        assert_eq!(
+            ttl.get_i32("expireAfterSeconds").expect("ttl"),
+            0,
+            "each key carries its own expireAt"
+        );
+        assert_eq!(key_id("acme", "m-1", 42), "acme/m-1/42");
+        assert_eq!(ttl_seconds(&retention())[MESSAGE_KEYS], 180 * 86_400);
+    }
+
+    #[test]
+    fn one_time_series_document_per_reading() {
+        let m = MessageRecord {
+            tenant: "acme".into(),
+            device_id: "m-1".into(),
+            seq_no: 7,
+            msg_id: "x".into(),
+            produced_at: 1_700_000_000_000,
+            received_at: 1_700_000_000_100,
+            site: Some("plant".into()),
+            asset: None,
+            profile: "meter".into(),
+            readings: vec![
+                ("energy".into(), 1.5, Some("Wh".into())),
+                ("power".into(), 2.0, None),
+            ],
+        };
+        let docs = reading_docs(&m);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(
+            docs[0].get_datetime("t").expect("t").timestamp_millis(),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            docs[0].get_document("meta").expect("meta"),
+            &doc! { "tenant": "acme", "deviceId": "m-1", "metric": "energy" }
+        );
+        assert_eq!(docs[1].get("unit"), Some(&Bson::Null));
+        assert_eq!(docs[0].get_i64("seqNo").expect("seq"), 7);
+    }
+}
