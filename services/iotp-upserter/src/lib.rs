@@ -16,6 +16,7 @@ use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
+use iotp_core::store::mongo::MongoStore;
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::{
     with_retries, MessageRecord, PruneReport, Pruning, ReadingStore, Retention,
@@ -32,8 +33,12 @@ pub struct UpserterConfig {
     pub kafka: KafkaConfig,
     /// Topics, group, batching, dead letters.
     pub io: StageIo,
-    /// Embedded store (SQLite).
+    /// Embedded store (SQLite), used unless `mongodb_uri` is set.
     pub store_path: PathBuf,
+    /// MongoDB connection string: write the raw tier to MongoDB instead. Never logged.
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database.
+    pub mongodb_database: String,
     /// Store retries before the service gives up on a batch (it is then consumed again).
     pub store_attempts: u32,
     /// First store retry delay (doubles).
@@ -51,6 +56,8 @@ impl Default for UpserterConfig {
             kafka: KafkaConfig::default(),
             io: StageIo::for_service("upserter"),
             store_path: PathBuf::from(".run/iotp.sqlite"),
+            mongodb_uri: None,
+            mongodb_database: "iotp".into(),
             store_attempts: 5,
             store_retry: Duration::from_millis(100),
             retention: Retention::default(),
@@ -74,9 +81,27 @@ impl ServiceConfig for UpserterConfig {
     }
 }
 
-/// Run the upserter.
+/// Run the upserter on the configured backend.
 pub async fn run(ctx: Context, config: UpserterConfig) -> anyhow::Result<()> {
-    let store = SqliteStore::create(&config.store_path)?;
+    match &config.mongodb_uri {
+        Some(uri) => {
+            let store =
+                MongoStore::connect(uri, &config.mongodb_database, config.retention).await?;
+            tracing::info!(database = %config.mongodb_database, "raw tier on MongoDB");
+            run_on(ctx, config, store).await
+        }
+        None => {
+            let store = SqliteStore::create(&config.store_path)?;
+            run_on(ctx, config, store).await
+        }
+    }
+}
+
+async fn run_on<S: ReadingStore + Pruning>(
+    ctx: Context,
+    config: UpserterConfig,
+    store: S,
+) -> anyhow::Result<()> {
     let stage = Upserter {
         store,
         codec: Codec::latest()?,
