@@ -37,6 +37,9 @@ pub struct Args {
     /// Fleet-wide publish rate, messages/s (0 = as fast as the broker acknowledges).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// First sequence number of every device (a device's numbering continues across runs).
+    #[arg(long, default_value_t = 0)]
+    pub seq_start: u64,
     /// Seed for the readings.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -102,6 +105,7 @@ async fn run_device(
     acked: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let mut device = Device::new(index);
+    device.seq_no = args.seq_start;
     let mut opts = MqttOptions::new(
         format!("sim-{}-{}", args.tenant, device.id),
         &args.host,

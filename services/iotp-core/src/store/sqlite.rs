@@ -131,6 +131,14 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        // Columns added after a table first shipped: a store file from an older version gains them.
+        add_column_if_missing(&conn, "twins", "seq_gaps", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column_if_missing(
+            &conn,
+            "rollup_applied",
+            "produced_at",
+            "INTEGER NOT NULL DEFAULT 0",
+        )?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -156,6 +164,32 @@ impl SqliteStore {
         .await
         .map_err(backend)?
     }
+}
+
+fn add_column_if_missing(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    declaration: &str,
+) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare(&format!("PRAGMA table_info({table})"))
+        .map_err(backend)?;
+    let columns: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(1))
+        .map_err(backend)?
+        .collect::<Result<_, _>>()
+        .map_err(backend)?;
+    if !columns.iter().any(|c| c == column) {
+        match conn.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+        )) {
+            // Another process sharing the file added it first.
+            Err(e) if e.to_string().contains("duplicate column name") => {}
+            other => other.map_err(backend)?,
+        }
+    }
+    Ok(())
 }
 
 fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
@@ -884,6 +918,35 @@ mod tests {
         assert_eq!(
             (again[0].count, again[0].first, again[0].revision),
             (4, 1.0, closed[0].revision + 1)
+        );
+    }
+
+    #[test]
+    fn a_store_file_from_before_seq_gaps_is_upgraded() {
+        let path = std::env::temp_dir().join(format!("iotp-old-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE twins (tenant TEXT NOT NULL, device_id TEXT NOT NULL, last_seq_no INTEGER NOT NULL,
+                   last_seen_at INTEGER NOT NULL, last_values TEXT NOT NULL, firmware TEXT, config_version TEXT,
+                   heartbeat_secs INTEGER, online INTEGER NOT NULL, alarms TEXT NOT NULL, PRIMARY KEY (tenant, device_id));",
+            )
+            .expect("old schema");
+        }
+        let store = SqliteStore::open(&path).expect("upgrade");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(store.apply(&[obs("d1", 1, 1000, 1.0)]))
+            .expect("apply");
+        assert_eq!(
+            rt.block_on(store.twin("acme", "d1"))
+                .expect("read")
+                .expect("twin")
+                .seq_gaps,
+            0
         );
     }
 
