@@ -95,13 +95,7 @@ fn spawn(topic: &str, output: &str, group: &str, db: &Path, exchange: &str) -> C
 }
 
 fn stop(mut child: Child) {
-    let ok = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(sigterm(&mut child), Some(0));
 }
 
 type Key = (String, String, String, i64);
@@ -162,10 +156,8 @@ async fn rollups_equal_a_recomputation_after_late_out_of_order_and_replayed_data
     let (topic, output) = (unique("test.enriched."), unique("test.aggregates."));
     create_topic(&topic, 2).await;
     create_topic(&output, 2).await;
-    let exchange = unique("test.dlx.");
-    let conn = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    declare_exchange_and_queue(&channel, &exchange, &unique("test.dlq.")).await;
+    let sink = dead_letter_sink().await;
+    let exchange = sink.exchange.clone();
     let dir = std::env::temp_dir().join(unique("aggregator-"));
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("store.sqlite");

@@ -165,3 +165,40 @@ pub async fn drain_queue(channel: &Channel, queue: &str) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// SIGTERM a child process and wait: its exit code (`None` if a signal ended it).
+pub fn sigterm(child: &mut std::process::Child) -> Option<i32> {
+    let sent = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM failed");
+    child.wait().unwrap().code()
+}
+
+/// A private dead-letter exchange with one queue bound to it, on the test RabbitMQ.
+pub struct DeadLetterSink {
+    /// Keep the connection open for the test's life.
+    pub connection: lapin::Connection,
+    /// A channel on it.
+    pub channel: Channel,
+    /// Exchange name.
+    pub exchange: String,
+    /// Queue name.
+    pub queue: String,
+}
+
+/// Declare a [`DeadLetterSink`] with random names.
+pub async fn dead_letter_sink() -> DeadLetterSink {
+    let connection = crate::amqp::connect(&amqp_uri()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let (exchange, queue) = (unique("test.dlx."), unique("test.dlq."));
+    declare_exchange_and_queue(&channel, &exchange, &queue).await;
+    DeadLetterSink {
+        connection,
+        channel,
+        exchange,
+        queue,
+    }
+}

@@ -152,17 +152,7 @@ async fn enriches_quarantines_unknown_devices_and_keeps_the_twin_at_the_newest_s
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let term = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert_eq!(
-        child.wait().unwrap().code(),
-        Some(0),
-        "SIGTERM drains and exits 0"
-    );
+    assert_eq!(sigterm(&mut child), Some(0), "SIGTERM drains and exits 0");
 
     assert_eq!(
         out.len(),
@@ -211,10 +201,8 @@ async fn sigkill_mid_stream_loses_nothing_and_the_twins_end_at_the_newest_state(
     let (input, output) = (unique("test.validated."), unique("test.enriched."));
     create_topic(&input, 4).await;
     create_topic(&output, 4).await;
-    let exchange = unique("test.dlx.");
-    let conn = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    declare_exchange_and_queue(&channel, &exchange, &unique("test.dlq.")).await;
+    let sink = dead_letter_sink().await;
+    let exchange = sink.exchange.clone();
     let dir = std::env::temp_dir().join(unique("enricher-"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("registry.toml"), REGISTRY).unwrap();
@@ -245,13 +233,7 @@ async fn sigkill_mid_stream_loses_nothing_and_the_twins_end_at_the_newest_state(
         seen.len() as i64 >= 4 * PER_DEVICE
     })
     .await;
-    let term = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(sigterm(&mut child), Some(0));
     assert_eq!(
         seen.len() as i64,
         4 * PER_DEVICE,
@@ -277,10 +259,8 @@ async fn a_device_that_misses_heartbeats_is_marked_offline() {
     let (input, output) = (unique("test.validated."), unique("test.enriched."));
     create_topic(&input, 1).await;
     create_topic(&output, 1).await;
-    let exchange = unique("test.dlx.");
-    let conn = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    declare_exchange_and_queue(&channel, &exchange, &unique("test.dlq.")).await;
+    let sink = dead_letter_sink().await;
+    let exchange = sink.exchange.clone();
     let dir = std::env::temp_dir().join(unique("enricher-"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("registry.toml"), REGISTRY).unwrap();

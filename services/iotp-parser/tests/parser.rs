@@ -315,13 +315,7 @@ async fn sigkill_mid_stream_loses_nothing() {
     })
     .await;
     // SIGTERM now: the drain must exit 0.
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(restarted.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let code = restarted.wait().unwrap().code();
+    let code = sigterm(&mut restarted);
     assert_eq!(
         seqs.len() as i64,
         N,

@@ -90,10 +90,8 @@ async fn sigkill_at_random_points_then_full_replays_store_each_message_once() {
     let total = (DEVICES * PER_DEVICE) as u64;
     let topic = unique("test.enriched.");
     create_topic(&topic, 4).await;
-    let exchange = unique("test.dlx.");
-    let conn = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    declare_exchange_and_queue(&channel, &exchange, &unique("test.dlq.")).await;
+    let sink = dead_letter_sink().await;
+    let exchange = sink.exchange.clone();
     let dir = std::env::temp_dir().join(unique("upserter-"));
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("store.sqlite");
@@ -134,13 +132,7 @@ async fn sigkill_at_random_points_then_full_replays_store_each_message_once() {
     let mut child = spawn(&topic, &group, &db, &exchange);
     let stored = wait_for(&store, unique_messages, Duration::from_secs(240)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(sigterm(&mut child), Some(0));
     eprintln!("upserter: killed at {kills:?} stored messages; final {stored}");
     assert_eq!(
         store.message_count(Some("acme")).await.unwrap(),
@@ -175,13 +167,7 @@ async fn sigkill_at_random_points_then_full_replays_store_each_message_once() {
             records.len() as f64,
             "the replay read every record and stored none"
         );
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        child.wait().unwrap();
+        sigterm(&mut child);
         assert_eq!(
             store.message_count(Some("acme")).await.unwrap(),
             unique_messages,
