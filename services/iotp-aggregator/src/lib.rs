@@ -202,22 +202,7 @@ impl<S: RollupStore> Stage for Aggregator<S> {
                     .inc();
             }
             newest = newest.max(record.header.produced_at);
-            messages.push(MessageRecord {
-                tenant: record.header.tenant,
-                device_id: record.header.device_id,
-                seq_no: record.header.seq_no,
-                msg_id: record.header.msg_id,
-                produced_at: record.header.produced_at,
-                received_at: record.header.received_at,
-                site: record.site,
-                asset: record.asset,
-                profile: record.profile,
-                readings: record
-                    .readings
-                    .into_iter()
-                    .map(|x| (x.metric, x.value, x.unit))
-                    .collect(),
-            });
+            messages.push(MessageRecord::from(record));
             verdicts.push(Verdict::Emit(Vec::new()));
         }
         with_retries(5, Duration::from_millis(100), || {

@@ -121,26 +121,6 @@ pub struct Upserter<S: ReadingStore + Pruning> {
     retention: Retention,
 }
 
-/// The store's view of an enriched record.
-pub fn message_record(r: EnrichedTelemetry) -> MessageRecord {
-    MessageRecord {
-        tenant: r.header.tenant,
-        device_id: r.header.device_id,
-        seq_no: r.header.seq_no,
-        msg_id: r.header.msg_id,
-        produced_at: r.header.produced_at,
-        received_at: r.header.received_at,
-        site: r.site,
-        asset: r.asset,
-        profile: r.profile,
-        readings: r
-            .readings
-            .into_iter()
-            .map(|x| (x.metric, x.value, x.unit))
-            .collect(),
-    }
-}
-
 impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
     const NAME: &'static str = "upserter";
 
@@ -150,7 +130,7 @@ impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
         for input in batch {
             match self.codec.decode(input.payload) {
                 Ok(r) => {
-                    messages.push(message_record(r));
+                    messages.push(MessageRecord::from(r));
                     verdicts.push(Verdict::Emit(Vec::new()));
                 }
                 Err(e) => verdicts.push(Verdict::Reject(Rejection::permanent(

@@ -189,6 +189,28 @@ pub struct MessageRecord {
     pub readings: Vec<(String, f64, Option<String>)>,
 }
 
+impl From<crate::contract::EnrichedTelemetry> for MessageRecord {
+    /// The store's view of an enriched record.
+    fn from(r: crate::contract::EnrichedTelemetry) -> Self {
+        Self {
+            tenant: r.header.tenant,
+            device_id: r.header.device_id,
+            seq_no: r.header.seq_no,
+            msg_id: r.header.msg_id,
+            produced_at: r.header.produced_at,
+            received_at: r.header.received_at,
+            site: r.site,
+            asset: r.asset,
+            profile: r.profile,
+            readings: r
+                .readings
+                .into_iter()
+                .map(|x| (x.metric, x.value, x.unit))
+                .collect(),
+        }
+    }
+}
+
 /// What a write did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteReport {

@@ -152,6 +152,24 @@ impl SqliteStore {
         Self::open(path)
     }
 
+    async fn count_rows(
+        &self,
+        table: &'static str,
+        tenant: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let tenant = tenant.map(String::from);
+        self.with(move |conn| {
+            conn.query_row(
+                &format!("SELECT count(*) FROM {table} WHERE ?1 IS NULL OR tenant = ?1"),
+                params![tenant],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -340,31 +358,11 @@ impl ReadingStore for SqliteStore {
     }
 
     async fn message_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
-        let tenant = tenant.map(String::from);
-        self.with(move |conn| {
-            conn.query_row(
-                "SELECT count(*) FROM messages WHERE ?1 IS NULL OR tenant = ?1",
-                params![tenant],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(backend)
-        })
-        .await
+        self.count_rows("messages", tenant).await
     }
 
     async fn reading_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
-        let tenant = tenant.map(String::from);
-        self.with(move |conn| {
-            conn.query_row(
-                "SELECT count(*) FROM readings WHERE ?1 IS NULL OR tenant = ?1",
-                params![tenant],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(backend)
-        })
-        .await
+        self.count_rows("readings", tenant).await
     }
 
     async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {
