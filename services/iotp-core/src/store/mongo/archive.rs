@@ -1,0 +1,300 @@
+//! The dead-letter archive on MongoDB: collection `dead_letters`, `_id` = the letter's id.
+//! Each letter carries its own expiry (`expiresAt`, parked time + `archive_ttl`); a TTL index
+//! with `expireAfterSeconds: 0` on it lets the server remove expired letters.
+//! [`DeadLetterArchive::prune_letters`] also deletes expired ones explicitly (the TTL monitor
+//! runs about once a minute), so the contract's count holds on both backends.
+
+use futures::TryStreamExt;
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{doc, Binary, Bson, DateTime, Document};
+use serde::{Deserialize, Serialize};
+
+use super::{backend, MongoStore, DEAD_LETTERS};
+use crate::contract::DeadLetter;
+use crate::store::{Archived, DeadLetterArchive, LetterFilter, StoreError};
+
+/// Letters listed when the filter sets no limit.
+const DEFAULT_LIMIT: usize = 1000;
+
+/// An archived dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LetterDoc {
+    /// The dead letter's id.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Stage.
+    pub stage: String,
+    /// Reason code.
+    pub reason: String,
+    /// Error text.
+    pub error: String,
+    /// Source topic.
+    pub source_topic: Option<String>,
+    /// Source partition.
+    pub source_partition: Option<i32>,
+    /// Source offset.
+    pub source_offset: Option<i64>,
+    /// Record key.
+    pub key: Option<Binary>,
+    /// Original bytes.
+    pub payload: Binary,
+    /// Tenant.
+    pub tenant: Option<String>,
+    /// Device.
+    pub device_id: Option<String>,
+    /// Attempts.
+    pub attempts: i32,
+    /// First failure.
+    pub first_failure_at: DateTime,
+    /// Last failure.
+    pub last_failure_at: DateTime,
+    /// Parked.
+    pub parked_at: DateTime,
+    /// When the archive may forget it (the TTL field).
+    pub expires_at: DateTime,
+    /// Last replay.
+    #[serde(default)]
+    pub replayed_at: Option<DateTime>,
+    /// Replays.
+    #[serde(default)]
+    pub replays: i64,
+}
+
+impl LetterDoc {
+    /// The archived letter.
+    pub fn archived(self) -> Archived {
+        Archived {
+            letter: DeadLetter {
+                id: self.id,
+                stage: self.stage,
+                reason_code: self.reason,
+                error: self.error,
+                source_topic: self.source_topic,
+                source_partition: self.source_partition,
+                source_offset: self.source_offset,
+                key: self.key.map(|k| k.bytes),
+                payload: self.payload.bytes,
+                tenant: self.tenant,
+                device_id: self.device_id,
+                attempts: self.attempts,
+                first_failure_at: self.first_failure_at.timestamp_millis(),
+                last_failure_at: self.last_failure_at.timestamp_millis(),
+            },
+            parked_at: self.parked_at.timestamp_millis(),
+            expires_at: self.expires_at.timestamp_millis(),
+            replayed_at: self.replayed_at.map(|d| d.timestamp_millis()),
+            replays: self.replays,
+        }
+    }
+}
+
+fn binary(bytes: &[u8]) -> Bson {
+    Bson::Binary(Binary {
+        subtype: BinarySubtype::Generic,
+        bytes: bytes.to_vec(),
+    })
+}
+
+fn optional<T: Into<Bson>>(v: Option<T>) -> Bson {
+    v.map_or(Bson::Null, Into::into)
+}
+
+/// The upsert that archives `l`, or refreshes it when the same id is parked again (as the
+/// embedded store: reason, error, parked and expiry times are replaced, attempts and the last
+/// failure only grow, a refreshed letter is replayable again; the rest is kept from the first).
+pub fn archive_update(l: &DeadLetter, parked_at: i64, expires_at: i64) -> Document {
+    doc! {
+        "$set": {
+            "reason": &l.reason_code,
+            "error": &l.error,
+            "parkedAt": DateTime::from_millis(parked_at),
+            "expiresAt": DateTime::from_millis(expires_at),
+            "replayedAt": Bson::Null,
+        },
+        "$max": { "attempts": l.attempts, "lastFailureAt": DateTime::from_millis(l.last_failure_at) },
+        "$setOnInsert": {
+            "stage": &l.stage,
+            "sourceTopic": optional(l.source_topic.as_deref()),
+            "sourcePartition": optional(l.source_partition),
+            "sourceOffset": optional(l.source_offset),
+            "key": l.key.as_deref().map_or(Bson::Null, binary),
+            "payload": binary(&l.payload),
+            "tenant": optional(l.tenant.as_deref()),
+            "deviceId": optional(l.device_id.as_deref()),
+            "firstFailureAt": DateTime::from_millis(l.first_failure_at),
+            "replays": 0i64,
+        },
+    }
+}
+
+/// The `find` filter of a [`LetterFilter`].
+pub fn letter_filter(f: &LetterFilter) -> Document {
+    let mut filter = Document::new();
+    if !f.ids.is_empty() {
+        filter.insert("_id", doc! { "$in": &f.ids });
+    }
+    for (field, value) in [
+        ("reason", &f.reason),
+        ("stage", &f.stage),
+        ("tenant", &f.tenant),
+        ("deviceId", &f.device_id),
+    ] {
+        if let Some(v) = value {
+            filter.insert(field, v);
+        }
+    }
+    if !f.include_replayed {
+        filter.insert("replayedAt", Bson::Null);
+    }
+    filter
+}
+
+impl DeadLetterArchive for MongoStore {
+    async fn archive(
+        &self,
+        l: &DeadLetter,
+        parked_at: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        self.collection(DEAD_LETTERS)
+            .update_one(
+                doc! { "_id": &l.id },
+                archive_update(l, parked_at, expires_at),
+            )
+            .upsert(true)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn letters(&self, f: &LetterFilter) -> Result<Vec<Archived>, StoreError> {
+        let limit = if f.limit == 0 { DEFAULT_LIMIT } else { f.limit };
+        let docs: Vec<LetterDoc> = self
+            .db
+            .collection::<LetterDoc>(DEAD_LETTERS)
+            .find(letter_filter(f))
+            .sort(doc! { "parkedAt": 1, "_id": 1 })
+            .limit(limit as i64)
+            .await
+            .map_err(backend)?
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        Ok(docs.into_iter().map(LetterDoc::archived).collect())
+    }
+
+    async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
+        let coll = self.collection(DEAD_LETTERS);
+        for chunk in ids.chunks(self.batch_size) {
+            coll.update_many(
+                doc! { "_id": { "$in": chunk } },
+                doc! { "$set": { "replayedAt": DateTime::from_millis(at) }, "$inc": { "replays": 1i64 } },
+            )
+            .await
+            .map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    async fn prune_letters(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.collection(DEAD_LETTERS)
+            .delete_many(doc! { "expiresAt": { "$lt": DateTime::from_millis(now_ms) } })
+            .await
+            .map(|r| r.deleted_count)
+            .map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter() -> DeadLetter {
+        DeadLetter {
+            id: "enricher/iotp.validated/3/1042".into(),
+            stage: "enricher".into(),
+            reason_code: "unknown_device".into(),
+            error: "e".into(),
+            source_topic: Some("iotp.validated".into()),
+            source_partition: Some(3),
+            source_offset: Some(1042),
+            key: None,
+            payload: vec![0xC3, 0x01, 9],
+            tenant: Some("acme".into()),
+            device_id: Some("m-1".into()),
+            attempts: 2,
+            first_failure_at: 10,
+            last_failure_at: 20,
+        }
+    }
+
+    #[test]
+    fn archiving_again_refreshes_and_keeps_the_original() {
+        let u = archive_update(&letter(), 100, 200);
+        let set = u.get_document("$set").expect("$set");
+        assert_eq!(
+            set.get_datetime("expiresAt")
+                .expect("expiry")
+                .timestamp_millis(),
+            200
+        );
+        assert_eq!(set.get("replayedAt"), Some(&Bson::Null), "replayable again");
+        assert_eq!(
+            u.get_document("$max").expect("$max"),
+            &doc! { "attempts": 2, "lastFailureAt": DateTime::from_millis(20) }
+        );
+        let first = u.get_document("$setOnInsert").expect("$setOnInsert");
+        assert_eq!(
+            first.get_binary_generic("payload").expect("bytes"),
+            &vec![0xC3, 0x01, 9]
+        );
+        assert_eq!(first.get("key"), Some(&Bson::Null));
+        assert_eq!(first.get_i64("replays").expect("replays"), 0);
+        // No field is both set and set on insert (the server would refuse the update).
+        assert!(set.keys().all(|k| !first.contains_key(k)));
+    }
+
+    #[test]
+    fn a_stored_letter_reads_back_whole() {
+        let mut stored = archive_update(&letter(), 100, 200)
+            .get_document("$setOnInsert")
+            .expect("insert")
+            .clone();
+        for part in ["$set", "$max"] {
+            stored.extend(
+                archive_update(&letter(), 100, 200)
+                    .get_document(part)
+                    .expect("part")
+                    .clone(),
+            );
+        }
+        stored.insert("_id", "enricher/iotp.validated/3/1042");
+        let back: LetterDoc = mongodb::bson::from_document(stored).expect("read");
+        let a = back.archived();
+        assert_eq!(a.letter, letter());
+        assert_eq!(
+            (a.parked_at, a.expires_at, a.replayed_at, a.replays),
+            (100, 200, None, 0)
+        );
+    }
+
+    #[test]
+    fn filters_hide_replayed_letters_unless_asked() {
+        assert_eq!(
+            letter_filter(&LetterFilter::default()),
+            doc! { "replayedAt": null }
+        );
+        let f = LetterFilter {
+            ids: vec!["a".into()],
+            reason: Some("unknown_device".into()),
+            device_id: Some("m-1".into()),
+            include_replayed: true,
+            ..LetterFilter::default()
+        };
+        assert_eq!(
+            letter_filter(&f),
+            doc! { "_id": { "$in": ["a"] }, "reason": "unknown_device", "deviceId": "m-1" }
+        );
+    }
+}

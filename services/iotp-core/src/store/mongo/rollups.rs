@@ -1,0 +1,712 @@
+//! Roll-ups on MongoDB.
+//!
+//! | collection | `_id` | retention |
+//! | --- | --- | --- |
+//! | `rollups_hourly`, `rollups_daily` | `tenant/deviceId/metric/granularity/bucketStartMs` | TTL index on the `bucketStart` date, `expireAfterSeconds` = `retention.hourly` / `retention.daily` |
+//! | `rollup_keys` | `tenant/deviceId/seqNo`: messages already folded | TTL on `producedAt`, raw tier (older messages are rejected as `too_old` upstream) |
+//! | `rollup_state` | `watermark` | none |
+//!
+//! Two collections, each with one TTL on the bucket start, rather than one collection with a
+//! per-document `expireAt`: the tier's retention is then a property of the collection, and a
+//! changed retention reaches every existing bucket through one `collMod` instead of a rewrite
+//! of every document; it is also exactly the embedded store's rule (a bucket goes when its
+//! start is older than its tier).
+//!
+//! [`RollupStore::fold`] runs as one multi-document transaction (read concern `snapshot`,
+//! write concern `majority` with journaling): read which of the batch's messages are already
+//! in `rollup_keys`, insert the keys of the others, read their buckets, fold the readings in
+//! memory with the shared [`fold_reading`], write each bucket back on condition that its
+//! `revision` is still the one read (upsert for new buckets), and raise the watermark with
+//! `$max`. Either all of it commits or none: each message is folded exactly once, a replay
+//! finds its keys and does nothing, the watermark only rises. A transaction that failed with
+//! the `TransientTransactionError` label, or met a changed bucket, runs again from the start;
+//! a commit that failed with `UnknownTransactionCommitResult` is committed again.
+//!
+//! **Transactions need a replica set or a sharded cluster** (the normal production set-up); a
+//! single server must be started as a one-node replica set (`mongod --replSet rs0`, then
+//! `rs.initiate()`).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{self, doc, DateTime, Document};
+use mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT;
+use mongodb::options::{ReadConcern, WriteConcern};
+use mongodb::ClientSession;
+use serde::{Deserialize, Serialize};
+
+use super::command::{error_code, insert_command, is_transient, update_command, write_reply};
+use super::{
+    backend, key_id, MongoStore, ROLLUPS_DAILY, ROLLUPS_HOURLY, ROLLUP_KEYS, ROLLUP_STATE,
+};
+use crate::store::{
+    fold_reading, Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES,
+};
+
+/// Transactions tried per fold before the batch fails (the runtime then retries it).
+const ATTEMPTS: u32 = 10;
+/// Commits tried when the outcome of the previous one is unknown.
+const COMMITS: u32 = 5;
+/// The server's answer to a transaction on a standalone server.
+const ILLEGAL_OPERATION: i32 = 20;
+/// `_id` of the watermark document.
+const WATERMARK: &str = "watermark";
+
+/// The collection of a granularity's buckets.
+pub fn rollup_collection(granularity: &str) -> &'static str {
+    if granularity == "day" {
+        ROLLUPS_DAILY
+    } else {
+        ROLLUPS_HOURLY
+    }
+}
+
+fn length(granularity: &str) -> i64 {
+    GRANULARITIES
+        .iter()
+        .find(|(g, _)| *g == granularity)
+        .map_or(GRANULARITIES[0].1, |(_, len)| *len)
+}
+
+/// The `_id` of a bucket. Tenant and device come from MQTT topic levels and hold no `/`; the
+/// start is last, so the id reads back unambiguously whatever the metric.
+pub fn bucket_id(
+    tenant: &str,
+    device: &str,
+    metric: &str,
+    granularity: &str,
+    start: i64,
+) -> String {
+    format!("{tenant}/{device}/{metric}/{granularity}/{start}")
+}
+
+/// A bucket document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketDoc {
+    /// See [`bucket_id`].
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Device id.
+    pub device_id: String,
+    /// Metric.
+    pub metric: String,
+    /// `hour` or `day`.
+    pub granularity: String,
+    /// Bucket start (the TTL field).
+    pub bucket_start: DateTime,
+    /// Bucket end.
+    pub bucket_end: DateTime,
+    /// Readings.
+    pub count: i64,
+    /// Sum.
+    pub sum: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+    /// Value with the earliest event time.
+    pub first: f64,
+    /// Its time.
+    pub first_at: DateTime,
+    /// Value with the latest event time.
+    pub last: f64,
+    /// Its time.
+    pub last_at: DateTime,
+    /// Unit.
+    pub unit: Option<String>,
+    /// Cumulative counter.
+    pub cumulative: bool,
+    /// Grows with every change.
+    pub revision: i64,
+    /// Highest revision published.
+    #[serde(default)]
+    pub published_revision: i64,
+    /// `revision > publishedRevision` (what the partial index of due buckets holds).
+    #[serde(default)]
+    pub pending: bool,
+}
+
+impl BucketDoc {
+    /// The document of a bucket that changed since it was published.
+    pub fn new(b: &Bucket) -> Self {
+        Self {
+            id: bucket_id(
+                &b.tenant,
+                &b.device_id,
+                &b.metric,
+                &b.granularity,
+                b.bucket_start,
+            ),
+            tenant: b.tenant.clone(),
+            device_id: b.device_id.clone(),
+            metric: b.metric.clone(),
+            granularity: b.granularity.clone(),
+            bucket_start: DateTime::from_millis(b.bucket_start),
+            bucket_end: DateTime::from_millis(b.bucket_start + length(&b.granularity)),
+            count: b.count,
+            sum: b.sum,
+            min: b.min,
+            max: b.max,
+            first: b.first,
+            first_at: DateTime::from_millis(b.first_at),
+            last: b.last,
+            last_at: DateTime::from_millis(b.last_at),
+            unit: b.unit.clone(),
+            cumulative: b.cumulative,
+            revision: b.revision,
+            published_revision: 0,
+            pending: true,
+        }
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> Bucket {
+        Bucket {
+            tenant: self.tenant.clone(),
+            device_id: self.device_id.clone(),
+            metric: self.metric.clone(),
+            granularity: self.granularity.clone(),
+            bucket_start: self.bucket_start.timestamp_millis(),
+            count: self.count,
+            sum: self.sum,
+            min: self.min,
+            max: self.max,
+            first: self.first,
+            first_at: self.first_at.timestamp_millis(),
+            last: self.last,
+            last_at: self.last_at.timestamp_millis(),
+            unit: self.unit.clone(),
+            cumulative: self.cumulative,
+            revision: self.revision,
+        }
+    }
+}
+
+/// The statement writing a folded bucket if its stored revision is still `read_revision`
+/// (0: none stored, then it is inserted; a bucket stored meanwhile collides on `_id`).
+pub fn bucket_update(b: &Bucket, read_revision: i64) -> Result<Document, StoreError> {
+    let mut set = bson::to_document(&BucketDoc::new(b)).map_err(backend)?;
+    let id = set
+        .remove("_id")
+        .ok_or_else(|| backend("bucket without _id"))?;
+    set.remove("publishedRevision");
+    Ok(doc! {
+        "q": { "_id": id, "revision": read_revision },
+        "u": { "$set": set, "$setOnInsert": { "publishedRevision": 0i64 } },
+        "upsert": true,
+    })
+}
+
+/// The document recording that a message was folded.
+pub fn rollup_key(m: &MessageRecord) -> Document {
+    doc! {
+        "_id": key_id(&m.tenant, &m.device_id, m.seq_no),
+        "tenant": &m.tenant, "deviceId": &m.device_id, "seqNo": m.seq_no,
+        "producedAt": DateTime::from_millis(m.produced_at),
+    }
+}
+
+/// The statement raising the watermark to `watermark` if higher.
+pub fn watermark_update(watermark: i64) -> Document {
+    doc! { "q": { "_id": WATERMARK }, "u": { "$max": { "value": watermark } }, "upsert": true }
+}
+
+/// The statement recording a bucket as published at its revision (never lowering what was
+/// published; still pending if it changed since it was read).
+pub fn published_update(b: &Bucket) -> Document {
+    doc! {
+        "q": { "_id": bucket_id(&b.tenant, &b.device_id, &b.metric, &b.granularity, b.bucket_start) },
+        "u": [
+            { "$set": { "publishedRevision": { "$max": [ "$publishedRevision", b.revision ] } } },
+            { "$set": { "pending": { "$gt": [ "$revision", "$publishedRevision" ] } } },
+        ],
+    }
+}
+
+/// The filter of buckets due for publication: changed since published, ended by `cutoff`.
+pub fn due_filter(cutoff: i64) -> Document {
+    doc! { "pending": true, "bucketEnd": { "$lte": DateTime::from_millis(cutoff) } }
+}
+
+/// Whether a `hello` reply comes from a deployment that runs transactions: a replica-set
+/// member or a `mongos`.
+pub fn supports_transactions(hello: &Document) -> bool {
+    hello.contains_key("setName") || hello.get_str("msg") == Ok("isdbgrid")
+}
+
+/// Why a transaction did not commit.
+enum Attempt {
+    /// Run it again from the start.
+    Retry(String),
+    /// Give up.
+    Fail(StoreError),
+}
+
+impl From<mongodb::error::Error> for Attempt {
+    fn from(e: mongodb::error::Error) -> Self {
+        if is_transient(&e) {
+            Attempt::Retry(e.to_string())
+        } else if error_code(&e) == Some(ILLEGAL_OPERATION) {
+            Attempt::Fail(backend(format!(
+                "{e} (roll-ups need transactions: a replica set or sharded cluster)"
+            )))
+        } else {
+            Attempt::Fail(backend(e))
+        }
+    }
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        Attempt::Fail(e)
+    }
+}
+
+async fn find_in<T>(
+    coll: &mongodb::Collection<T>,
+    session: &mut ClientSession,
+    ids: &[String],
+    batch: usize,
+) -> Result<Vec<T>, Attempt>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    let mut out = Vec::new();
+    for chunk in ids.chunks(batch) {
+        let mut cursor = coll
+            .find(doc! { "_id": { "$in": chunk } })
+            .session(&mut *session)
+            .await?;
+        let docs: Vec<T> = cursor.stream(&mut *session).try_collect().await?;
+        out.extend(docs);
+    }
+    Ok(out)
+}
+
+/// Run write statements in the transaction; any statement that met a changed document (or
+/// did not match) aborts the attempt.
+async fn write_all(
+    store: &MongoStore,
+    session: &mut ClientSession,
+    collection: &str,
+    statements: Vec<Document>,
+    insert: bool,
+) -> Result<(), Attempt> {
+    for chunk in statements.chunks(store.batch_size) {
+        let command = if insert {
+            insert_command(collection, chunk.to_vec(), true)
+        } else {
+            update_command(collection, chunk.to_vec(), true)
+        };
+        let reply = write_reply(&store.db.run_command(command).session(&mut *session).await?)?;
+        if !reply.conflicts.is_empty() || reply.n != chunk.len() as i64 {
+            return Err(Attempt::Retry(format!(
+                "{collection} changed under the transaction"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl MongoStore {
+    /// One attempt of the fold transaction (started by the caller).
+    async fn fold_in(
+        &self,
+        session: &mut ClientSession,
+        messages: &[&MessageRecord],
+        cumulative: &[String],
+        watermark: i64,
+    ) -> Result<FoldReport, Attempt> {
+        let ids: Vec<String> = messages
+            .iter()
+            .map(|m| key_id(&m.tenant, &m.device_id, m.seq_no))
+            .collect();
+        let folded: HashSet<String> = find_in(
+            &self.db.collection::<Document>(ROLLUP_KEYS),
+            session,
+            &ids,
+            self.batch_size,
+        )
+        .await?
+        .iter()
+        .filter_map(|d| d.get_str("_id").ok().map(String::from))
+        .collect();
+        let fresh: Vec<&MessageRecord> = messages
+            .iter()
+            .zip(&ids)
+            .filter(|(_, id)| !folded.contains(*id))
+            .map(|(m, _)| *m)
+            .collect();
+        let report = FoldReport {
+            applied: fresh.len() as u64,
+            duplicates: (messages.len() - fresh.len()) as u64,
+        };
+        // The buckets the fresh messages touch, as stored (with the revision read).
+        let mut wanted: HashMap<&'static str, HashSet<String>> = HashMap::new();
+        for m in &fresh {
+            for (metric, _, _) in &m.readings {
+                for (g, len) in GRANULARITIES {
+                    let start = m.produced_at.div_euclid(len) * len;
+                    wanted
+                        .entry(rollup_collection(g))
+                        .or_default()
+                        .insert(bucket_id(&m.tenant, &m.device_id, metric, g, start));
+                }
+            }
+        }
+        let mut buckets: HashMap<String, Bucket> = HashMap::new();
+        let mut read_revision: HashMap<String, i64> = HashMap::new();
+        for (collection, ids) in &wanted {
+            let ids: Vec<String> = ids.iter().cloned().collect();
+            let coll = self.db.collection::<BucketDoc>(collection);
+            for d in find_in(&coll, session, &ids, self.batch_size).await? {
+                read_revision.insert(d.id.clone(), d.revision);
+                buckets.insert(d.id.clone(), d.bucket());
+            }
+        }
+        // Each touched bucket once, in first-touched order.
+        let mut changed: Vec<String> = Vec::new();
+        let mut touched: HashSet<String> = HashSet::new();
+        for m in &fresh {
+            for (metric, value, unit) in &m.readings {
+                for (g, len) in GRANULARITIES {
+                    let start = m.produced_at.div_euclid(len) * len;
+                    let id = bucket_id(&m.tenant, &m.device_id, metric, g, start);
+                    let key = (
+                        m.tenant.as_str(),
+                        m.device_id.as_str(),
+                        metric.as_str(),
+                        g,
+                        start,
+                    );
+                    let current = buckets.remove(&id);
+                    if touched.insert(id.clone()) {
+                        changed.push(id.clone());
+                    }
+                    let b = fold_reading(
+                        current,
+                        key,
+                        *value,
+                        m.produced_at,
+                        unit,
+                        cumulative.contains(metric),
+                    );
+                    buckets.insert(id, b);
+                }
+            }
+        }
+        write_all(
+            self,
+            session,
+            ROLLUP_KEYS,
+            fresh.iter().map(|m| rollup_key(m)).collect(),
+            true,
+        )
+        .await?;
+        let mut statements: HashMap<&'static str, Vec<Document>> = HashMap::new();
+        for id in &changed {
+            let b = &buckets[id];
+            statements
+                .entry(rollup_collection(&b.granularity))
+                .or_default()
+                .push(bucket_update(
+                    b,
+                    read_revision.get(id).copied().unwrap_or(0),
+                )?);
+        }
+        for (collection, statements) in statements {
+            write_all(self, session, collection, statements, false).await?;
+        }
+        write_all(
+            self,
+            session,
+            ROLLUP_STATE,
+            vec![watermark_update(watermark)],
+            false,
+        )
+        .await?;
+        Ok(report)
+    }
+
+    async fn commit(session: &mut ClientSession) -> Result<(), Attempt> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match session.commit_transaction().await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) && tries < COMMITS =>
+                {
+                    tracing::warn!(error = %e, "roll-up commit outcome unknown; committing again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn bucket_docs(
+        &self,
+        collection: &str,
+        filter: Document,
+        sort: Document,
+        limit: i64,
+    ) -> Result<Vec<Bucket>, StoreError> {
+        let docs: Vec<BucketDoc> = self
+            .db
+            .collection::<BucketDoc>(collection)
+            .find(filter)
+            .sort(sort)
+            .limit(limit)
+            .await
+            .map_err(backend)?
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        Ok(docs.iter().map(BucketDoc::bucket).collect())
+    }
+}
+
+impl RollupStore for MongoStore {
+    async fn fold(
+        &self,
+        messages: &[MessageRecord],
+        cumulative: &[String],
+        watermark: i64,
+    ) -> Result<FoldReport, StoreError> {
+        // A key twice in one batch: the first is folded, the others are duplicates.
+        let mut in_batch = HashSet::new();
+        let unique: Vec<&MessageRecord> = messages
+            .iter()
+            .filter(|m| in_batch.insert(key_id(&m.tenant, &m.device_id, m.seq_no)))
+            .collect();
+        let repeated = (messages.len() - unique.len()) as u64;
+        let mut session = self.db.client().start_session().await.map_err(backend)?;
+        let mut concern = WriteConcern::majority();
+        concern.journal = Some(true);
+        let mut why = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(10 << attempt.min(6))).await;
+            }
+            session
+                .start_transaction()
+                .read_concern(ReadConcern::snapshot())
+                .write_concern(concern.clone())
+                .await
+                .map_err(backend)?;
+            let outcome = match self
+                .fold_in(&mut session, &unique, cumulative, watermark)
+                .await
+            {
+                Ok(report) => Self::commit(&mut session).await.map(|()| report),
+                Err(e) => {
+                    // The server may have aborted it already; either way it is over.
+                    let _ = session.abort_transaction().await;
+                    Err(e)
+                }
+            };
+            match outcome {
+                Ok(mut report) => {
+                    report.duplicates += repeated;
+                    return Ok(report);
+                }
+                Err(Attempt::Retry(reason)) => why = reason,
+                Err(Attempt::Fail(e)) => return Err(e),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "roll-up transaction did not commit after {ATTEMPTS} attempts: {why}"
+        )))
+    }
+
+    async fn watermark(&self) -> Result<i64, StoreError> {
+        let state = self
+            .collection(ROLLUP_STATE)
+            .find_one(doc! { "_id": WATERMARK })
+            .await
+            .map_err(backend)?;
+        Ok(state
+            .and_then(|d| {
+                d.get("value")
+                    .and_then(|v| v.as_i64().or(v.as_i32().map(i64::from)))
+            })
+            .unwrap_or(i64::MIN))
+    }
+
+    async fn closed_unpublished(
+        &self,
+        lateness_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Bucket>, StoreError> {
+        let watermark = self.watermark().await?;
+        if watermark == i64::MIN || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let filter = due_filter(watermark.saturating_sub(lateness_ms));
+        let mut due = Vec::new();
+        for collection in [ROLLUPS_HOURLY, ROLLUPS_DAILY] {
+            due.extend(
+                self.bucket_docs(
+                    collection,
+                    filter.clone(),
+                    doc! { "bucketEnd": 1 },
+                    limit as i64,
+                )
+                .await?,
+            );
+        }
+        due.sort_by_key(|b| b.bucket_start + length(&b.granularity));
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    async fn mark_published(&self, buckets: &[Bucket]) -> Result<(), StoreError> {
+        for collection in [ROLLUPS_HOURLY, ROLLUPS_DAILY] {
+            let statements: Vec<Document> = buckets
+                .iter()
+                .filter(|b| rollup_collection(&b.granularity) == collection)
+                .map(published_update)
+                .collect();
+            for chunk in statements.chunks(self.batch_size) {
+                let reply = self
+                    .db
+                    .run_command(update_command(collection, chunk.to_vec(), false))
+                    .await
+                    .map_err(backend)?;
+                write_reply(&reply)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn buckets(&self, tenant: &str, device_id: &str) -> Result<Vec<Bucket>, StoreError> {
+        let mut out = Vec::new();
+        // Ordered by granularity ("day" before "hour"), metric, start, as the embedded store.
+        for collection in [ROLLUPS_DAILY, ROLLUPS_HOURLY] {
+            out.extend(
+                self.bucket_docs(
+                    collection,
+                    doc! { "tenant": tenant, "deviceId": device_id },
+                    doc! { "metric": 1, "bucketStart": 1 },
+                    0,
+                )
+                .await?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_replica_sets_and_mongos_run_transactions() {
+        assert!(supports_transactions(
+            &doc! { "isWritablePrimary": true, "setName": "rs0" }
+        ));
+        assert!(supports_transactions(
+            &doc! { "isWritablePrimary": true, "msg": "isdbgrid" }
+        ));
+        assert!(!supports_transactions(&doc! { "isWritablePrimary": true }));
+    }
+
+    fn bucket(granularity: &str, start: i64) -> Bucket {
+        let key = ("acme", "m-1", "energy", granularity, start);
+        let b = fold_reading(None, key, 1.0, start + 10, &Some("Wh".into()), true);
+        fold_reading(Some(b), key, 3.0, start + 5, &Some("Wh".into()), true)
+    }
+
+    #[test]
+    fn one_document_per_bucket_with_a_deterministic_id() {
+        assert_eq!(
+            bucket_id("acme", "m-1", "energy", "hour", 3_600_000),
+            "acme/m-1/energy/hour/3600000"
+        );
+        assert_eq!(rollup_collection("hour"), "rollups_hourly");
+        assert_eq!(rollup_collection("day"), "rollups_daily");
+        let d = BucketDoc::new(&bucket("day", 86_400_000));
+        assert_eq!(d.id, "acme/m-1/energy/day/86400000");
+        assert_eq!(
+            (
+                d.bucket_start.timestamp_millis(),
+                d.bucket_end.timestamp_millis()
+            ),
+            (86_400_000, 2 * 86_400_000),
+            "the TTL field is the start; due-ness is by the end"
+        );
+        let stored = bson::to_document(&d).expect("bson");
+        let back: BucketDoc = bson::from_document(stored).expect("read");
+        assert_eq!(back.bucket(), bucket("day", 86_400_000));
+    }
+
+    #[test]
+    fn a_bucket_is_written_only_over_the_revision_read() {
+        let b = bucket("hour", 0);
+        assert_eq!((b.count, b.first, b.last, b.revision), (2, 3.0, 1.0, 2));
+        let s = bucket_update(&b, 0).expect("statement");
+        assert_eq!(
+            s.get_document("q").expect("q"),
+            &doc! { "_id": "acme/m-1/energy/hour/0", "revision": 0i64 }
+        );
+        assert!(s.get_bool("upsert").expect("upsert"));
+        let u = s.get_document("u").expect("u");
+        let set = u.get_document("$set").expect("$set");
+        assert_eq!(set.get_i64("revision").expect("revision"), 2);
+        assert!(set.get_bool("pending").expect("pending"), "due again");
+        assert_eq!(set.get_f64("sum").expect("sum"), 4.0);
+        assert!(!set.contains_key("publishedRevision") && !set.contains_key("_id"));
+        assert_eq!(
+            u.get_document("$setOnInsert").expect("insert"),
+            &doc! { "publishedRevision": 0i64 }
+        );
+    }
+
+    #[test]
+    fn keys_watermark_and_publication_statements() {
+        let m = MessageRecord {
+            tenant: "acme".into(),
+            device_id: "m-1".into(),
+            seq_no: 9,
+            msg_id: "x".into(),
+            produced_at: 1_700_000_000_000,
+            received_at: 1_700_000_000_001,
+            site: None,
+            asset: None,
+            profile: "meter".into(),
+            readings: Vec::new(),
+        };
+        assert_eq!(
+            rollup_key(&m),
+            doc! {
+                "_id": "acme/m-1/9", "tenant": "acme", "deviceId": "m-1", "seqNo": 9i64,
+                "producedAt": DateTime::from_millis(1_700_000_000_000),
+            }
+        );
+        assert_eq!(
+            watermark_update(42),
+            doc! { "q": { "_id": "watermark" }, "u": { "$max": { "value": 42i64 } }, "upsert": true }
+        );
+        let p = published_update(&bucket("hour", 0));
+        assert_eq!(
+            p.get_array("u").expect("pipeline")[0],
+            bson::Bson::from(
+                doc! { "$set": { "publishedRevision": { "$max": [ "$publishedRevision", 2i64 ] } } }
+            ),
+            "published revision never goes down"
+        );
+        assert!(
+            !p.contains_key("upsert"),
+            "an expired bucket is not revived"
+        );
+        assert_eq!(
+            due_filter(7_200_000),
+            doc! { "pending": true, "bucketEnd": { "$lte": DateTime::from_millis(7_200_000) } }
+        );
+    }
+}
