@@ -2,7 +2,7 @@
 //! records keyed `tenant/deviceId`; anything that fails a rule becomes a dead letter with its
 //! reason code and original bytes. Runs on the shared Kafka stage runtime.
 
-mod payload;
+pub mod payload;
 mod validate;
 
 use std::path::PathBuf;

@@ -1,0 +1,157 @@
+//! Store batch building, per message, for the upserter's batch of 500 enriched records:
+//! the conversion to the store's `MessageRecord`, the MongoDB time-series documents built from
+//! them (no server: document building only), and — I/O, not CPU — the embedded SQLite store's
+//! `write_messages` of the batch into a file.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use iotp_core::contract::{EnrichedTelemetry, Header, Reading};
+use iotp_core::store::mongo::reading_docs;
+use iotp_core::store::sqlite::SqliteStore;
+use iotp_core::store::{MessageRecord, ReadingStore};
+
+/// Messages per upserter batch.
+const BATCH: usize = 500;
+
+/// The simulator's energy meter, message `seq_no` of device `device`, enriched.
+fn enriched(device: usize, seq_no: i64) -> EnrichedTelemetry {
+    EnrichedTelemetry {
+        header: Header {
+            msg_id: format!("0190f3a2-7c1e-7d4b-9a55-{seq_no:012x}"),
+            tenant: "acme".into(),
+            device_id: format!("dev-{device:06}"),
+            seq_no,
+            produced_at: 1_800_000_000_000 + seq_no * 1000,
+            received_at: 1_800_000_000_040 + seq_no * 1000,
+            schema_version: 1,
+        },
+        kind: "telemetry".into(),
+        readings: [
+            ("energy", 3_021_734.518_231, "Wh"),
+            ("power", 1_523.420_917, "W"),
+            ("voltage", 229.871_204, "V"),
+        ]
+        .into_iter()
+        .map(|(metric, value, unit)| Reading {
+            metric: metric.into(),
+            value,
+            unit: Some(unit.into()),
+        })
+        .collect(),
+        site: Some(format!("site-{}", device % 10)),
+        asset: None,
+        profile: "energy-meter-v1".into(),
+        firmware_version: None,
+        tags: HashMap::new(),
+    }
+}
+
+/// A batch as a partition delivers it: 100 devices, 5 consecutive messages each.
+fn batch(first_seq_no: i64) -> Vec<EnrichedTelemetry> {
+    (0..BATCH)
+        .map(|i| enriched((i % 100) * 3, first_seq_no + (i / 100) as i64))
+        .collect()
+}
+
+/// Hot path: `MessageRecord::from(EnrichedTelemetry)` over a batch.
+fn message_records(c: &mut Criterion) {
+    let records = batch(0);
+    let mut group = c.benchmark_group("store/message_record_from");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("batch_500", |b| {
+        b.iter_batched(
+            || records.clone(),
+            |records| {
+                black_box(records)
+                    .into_iter()
+                    .map(MessageRecord::from)
+                    .collect::<Vec<_>>()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// Hot path: MongoDB raw-tier documents (one per reading) for a batch of messages.
+fn mongo_reading_docs(c: &mut Criterion) {
+    let messages: Vec<MessageRecord> = batch(0).into_iter().map(MessageRecord::from).collect();
+    assert_eq!(reading_docs(&messages[0]).len(), 3);
+    let mut group = c.benchmark_group("store/mongo_reading_docs");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("batch_500", |b| {
+        b.iter(|| {
+            black_box(&messages)
+                .iter()
+                .flat_map(reading_docs)
+                .collect::<Vec<_>>()
+        })
+    });
+    group.finish();
+}
+
+/// A store file under the temp directory, removed (with its WAL) afterwards.
+struct TempStore(PathBuf);
+
+impl TempStore {
+    fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("iotp-bench-store-{}.sqlite", std::process::id())))
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// I/O, not a CPU hot path: the embedded store's `write_messages` of a batch of new messages
+/// (one transaction, WAL, `synchronous = NORMAL`) into a file on this machine's disk.
+fn sqlite_write_messages(c: &mut Criterion) {
+    let file = TempStore::new();
+    let store = SqliteStore::create(&file.0).expect("store");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    // Each batch continues the devices' sequence numbers: every message is new, as in steady
+    // state (redeliveries would be the cheaper duplicate path).
+    let mut next_seq_no = 0;
+    let mut group = c.benchmark_group("store/sqlite_write_messages_io");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("batch_500", |b| {
+        b.iter_batched(
+            || {
+                let records: Vec<MessageRecord> = batch(next_seq_no)
+                    .into_iter()
+                    .map(MessageRecord::from)
+                    .collect();
+                next_seq_no += (BATCH / 100) as i64;
+                records
+            },
+            |records| {
+                let report = runtime
+                    .block_on(store.write_messages(black_box(&records)))
+                    .expect("write");
+                assert_eq!(report.stored, BATCH as u64);
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    message_records,
+    mongo_reading_docs,
+    sqlite_write_messages
+);
+criterion_main!(benches);
