@@ -4,7 +4,7 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 VENV ?= $(HOME)/.cache/iotp/venv
 
-.PHONY: setup up down status build test lint demo clean-run
+.PHONY: setup up down status build test lint demo clean-run bench
 
 setup:            ## build tools and the fastavro venv
 	dev/setup.sh
@@ -36,3 +36,6 @@ test: up lint     ## everything CI runs
 
 demo: up build    ## run the pipeline end to end with a burst of simulated devices
 	dev/demo.sh
+
+bench:            ## criterion benchmarks of the hot paths, per-message times (no brokers needed; docs/benchmarks.md)
+	$(CARGO) bench --locked --workspace --bench '*'

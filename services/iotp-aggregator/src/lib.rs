@@ -19,8 +19,9 @@ use iotp_core::metrics::metrics;
 use iotp_core::registry::Registry;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::{with_retries, Bucket, MessageRecord, RollupStore, GRANULARITIES};
+use iotp_core::store::{
+    with_retries, Bucket, MessageRecord, Retention, RollupStore, StoreConfig, GRANULARITIES,
+};
 use serde::{Deserialize, Serialize};
 
 /// What to do with data later than the allowed lateness.
@@ -44,8 +45,17 @@ pub struct AggregatorConfig {
     /// Topics, group, batching, dead letters; `io.tick_interval` is how often closed buckets
     /// are published.
     pub io: StageIo,
-    /// Embedded store (SQLite).
+    /// Embedded store (SQLite) file, used unless `mongodb_uri` is set.
     pub store_path: PathBuf,
+    /// MongoDB connection string: keep the roll-ups in MongoDB instead (a replica set or
+    /// sharded cluster: each fold is a transaction; see [`StoreConfig`]). Never logged.
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database.
+    pub mongodb_database: String,
+    /// Retention tiers: hourly and daily roll-ups expire after `retention.hourly` and
+    /// `retention.daily` (MongoDB TTLs set at start-up by every service opening the store, so
+    /// give every service the same values; the embedded store is pruned by the upserter).
+    pub retention: Retention,
     /// Device registry, for which metrics are cumulative counters (optional).
     pub registry_file: Option<PathBuf>,
     /// Cumulative metrics in addition to those the registry names.
@@ -65,12 +75,26 @@ impl Default for AggregatorConfig {
             common: Common::default(),
             kafka: KafkaConfig::default(),
             io: StageIo::for_service("aggregator"),
-            store_path: PathBuf::from(".run/iotp.sqlite"),
+            store_path: StoreConfig::default().path,
+            mongodb_uri: None,
+            mongodb_database: StoreConfig::default().mongodb_database,
+            retention: Retention::default(),
             registry_file: None,
             cumulative_metrics: Vec::new(),
             allowed_lateness: Duration::from_secs(3600),
             late_policy: LatePolicy::Correct,
             publish_batch: 5000,
+        }
+    }
+}
+
+impl AggregatorConfig {
+    /// The store these settings select.
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            path: self.store_path.clone(),
+            mongodb_uri: self.mongodb_uri.clone(),
+            mongodb_database: self.mongodb_database.clone(),
         }
     }
 }
@@ -83,6 +107,8 @@ impl ServiceConfig for AggregatorConfig {
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
         out.extend(self.io.problems());
+        out.extend(self.store().problems());
+        out.extend(self.retention.problems());
         if self.io.output_topic.is_empty() {
             out.push("io.output_topic must not be empty".into());
         }
@@ -95,7 +121,7 @@ impl ServiceConfig for AggregatorConfig {
 
 /// Run the aggregator.
 pub async fn run(ctx: Context, config: AggregatorConfig) -> anyhow::Result<()> {
-    let store = SqliteStore::create(&config.store_path)?;
+    let store = config.store().open(config.retention).await?;
     let mut cumulative = config.cumulative_metrics.clone();
     if let Some(path) = &config.registry_file {
         cumulative.extend(Registry::load(path)?.cumulative_metrics());

@@ -16,13 +16,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use iotp_core::contract::{Codec, DeadLetter, EnrichedTelemetry, RawEnvelope, Telemetry};
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::{Archived, DeadLetterArchive, LetterFilter};
+use iotp_core::store::{Archived, DeadLetterArchive, LetterFilter, Store};
 
 /// What the handlers share.
 pub struct Api {
     /// The archive.
-    pub store: SqliteStore,
+    pub store: Store,
     /// Producer for replays.
     pub producer: FutureProducer,
 }

@@ -30,8 +30,7 @@ use iotp_core::dead_letter::{DeadLetterConfig, DeadLetterPublisher, AMQP_TRANSIE
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::DeadLetterArchive;
+use iotp_core::store::{DeadLetterArchive, Retention, Store, StoreConfig};
 use iotp_core::topology::topology;
 use serde::{Deserialize, Serialize};
 
@@ -63,8 +62,16 @@ pub struct DlqConfig {
     pub transient_reasons: Vec<String>,
     /// Unacknowledged deliveries per queue.
     pub prefetch: u16,
-    /// Embedded store holding the archive.
+    /// Embedded store (SQLite) file holding the archive, used unless `mongodb_uri` is set.
     pub store_path: PathBuf,
+    /// MongoDB connection string: keep the archive in MongoDB instead (see [`StoreConfig`]).
+    /// Never logged.
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database.
+    pub mongodb_database: String,
+    /// Retention tiers of the shared store: on MongoDB every service opening the store sets
+    /// its TTLs from these at start-up, so give every service the same values.
+    pub retention: Retention,
     /// How long parked dead letters stay in the archive.
     #[serde(with = "humantime_serde")]
     pub archive_ttl: Duration,
@@ -85,9 +92,23 @@ impl Default for DlqConfig {
             retries: r.retry_delays.len(),
             transient_reasons: vec!["registry_unavailable".into(), "store_unavailable".into()],
             prefetch: 100,
-            store_path: PathBuf::from(".run/iotp.sqlite"),
+            store_path: StoreConfig::default().path,
+            mongodb_uri: None,
+            mongodb_database: StoreConfig::default().mongodb_database,
+            retention: Retention::default(),
             archive_ttl: Duration::from_secs(30 * 24 * 3600),
             api_listen: SocketAddr::from(([0, 0, 0, 0], 9200)),
+        }
+    }
+}
+
+impl DlqConfig {
+    /// The store these settings select.
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            path: self.store_path.clone(),
+            mongodb_uri: self.mongodb_uri.clone(),
+            mongodb_database: self.mongodb_database.clone(),
         }
     }
 }
@@ -99,6 +120,8 @@ impl ServiceConfig for DlqConfig {
 
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
+        out.extend(self.store().problems());
+        out.extend(self.retention.problems());
         if self.prefetch == 0 {
             out.push("prefetch must be at least 1".into());
         }
@@ -111,7 +134,7 @@ impl ServiceConfig for DlqConfig {
 
 /// Run the handler.
 pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
-    let store = SqliteStore::create(&config.store_path)?;
+    let store = config.store().open(config.retention).await?;
     let producer = config.kafka.producer(&ctx.replica)?;
     let api = Arc::new(api::Api {
         store: store.clone(),
@@ -297,7 +320,7 @@ async fn on_incoming(
 async fn on_parked(
     config: &DlqConfig,
     codec: &Codec<DeadLetter>,
-    store: &SqliteStore,
+    store: &Store,
     d: &Delivery,
 ) -> anyhow::Result<()> {
     let letter = codec

@@ -16,8 +16,7 @@ use iotp_core::metrics::metrics;
 use iotp_core::registry::RegistryHandle;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::TwinStore;
+use iotp_core::store::{Retention, StoreConfig, TwinStore};
 use serde::{Deserialize, Serialize};
 
 pub use enrich::{enrich, Enriched};
@@ -34,8 +33,16 @@ pub struct EnricherConfig {
     pub io: StageIo,
     /// Device registry (TOML), reloaded when it changes.
     pub registry_file: PathBuf,
-    /// Embedded store (SQLite) holding the twins.
+    /// Embedded store (SQLite) file holding the twins, used unless `mongodb_uri` is set.
     pub store_path: PathBuf,
+    /// MongoDB connection string: keep the twins in MongoDB instead (see [`StoreConfig`]).
+    /// Never logged.
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database.
+    pub mongodb_database: String,
+    /// Retention tiers of the shared store: on MongoDB every service opening the store sets
+    /// its TTLs from these at start-up, so give every service the same values.
+    pub retention: Retention,
     /// Heartbeat intervals a device may miss before it is marked offline.
     pub missed_heartbeats: u32,
     /// Store retries before the service gives up on a batch (it is then consumed again).
@@ -52,10 +59,24 @@ impl Default for EnricherConfig {
             kafka: KafkaConfig::default(),
             io: StageIo::for_service("enricher"),
             registry_file: PathBuf::from("registry.toml"),
-            store_path: PathBuf::from(".run/iotp.sqlite"),
+            store_path: StoreConfig::default().path,
+            mongodb_uri: None,
+            mongodb_database: StoreConfig::default().mongodb_database,
+            retention: Retention::default(),
             missed_heartbeats: 3,
             store_attempts: 5,
             store_retry: Duration::from_millis(100),
+        }
+    }
+}
+
+impl EnricherConfig {
+    /// The store these settings select.
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            path: self.store_path.clone(),
+            mongodb_uri: self.mongodb_uri.clone(),
+            mongodb_database: self.mongodb_database.clone(),
         }
     }
 }
@@ -68,6 +89,8 @@ impl ServiceConfig for EnricherConfig {
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
         out.extend(self.io.problems());
+        out.extend(self.store().problems());
+        out.extend(self.retention.problems());
         if !self.registry_file.exists() {
             out.push(format!(
                 "registry_file {} does not exist",
@@ -86,7 +109,7 @@ impl ServiceConfig for EnricherConfig {
 
 /// Run the enricher.
 pub async fn run(ctx: Context, config: EnricherConfig) -> anyhow::Result<()> {
-    let store = SqliteStore::create(&config.store_path)?;
+    let store = config.store().open(config.retention).await?;
     let registry = RegistryHandle::open(&config.registry_file)?;
     let stage = Enricher::new(registry, store, &config)?;
     consume::run(ctx, config.kafka, config.io, stage).await

@@ -16,10 +16,8 @@ use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
-use iotp_core::store::mongo::MongoStore;
-use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::{
-    with_retries, MessageRecord, PruneReport, Pruning, ReadingStore, Retention,
+    with_retries, MessageRecord, PruneReport, Pruning, ReadingStore, Retention, StoreConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,9 +31,9 @@ pub struct UpserterConfig {
     pub kafka: KafkaConfig,
     /// Topics, group, batching, dead letters.
     pub io: StageIo,
-    /// Embedded store (SQLite), used unless `mongodb_uri` is set.
+    /// Embedded store (SQLite) file, used unless `mongodb_uri` is set.
     pub store_path: PathBuf,
-    /// MongoDB connection string: write the raw tier to MongoDB instead. Never logged.
+    /// MongoDB connection string: use MongoDB instead (see [`StoreConfig`]). Never logged.
     pub mongodb_uri: Option<String>,
     /// MongoDB database.
     pub mongodb_database: String,
@@ -44,8 +42,9 @@ pub struct UpserterConfig {
     /// First store retry delay (doubles).
     #[serde(with = "humantime_serde")]
     pub store_retry: Duration,
-    /// Retention tiers, enforced every `io.tick_interval` (raw readings, hourly and daily
-    /// roll-ups).
+    /// Retention tiers (raw readings, hourly and daily roll-ups): on the embedded store pruned
+    /// every `io.tick_interval`; on MongoDB the TTLs set at start-up (every service opening
+    /// the store sets them: give them all the same values).
     pub retention: Retention,
 }
 
@@ -55,12 +54,23 @@ impl Default for UpserterConfig {
             common: Common::default(),
             kafka: KafkaConfig::default(),
             io: StageIo::for_service("upserter"),
-            store_path: PathBuf::from(".run/iotp.sqlite"),
+            store_path: StoreConfig::default().path,
             mongodb_uri: None,
-            mongodb_database: "iotp".into(),
+            mongodb_database: StoreConfig::default().mongodb_database,
             store_attempts: 5,
             store_retry: Duration::from_millis(100),
             retention: Retention::default(),
+        }
+    }
+}
+
+impl UpserterConfig {
+    /// The store these settings select.
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            path: self.store_path.clone(),
+            mongodb_uri: self.mongodb_uri.clone(),
+            mongodb_database: self.mongodb_database.clone(),
         }
     }
 }
@@ -74,6 +84,7 @@ impl ServiceConfig for UpserterConfig {
         let mut out = self.kafka.problems();
         out.extend(self.io.problems());
         out.extend(self.retention.problems());
+        out.extend(self.store().problems());
         if self.store_attempts == 0 {
             out.push("store_attempts must be at least 1".into());
         }
@@ -81,27 +92,9 @@ impl ServiceConfig for UpserterConfig {
     }
 }
 
-/// Run the upserter on the configured backend.
+/// Run the upserter on the configured store.
 pub async fn run(ctx: Context, config: UpserterConfig) -> anyhow::Result<()> {
-    match &config.mongodb_uri {
-        Some(uri) => {
-            let store =
-                MongoStore::connect(uri, &config.mongodb_database, config.retention).await?;
-            tracing::info!(database = %config.mongodb_database, "raw tier on MongoDB");
-            run_on(ctx, config, store).await
-        }
-        None => {
-            let store = SqliteStore::create(&config.store_path)?;
-            run_on(ctx, config, store).await
-        }
-    }
-}
-
-async fn run_on<S: ReadingStore + Pruning>(
-    ctx: Context,
-    config: UpserterConfig,
-    store: S,
-) -> anyhow::Result<()> {
+    let store = config.store().open(config.retention).await?;
     let stage = Upserter {
         store,
         codec: Codec::latest()?,

@@ -1,12 +1,16 @@
-//! The storage contract. Backends: [`sqlite`] (embedded, the default: no server needed) and,
-//! with the storage issue, MongoDB. The same contract tests run against every backend.
+//! The storage contract. Backends: [`sqlite`] (embedded, the default: no server needed) and
+//! [`mongo`] (production). [`StoreConfig`] picks one for every service; [`Store`] holds it.
+//! The same contract tests run against every backend.
 //!
 //! Digital twin rules: a device's twin is ordered by the device's own sequence number, so a
 //! replayed or late message never moves it backwards; liveness follows the newest heartbeat
 //! or reading by device time.
 
+mod backend;
 pub mod mongo;
 pub mod sqlite;
+
+pub use backend::{Store, StoreConfig};
 
 use std::collections::BTreeMap;
 use std::future::Future;
