@@ -4,7 +4,7 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 VENV ?= $(HOME)/.cache/iotp/venv
 
-.PHONY: setup up down status build test lint demo clean-run bench
+.PHONY: setup up down status build test lint demo clean-run bench load-test
 
 setup:            ## build tools and the fastavro venv
 	dev/setup.sh
@@ -36,6 +36,11 @@ test: up lint     ## everything CI runs
 
 demo: up build    ## run the pipeline end to end with a burst of simulated devices
 	dev/demo.sh
+
+SCENARIO ?= standard
+load-test: up     ## a load-tests/scenarios/$(SCENARIO).toml run through the whole pipeline (release build), audited; report in load-tests/reports/
+	$(CARGO) build --locked --release --workspace --bins
+	$${CARGO_TARGET_DIR:-target}/release/iotp-load --scenario load-tests/scenarios/$(SCENARIO).toml --bin-dir $${CARGO_TARGET_DIR:-target}/release
 
 bench:            ## criterion benchmarks of the hot paths, per-message times (no brokers needed; docs/benchmarks.md)
 	$(CARGO) bench --locked --workspace --bench '*'

@@ -1,5 +1,9 @@
 //! Device profiles and the JSON payload a device sends
-//! (`{"msgId","deviceId","seqNo","producedAt","schemaVersion","readings":[…]}`).
+//! (`{"msgId","deviceId","seqNo","producedAt","schemaVersion","readings":[…]}`), its heartbeats,
+//! and the broken payloads fault injection sends.
+//!
+//! A heartbeat carries the seqNo of the device's last telemetry message: it says "alive, last
+//! sent N" and does not consume a number, so seqNo gaps keep meaning lost readings.
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -19,7 +23,19 @@ pub enum Profile {
 impl Profile {
     /// Profiles in rotation: device `i` gets `ALL[i % 3]`.
     pub const ALL: [Profile; 3] = [Profile::EnergyMeter, Profile::Climate, Profile::Vibration];
+
+    /// Readings per telemetry message.
+    pub fn readings(self) -> i64 {
+        match self {
+            Profile::EnergyMeter => 3,
+            Profile::Climate => 2,
+            Profile::Vibration => 1,
+        }
+    }
 }
+
+/// Firmware every simulated device reports (first message and heartbeats).
+pub const FIRMWARE: &str = "sim-1.4.2";
 
 /// One reading.
 #[derive(Debug, Serialize)]
@@ -46,8 +62,15 @@ pub struct Payload<'a> {
     pub produced_at: i64,
     /// Payload format version.
     pub schema_version: u32,
-    /// Readings.
-    pub readings: Vec<Reading>,
+    /// Readings (absent in heartbeats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readings: Option<Vec<Reading>>,
+    /// Firmware version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<&'static str>,
+    /// Filler that makes an oversized payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub padding: Option<String>,
 }
 
 /// A simulated device's state.
@@ -74,6 +97,13 @@ impl Device {
 
     /// The next telemetry message.
     pub fn next_payload(&mut self, rng: &mut StdRng, now_ms: i64) -> Vec<u8> {
+        let bytes = serde_json::to_vec(&self.next_message(rng, now_ms)).unwrap_or_default();
+        self.seq_no += 1;
+        bytes
+    }
+
+    /// The next telemetry message, with its number; the caller advances `seq_no`.
+    pub fn next_message(&mut self, rng: &mut StdRng, now_ms: i64) -> Payload<'_> {
         let readings = match self.profile {
             Profile::EnergyMeter => {
                 self.energy_wh += rng.gen_range(0.0..50.0);
@@ -113,17 +143,69 @@ impl Device {
                 unit: "mm/s",
             }],
         };
-        let payload = Payload {
+        Payload {
             msg_id: uuid::Uuid::now_v7().to_string(),
             device_id: &self.id,
             seq_no: self.seq_no,
             produced_at: now_ms,
             schema_version: 1,
-            readings,
+            readings: Some(readings),
+            firmware: (self.seq_no == 0).then_some(FIRMWARE),
+            padding: None,
+        }
+    }
+
+    /// A heartbeat: no readings, the last telemetry seqNo (`last_seq_no`).
+    pub fn heartbeat(&self, last_seq_no: u64, now_ms: i64) -> Vec<u8> {
+        let payload = Payload {
+            msg_id: uuid::Uuid::now_v7().to_string(),
+            device_id: &self.id,
+            seq_no: last_seq_no,
+            produced_at: now_ms,
+            schema_version: 1,
+            readings: None,
+            firmware: Some(FIRMWARE),
+            padding: None,
         };
-        self.seq_no += 1;
         serde_json::to_vec(&payload).unwrap_or_default()
     }
+}
+
+/// Bytes of an oversized payload: above the parser's 64 KiB limit, below Mosquitto's 1 MiB.
+pub const OVERSIZED_BYTES: usize = 80 * 1024;
+
+/// Encode a telemetry message, applying a payload fault.
+pub fn encode(mut payload: Payload<'_>, fault: PayloadFault) -> Vec<u8> {
+    match fault {
+        PayloadFault::None => serde_json::to_vec(&payload).unwrap_or_default(),
+        PayloadFault::ClockSkew(ahead_ms) => {
+            payload.produced_at += ahead_ms;
+            serde_json::to_vec(&payload).unwrap_or_default()
+        }
+        PayloadFault::Oversized => {
+            payload.padding = Some("x".repeat(OVERSIZED_BYTES));
+            serde_json::to_vec(&payload).unwrap_or_default()
+        }
+        PayloadFault::Malformed => {
+            // Cut mid-object: a device that lost power while writing its buffer.
+            let mut bytes = serde_json::to_vec(&payload).unwrap_or_default();
+            bytes.truncate(bytes.len() / 2);
+            bytes
+        }
+    }
+}
+
+/// What is wrong with a payload on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFault {
+    /// Nothing.
+    None,
+    /// producedAt this many ms ahead of the real clock.
+    ClockSkew(i64),
+    /// Padded past the parser's size limit.
+    Oversized,
+    /// Truncated JSON.
+    Malformed,
 }
 
 /// The registry TOML (profiles and the first `registered` devices) for a fleet.

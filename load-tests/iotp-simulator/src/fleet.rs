@@ -1,162 +1,428 @@
-//! Runs the fleet: one MQTT 5 connection per device, QoS 1, persistent sessions, a bounded
-//! number of unacknowledged publishes per device, and an optional fleet-wide rate.
+//! Runs the fleet: one MQTT 5 connection per device, QoS 1, persistent sessions, at most
+//! `max_inflight` unacknowledged publishes per device, an optional fleet-wide rate, and a
+//! ledger of which message the broker acknowledged (PUBACK matched to the message by packet
+//! id; a retransmission after a reconnect keeps its packet id).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::Outgoing;
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
-use crate::device::Device;
+use crate::device::{encode, Device, PayloadFault};
+use crate::plan::{DevicePlan, Fault, Step};
+use crate::scenario::Scenario;
 
-/// Options.
-#[derive(Debug, Parser, Clone)]
-#[command(about = "Simulate a device fleet publishing telemetry over MQTT")]
-pub struct Args {
+/// Where and as whom the fleet publishes.
+#[derive(Debug, Clone)]
+pub struct Target {
     /// MQTT broker host.
-    #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// MQTT broker port (the project's Mosquitto is 1884).
-    #[arg(long, default_value_t = 1884)]
+    /// MQTT broker port.
     pub port: u16,
     /// Tenant of every device.
-    #[arg(long, default_value = "demo")]
     pub tenant: String,
-    /// Number of devices (one connection each).
-    #[arg(long, default_value_t = 100)]
-    pub devices: usize,
-    /// Telemetry messages per device.
-    #[arg(long, default_value_t = 100)]
-    pub messages: u64,
-    /// Fleet-wide publish rate, messages/s (0 = as fast as the broker acknowledges).
-    #[arg(long, default_value_t = 0)]
-    pub rate: u64,
-    /// First sequence number of every device (a device's numbering continues across runs).
-    #[arg(long, default_value_t = 0)]
+    /// First seqNo of every device (numbering continues across runs).
     pub seq_start: u64,
-    /// Seed for the readings.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Give up waiting for acknowledgements after this many seconds.
-    #[arg(long, default_value_t = 300)]
-    pub timeout_secs: u64,
-    /// Write a device registry (TOML) for the fleet to this file and exit.
-    #[arg(long)]
-    pub write_registry: Option<std::path::PathBuf>,
-    /// With --write-registry: register only the first N devices (the rest are unknown to the
-    /// pipeline and end up quarantined).
-    #[arg(long)]
-    pub registered: Option<usize>,
+    /// Topics are `{prefix}/{tenant}/{deviceId}/{kind}`; the pipeline's prefix is `iot`.
+    pub topic_prefix: String,
 }
 
-/// What happened.
-#[derive(Debug, Serialize)]
-pub struct Summary {
-    /// Devices that took part.
-    pub devices: usize,
-    /// Publishes attempted.
-    pub attempted: u64,
-    /// Publishes the broker acknowledged (PUBACK).
-    pub acked: u64,
-    /// Wall time, seconds.
-    pub seconds: f64,
-    /// Acknowledged messages per second.
-    pub rate: f64,
+/// Live counters, for a progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Publishes handed to the client (telemetry, resends, heartbeats).
+    pub published: AtomicU64,
+    /// PUBACKs with a success reason.
+    pub acked: AtomicU64,
+    /// Connection errors (each followed by a reconnect).
+    pub connection_errors: AtomicU64,
+    /// Acks per second since the start.
+    pub acks_per_second: Mutex<Vec<u64>>,
 }
 
-/// Run the fleet to completion.
-pub async fn run(args: Args) -> anyhow::Result<Summary> {
-    let acked = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let per_device_interval =
-        (args.rate > 0).then(|| Duration::from_secs_f64(args.devices as f64 / args.rate as f64));
-    let mut tasks = Vec::with_capacity(args.devices);
-    for index in 0..args.devices {
-        let args = args.clone();
-        let acked = acked.clone();
+/// What one device sent and what the broker acknowledged. Index = seqNo - seq_start.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceLedger {
+    /// Device id.
+    pub id: String,
+    /// In the registry.
+    pub registered: bool,
+    /// Readings per telemetry message.
+    pub readings: i64,
+    /// The fault each seqNo carries.
+    #[serde(skip)]
+    pub faults: Vec<Option<Fault>>,
+    /// Publishes of each seqNo (a resend makes 2).
+    #[serde(skip)]
+    pub publishes: Vec<u16>,
+    /// PUBACKs of each seqNo.
+    #[serde(skip)]
+    pub acks: Vec<u16>,
+    /// Heartbeats acknowledged.
+    pub heartbeats_acked: u64,
+    /// Device time of the last acknowledged heartbeat, epoch ms.
+    pub last_heartbeat_at: i64,
+    /// PUBACKs with an error reason (the broker refused the message).
+    pub refused: u64,
+    /// Publishes lost by the client because the broker had no session on reconnect.
+    pub abandoned: u64,
+}
+
+/// The whole run.
+#[derive(Debug)]
+pub struct FleetRun {
+    /// Per device.
+    pub devices: Vec<DeviceLedger>,
+    /// First seqNo.
+    pub seq_start: u64,
+    /// When publishing started / ended, epoch ms.
+    pub started_at: i64,
+    /// When the last PUBACK arrived (or the run gave up), epoch ms.
+    pub finished_at: i64,
+}
+
+impl FleetRun {
+    /// Telemetry publishes acknowledged (resends included, heartbeats not).
+    pub fn acked(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|d| d.acks.iter().map(|a| u64::from(*a)).sum::<u64>())
+            .sum()
+    }
+
+    /// Heartbeats acknowledged.
+    pub fn heartbeats(&self) -> u64 {
+        self.devices.iter().map(|d| d.heartbeats_acked).sum()
+    }
+
+    /// Telemetry publishes attempted (resends included, heartbeats not).
+    pub fn published(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|d| d.publishes.iter().map(|a| u64::from(*a)).sum::<u64>())
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Telemetry(usize),
+    Heartbeat(i64),
+}
+
+struct Shared {
+    order: VecDeque<Item>,
+    inflight: HashMap<u16, Item>,
+    ledger: DeviceLedger,
+}
+
+struct Run {
+    target: Target,
+    scenario: Scenario,
+    interval: Option<Duration>,
+    started: Instant,
+    progress: Arc<Progress>,
+}
+
+/// Run the planned fleet to completion (or until acknowledgements stall).
+pub async fn run(
+    target: Target,
+    scenario: &Scenario,
+    plans: Vec<DevicePlan>,
+    progress: Arc<Progress>,
+) -> anyhow::Result<FleetRun> {
+    let started_at = now_millis();
+    let total_devices = plans.len();
+    let run = Arc::new(Run {
+        interval: (scenario.rate > 0)
+            .then(|| Duration::from_secs_f64(total_devices as f64 / scenario.rate as f64)),
+        target: target.clone(),
+        scenario: scenario.clone(),
+        started: Instant::now(),
+        progress,
+    });
+    let mut tasks = Vec::with_capacity(total_devices);
+    for (n, plan) in plans.into_iter().enumerate() {
+        let run = run.clone();
+        let delay = scenario
+            .ramp_up
+            .mul_f64(n as f64 / total_devices.max(1) as f64);
         tasks.push(tokio::spawn(async move {
-            run_device(index, args, per_device_interval, acked).await
+            tokio::time::sleep(delay).await;
+            run_device(plan, run).await
         }));
     }
+    let mut devices = Vec::with_capacity(tasks.len());
     for t in tasks {
-        t.await??;
+        devices.push(t.await??);
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let acked = acked.load(Ordering::Relaxed);
-    Ok(Summary {
-        devices: args.devices,
-        attempted: args.devices as u64 * args.messages,
-        acked,
-        seconds,
-        rate: acked as f64 / seconds,
+    Ok(FleetRun {
+        devices,
+        seq_start: target.seq_start,
+        started_at,
+        finished_at: now_millis(),
     })
 }
 
-async fn run_device(
-    index: usize,
-    args: Args,
-    interval: Option<Duration>,
-    acked: Arc<AtomicU64>,
-) -> anyhow::Result<()> {
-    let mut device = Device::new(index);
-    device.seq_no = args.seq_start;
-    let mut opts = MqttOptions::new(
-        format!("sim-{}-{}", args.tenant, device.id),
-        &args.host,
-        args.port,
-    );
-    opts.set_keep_alive(Duration::from_secs(30))
+async fn run_device(plan: DevicePlan, run: Arc<Run>) -> anyhow::Result<DeviceLedger> {
+    let t = &run.target;
+    let max_inflight = run.scenario.max_inflight;
+    let mut opts = MqttOptions::new(format!("sim-{}-{}", t.tenant, plan.id), &t.host, t.port);
+    opts.set_keep_alive(Duration::from_secs(60))
         .set_clean_start(false)
-        .set_session_expiry_interval(Some(3600));
-    let (client, mut eventloop) = AsyncClient::new(opts, 128);
-    let topic = format!("iot/{}/{}/telemetry", args.tenant, device.id);
-    let mut rng = StdRng::seed_from_u64(args.seed ^ index as u64);
-    let total = args.messages;
-    let publisher = {
-        let client = client.clone();
+        .set_session_expiry_interval(Some(3600))
+        .set_max_packet_size(Some(2 * 1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(opts, max_inflight + 8);
+    let n = plan.seq_count as usize;
+    let shared = Arc::new(Mutex::new(Shared {
+        order: VecDeque::new(),
+        inflight: HashMap::new(),
+        ledger: DeviceLedger {
+            id: plan.id.clone(),
+            registered: plan.registered,
+            readings: plan.profile.readings(),
+            faults: plan.faults(),
+            publishes: vec![0; n],
+            acks: vec![0; n],
+            heartbeats_acked: 0,
+            last_heartbeat_at: 0,
+            refused: 0,
+            abandoned: 0,
+        },
+    }));
+    let permits = Arc::new(Semaphore::new(max_inflight));
+    let offline_until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let last_ack = Arc::new(Mutex::new(Instant::now()));
+
+    let events = {
+        let shared = shared.clone();
+        let permits = permits.clone();
+        let offline_until = offline_until.clone();
+        let last_ack = last_ack.clone();
+        let run = run.clone();
+        let stall = run.scenario.stall_timeout;
         tokio::spawn(async move {
-            let mut tick = interval.map(tokio::time::interval);
-            for _ in 0..total {
-                if let Some(t) = tick.as_mut() {
-                    t.tick().await;
+            loop {
+                if last_ack.lock().map(|t| t.elapsed() > stall).unwrap_or(true) {
+                    break;
                 }
-                let payload = device.next_payload(&mut rng, now_millis());
-                client
-                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
-                    .await?;
+                match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+                    Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                        let mut s = shared.lock().expect("device state");
+                        // A retransmission keeps its packet id: only a new id takes the next
+                        // queued message.
+                        if !s.inflight.contains_key(&pkid) {
+                            if let Some(item) = s.order.pop_front() {
+                                s.inflight.insert(pkid, item);
+                            }
+                        }
+                    }
+                    Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                        let mut s = shared.lock().expect("device state");
+                        if let Some(item) = s.inflight.remove(&ack.pkid) {
+                            let ok = matches!(
+                                ack.reason,
+                                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                            );
+                            match (ok, item) {
+                                (true, Item::Telemetry(i)) => s.ledger.acks[i] += 1,
+                                (true, Item::Heartbeat(at)) => {
+                                    s.ledger.heartbeats_acked += 1;
+                                    s.ledger.last_heartbeat_at = s.ledger.last_heartbeat_at.max(at);
+                                }
+                                (false, _) => s.ledger.refused += 1,
+                            }
+                            if ok {
+                                run.progress.acked.fetch_add(1, Ordering::Relaxed);
+                                let second = run.started.elapsed().as_secs() as usize;
+                                if let Ok(mut v) = run.progress.acks_per_second.lock() {
+                                    if v.len() <= second {
+                                        v.resize(second + 1, 0);
+                                    }
+                                    v[second] += 1;
+                                }
+                            }
+                            permits.add_permits(1);
+                            if let Ok(mut t) = last_ack.lock() {
+                                *t = Instant::now();
+                            }
+                        }
+                    }
+                    Ok(Ok(Event::Incoming(Packet::ConnAck(connack)))) => {
+                        if !connack.session_present {
+                            // rumqttc drops what was pending: the device gives those up.
+                            let mut s = shared.lock().expect("device state");
+                            let lost = s.inflight.len();
+                            s.inflight.clear();
+                            s.ledger.abandoned += lost as u64;
+                            permits.add_permits(lost);
+                        }
+                    }
+                    Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => {
+                        let until = offline_until.lock().ok().and_then(|mut o| o.take());
+                        match until {
+                            Some(until) => {
+                                tokio::time::sleep_until(until.into()).await;
+                                if let Ok(mut t) = last_ack.lock() {
+                                    *t = Instant::now();
+                                }
+                            }
+                            None => break,
+                        }
+                    }
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(_)) => {
+                        run.progress
+                            .connection_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
             }
-            anyhow::Ok(())
         })
     };
-    let mut done = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    while done < total && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
-                done += 1;
-                acked.fetch_add(1, Ordering::Relaxed);
+
+    let topic = format!("{}/{}/{}/telemetry", t.topic_prefix, t.tenant, plan.id);
+    let heartbeat_topic = format!("{}/{}/{}/heartbeat", t.topic_prefix, t.tenant, plan.id);
+    let mut device = Device::new(plan.index);
+    let mut rng = StdRng::seed_from_u64(run.scenario.seed ^ plan.index as u64);
+    let mut tick = run.interval.map(tokio::time::interval);
+    let mut last: Option<(usize, Vec<u8>)> = None;
+    let mut highest = 0u64;
+    let stall = run.scenario.stall_timeout;
+    let send = |item: Item, topic: String, bytes: Vec<u8>| {
+        let shared = shared.clone();
+        let client = client.clone();
+        let permits = permits.clone();
+        let progress = run.progress.clone();
+        async move {
+            tokio::time::timeout(stall, permits.acquire())
+                .await
+                .map_err(|_| anyhow::anyhow!("no PUBACK for {stall:?}"))??
+                .forget();
+            {
+                let mut s = shared.lock().expect("device state");
+                if let Item::Telemetry(i) = item {
+                    s.ledger.publishes[i] += 1;
+                }
+                s.order.push_back(item);
             }
-            Ok(Ok(_)) | Err(_) => {}
-            Ok(Err(e)) => {
-                // rumqttc reconnects on the next poll; the session resends what was not acked.
-                eprintln!("device {index}: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            progress.published.fetch_add(1, Ordering::Relaxed);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, bytes)
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    let mut outcome = Ok(());
+    for step in &plan.steps {
+        if let Some(tick) = tick.as_mut() {
+            tick.tick().await;
+        }
+        let result = match *step {
+            Step::Telemetry { seq, fault } => {
+                device.seq_no = t.seq_start + seq;
+                highest = highest.max(device.seq_no);
+                let payload_fault = fault.map(Fault::payload).unwrap_or(PayloadFault::None);
+                let bytes = encode(device.next_message(&mut rng, now_millis()), payload_fault);
+                last = Some((seq as usize, bytes.clone()));
+                send(Item::Telemetry(seq as usize), topic.clone(), bytes).await
             }
+            Step::Resend => match &last {
+                Some((i, bytes)) => send(Item::Telemetry(*i), topic.clone(), bytes.clone()).await,
+                None => Ok(()),
+            },
+            Step::Heartbeat => {
+                let at = now_millis();
+                send(
+                    Item::Heartbeat(at),
+                    heartbeat_topic.clone(),
+                    device.heartbeat(highest, at),
+                )
+                .await
+            }
+            Step::Offline { first, count } => {
+                go_offline(
+                    &client,
+                    &permits,
+                    max_inflight,
+                    &offline_until,
+                    run.scenario.faults.offline_for,
+                )
+                .await;
+                // Measure while offline, stamping each reading when it was taken.
+                let gap = run.scenario.faults.offline_for / count.max(1) as u32;
+                let mut backlog = Vec::with_capacity(count as usize);
+                for seq in first..first + count {
+                    tokio::time::sleep(gap).await;
+                    device.seq_no = t.seq_start + seq;
+                    highest = highest.max(device.seq_no);
+                    backlog.push((
+                        seq,
+                        encode(
+                            device.next_message(&mut rng, now_millis()),
+                            PayloadFault::None,
+                        ),
+                    ));
+                }
+                let mut r = Ok(());
+                for (seq, bytes) in backlog {
+                    r = send(Item::Telemetry(seq as usize), topic.clone(), bytes).await;
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                r
+            }
+        };
+        if let Err(e) = result {
+            outcome = Err(e);
+            break;
         }
     }
-    publisher.await??;
-    client.disconnect().await?;
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-    Ok(())
+    // Wait for the last acknowledgements (or a stall), then leave.
+    let drained = tokio::time::timeout(stall, permits.acquire_many(max_inflight as u32)).await;
+    if let Ok(Ok(p)) = drained {
+        p.forget();
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+    if let Err(e) = outcome {
+        eprintln!("device {}: {e:#}", plan.id);
+    }
+    let ledger = shared.lock().expect("device state").ledger.clone();
+    Ok(ledger)
 }
 
-fn now_millis() -> i64 {
+/// Wait until everything sent is acknowledged, then disconnect; the event loop sleeps through
+/// the offline time before it reconnects.
+async fn go_offline(
+    client: &AsyncClient,
+    permits: &Semaphore,
+    max_inflight: usize,
+    offline_until: &Mutex<Option<Instant>>,
+    offline_for: Duration,
+) {
+    if let Ok(p) = permits.acquire_many(max_inflight as u32).await {
+        drop(p);
+    }
+    if let Ok(mut o) = offline_until.lock() {
+        *o = Some(Instant::now() + offline_for);
+    }
+    let _ = client.disconnect().await;
+}
+
+/// Wall clock, epoch ms.
+pub fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -175,3 +175,41 @@ pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> Result<i64, Kafk
     .await
     .unwrap_or(Err(KafkaError::Canceled))
 }
+
+/// A consumer group's lag on `topic`: records past its committed offsets, summed over the
+/// partitions (what KEDA's Kafka scaler reads).
+pub async fn consumer_lag(
+    kafka: &KafkaConfig,
+    group: &str,
+    topic: &str,
+) -> Result<i64, KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut config = kafka.base("iotp-lag");
+    config.set("group.id", group);
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut partitions = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                partitions.add_partition(&topic, p.id());
+            }
+        }
+        let committed = consumer.committed_offsets(partitions, timeout)?;
+        let mut lag = 0;
+        for e in committed.elements() {
+            let (low, high) = consumer.fetch_watermarks(&topic, e.partition(), timeout)?;
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            lag += (high - at).max(0);
+        }
+        Ok(lag)
+    })
+    .await
+    .unwrap_or(Err(KafkaError::Canceled))
+}

@@ -75,6 +75,17 @@ async fn reading_contract<S: ReadingStore>(store: &S) {
         12,
         "two readings per message, once each"
     );
+    let page = store.stored_messages(&tenant, None, 4).await.unwrap();
+    let seqs: Vec<i64> = page.iter().map(|m| m.seq_no).collect();
+    assert_eq!(seqs, [0, 1, 2, 3], "first page, in seqNo order");
+    assert!(page.iter().all(|m| m.readings == 2 && m.device_id == "d1"));
+    assert_eq!(page[1].msg_id, "d1-1");
+    assert!(page[0].stored_at >= page[0].produced_at);
+    let rest = store
+        .stored_messages(&tenant, Some(("d1".into(), 3)), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest.iter().map(|m| m.seq_no).collect::<Vec<_>>(), [5, 6]);
     assert_eq!(
         store
             .update_seq_gaps(&[(tenant.clone(), "d1".into())])

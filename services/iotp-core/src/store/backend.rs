@@ -9,8 +9,8 @@ use super::mongo::MongoStore;
 use super::sqlite::SqliteStore;
 use super::{
     Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter, MessageRecord, Observation,
-    PruneReport, Pruning, ReadingStore, Retention, RollupStore, StoreError, Twin, TwinStore,
-    WriteReport,
+    PruneReport, Pruning, ReadingStore, Retention, RollupStore, StoreError, StoredMessage, Twin,
+    TwinStore, WriteReport,
 };
 use crate::contract::DeadLetter;
 
@@ -131,6 +131,15 @@ impl ReadingStore for Store {
 
     async fn reading_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
         delegate!(self, s => s.reading_count(tenant))
+    }
+
+    async fn stored_messages(
+        &self,
+        tenant: &str,
+        after: Option<(String, i64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        delegate!(self, s => s.stored_messages(tenant, after, limit))
     }
 
     async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {

@@ -224,6 +224,23 @@ pub struct WriteReport {
     pub duplicates: u64,
 }
 
+/// One stored message as an audit sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Device id.
+    pub device_id: String,
+    /// Device sequence number.
+    pub seq_no: i64,
+    /// Device message id.
+    pub msg_id: String,
+    /// Device time, epoch ms.
+    pub produced_at: i64,
+    /// When the store took it, epoch ms.
+    pub stored_at: i64,
+    /// Readings stored for it (more than the device sent means a duplicate).
+    pub readings: i64,
+}
+
 /// The readings part of the storage contract (raw tier).
 pub trait ReadingStore: Send + Sync + 'static {
     /// Store each message exactly once, whatever the redeliveries; the whole batch is durable
@@ -242,6 +259,14 @@ pub trait ReadingStore: Send + Sync + 'static {
         &self,
         tenant: Option<&str>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// A tenant's stored messages ordered by (deviceId, seqNo), the page after `after`
+    /// (exclusive), at most `limit`.
+    fn stored_messages(
+        &self,
+        tenant: &str,
+        after: Option<(String, i64)>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredMessage>, StoreError>> + Send;
     /// Recompute the seqNo gaps of these devices (numbers between the lowest and highest
     /// stored that were never stored) into their twins; returns the total over them.
     fn update_seq_gaps(

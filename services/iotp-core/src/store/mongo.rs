@@ -30,7 +30,8 @@ use mongodb::options::{CollectionOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
 
 use super::{
-    MessageRecord, PruneReport, Pruning, ReadingStore, Retention, StoreError, WriteReport,
+    MessageRecord, PruneReport, Pruning, ReadingStore, Retention, StoreError, StoredMessage,
+    WriteReport,
 };
 
 /// Collection names.
@@ -365,6 +366,7 @@ impl ReadingStore for MongoStore {
                 doc! {
                     "_id": key_id(&m.tenant, &m.device_id, m.seq_no),
                     "tenant": &m.tenant, "deviceId": &m.device_id, "seqNo": m.seq_no,
+                    "msgId": &m.msg_id, "producedAt": DateTime::from_millis(m.produced_at),
                     "state": "pending", "owner": &self.owner, "leaseUntil": lease_until,
                     "expireAt": DateTime::from_millis(m.produced_at + self.retention.raw.as_millis() as i64),
                 }
@@ -437,7 +439,7 @@ impl ReadingStore for MongoStore {
         for chunk in done.chunks(self.batch_size) {
             keys.update_many(
                 doc! { "_id": { "$in": chunk } },
-                doc! { "$set": { "state": "done" }, "$unset": { "leaseUntil": "" } },
+                doc! { "$set": { "state": "done", "storedAt": DateTime::now() }, "$unset": { "leaseUntil": "" } },
             )
             .await
             .map_err(backend)?;
@@ -466,6 +468,77 @@ impl ReadingStore for MongoStore {
             .count_documents(filter)
             .await
             .map_err(backend)
+    }
+
+    /// Pages `message_keys` (index `device_seq`), then counts each page's readings.
+    async fn stored_messages(
+        &self,
+        tenant: &str,
+        after: Option<(String, i64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let keys: Vec<Document> = self
+            .collection(MESSAGE_KEYS)
+            .find(stored_page_filter(tenant, after.as_ref()))
+            .sort(doc! { "tenant": 1, "deviceId": 1, "seqNo": 1 })
+            .limit(limit as i64)
+            .await
+            .map_err(backend)?
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        let mut out: Vec<StoredMessage> = keys
+            .iter()
+            .map(|k| StoredMessage {
+                device_id: k.get_str("deviceId").unwrap_or_default().to_string(),
+                seq_no: k.get_i64("seqNo").unwrap_or_default(),
+                msg_id: k.get_str("msgId").unwrap_or_default().to_string(),
+                produced_at: k
+                    .get_datetime("producedAt")
+                    .map(|d| d.timestamp_millis())
+                    .unwrap_or_default(),
+                stored_at: k
+                    .get_datetime("storedAt")
+                    .map(|d| d.timestamp_millis())
+                    .unwrap_or_default(),
+                readings: 0,
+            })
+            .collect();
+        let (Some(first), Some(last)) = (out.first(), out.last()) else {
+            return Ok(out);
+        };
+        let pipeline = vec![
+            doc! { "$match": {
+                "meta.tenant": tenant,
+                "meta.deviceId": { "$gte": &first.device_id, "$lte": &last.device_id },
+            } },
+            doc! { "$group": { "_id": { "d": "$meta.deviceId", "s": "$seqNo" }, "n": { "$sum": 1 } } },
+        ];
+        let counts: HashMap<(String, i64), i64> = self
+            .collection(READINGS)
+            .aggregate(pipeline)
+            .await
+            .map_err(backend)?
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(backend)?
+            .iter()
+            .filter_map(|d| {
+                let id = d.get_document("_id").ok()?;
+                let n = d.get_i32("n").map(i64::from).ok()?;
+                Some((
+                    (id.get_str("d").ok()?.to_string(), id.get_i64("s").ok()?),
+                    n,
+                ))
+            })
+            .collect();
+        for m in &mut out {
+            m.readings = counts
+                .get(&(m.device_id.clone(), m.seq_no))
+                .copied()
+                .unwrap_or(0);
+        }
+        Ok(out)
     }
 
     async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {
@@ -509,6 +582,17 @@ impl Pruning for MongoStore {
     /// Nothing to do: TTL indexes and `expireAfterSeconds` expire data server-side.
     async fn prune(&self, _now_ms: i64, _retention: &Retention) -> Result<PruneReport, StoreError> {
         Ok(PruneReport::default())
+    }
+}
+
+/// The `find` filter for one page of a tenant's stored messages, after `(deviceId, seqNo)`.
+pub fn stored_page_filter(tenant: &str, after: Option<&(String, i64)>) -> Document {
+    match after {
+        None => doc! { "tenant": tenant, "state": "done" },
+        Some((device, seq_no)) => doc! {
+            "tenant": tenant, "state": "done",
+            "$or": [ { "deviceId": { "$gt": device } }, { "deviceId": device, "seqNo": { "$gt": seq_no } } ],
+        },
     }
 }
 
@@ -671,5 +755,20 @@ mod tests {
         );
         assert_eq!(docs[1].get("unit"), Some(&Bson::Null));
         assert_eq!(docs[0].get_i64("seqNo").expect("seq"), 7);
+    }
+
+    #[test]
+    fn audit_pages_continue_after_the_last_key() {
+        assert_eq!(
+            stored_page_filter("acme", None),
+            doc! { "tenant": "acme", "state": "done" }
+        );
+        let next = stored_page_filter("acme", Some(&("m-1".to_string(), 9)));
+        let or = next.get_array("$or").expect("or");
+        assert_eq!(or[0], Bson::from(doc! { "deviceId": { "$gt": "m-1" } }));
+        assert_eq!(
+            or[1],
+            Bson::from(doc! { "deviceId": "m-1", "seqNo": { "$gt": 9i64 } })
+        );
     }
 }

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{
     fold, fold_reading, Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter,
     MessageRecord, Observation, PruneReport, Pruning, ReadingStore, Retention, RollupStore,
-    StoreError, Twin, TwinStore, WriteReport, GRANULARITIES,
+    StoreError, StoredMessage, Twin, TwinStore, WriteReport, GRANULARITIES,
 };
 use crate::contract::DeadLetter;
 
@@ -128,7 +128,7 @@ impl SqliteStore {
             .map_err(backend)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
+        conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
         // Columns added after a table first shipped: a store file from an older version gains them.
@@ -182,6 +182,15 @@ impl SqliteStore {
         .await
         .map_err(backend)?
     }
+}
+
+/// A write transaction that takes the write lock up front (`BEGIN IMMEDIATE`). Several
+/// services share the store file: a deferred transaction that reads first and then writes
+/// gets SQLITE_BUSY at once, without waiting, when another process wrote in between (its
+/// snapshot is stale); an immediate one waits its turn under the busy timeout.
+fn write_transaction(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(backend)
 }
 
 fn add_column_if_missing(
@@ -253,7 +262,7 @@ impl TwinStore for SqliteStore {
     async fn apply(&self, observations: &[Observation]) -> Result<(), StoreError> {
         let observations = observations.to_vec();
         self.with(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = write_transaction(conn)?;
             let mut twins: std::collections::HashMap<(String, String), Twin> = std::collections::HashMap::new();
             for obs in &observations {
                 let key = (obs.tenant.clone(), obs.device_id.clone());
@@ -322,7 +331,7 @@ impl ReadingStore for SqliteStore {
         let messages = messages.to_vec();
         self.with(move |conn| {
             let now = crate::now_millis();
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = write_transaction(conn)?;
             let mut report = WriteReport::default();
             {
                 let mut message = tx
@@ -365,10 +374,45 @@ impl ReadingStore for SqliteStore {
         self.count_rows("readings", tenant).await
     }
 
+    async fn stored_messages(
+        &self,
+        tenant: &str,
+        after: Option<(String, i64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let tenant = tenant.to_string();
+        let (after_device, after_seq) = after.unwrap_or((String::new(), i64::MIN));
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT m.device_id, m.seq_no, m.msg_id, m.produced_at, m.stored_at,
+                            (SELECT count(*) FROM readings r WHERE r.tenant = m.tenant AND r.device_id = m.device_id AND r.seq_no = m.seq_no)
+                     FROM messages m
+                     WHERE m.tenant = ?1 AND (m.device_id, m.seq_no) > (?2, ?3)
+                     ORDER BY m.device_id, m.seq_no LIMIT ?4",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![tenant, after_device, after_seq, limit as i64], |r| {
+                    Ok(StoredMessage {
+                        device_id: r.get(0)?,
+                        seq_no: r.get(1)?,
+                        msg_id: r.get(2)?,
+                        produced_at: r.get(3)?,
+                        stored_at: r.get(4)?,
+                        readings: r.get(5)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
     async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {
         let devices = devices.to_vec();
         self.with(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = write_transaction(conn)?;
             let mut total = 0u64;
             for (tenant, device) in &devices {
                 let gaps: i64 = tx
@@ -421,7 +465,7 @@ impl RollupStore for SqliteStore {
     ) -> Result<FoldReport, StoreError> {
         let (messages, cumulative) = (messages.to_vec(), cumulative.to_vec());
         self.with(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = write_transaction(conn)?;
             let mut report = FoldReport::default();
             {
                 let mut applied = tx
@@ -515,7 +559,7 @@ impl RollupStore for SqliteStore {
     async fn mark_published(&self, buckets: &[Bucket]) -> Result<(), StoreError> {
         let buckets = buckets.to_vec();
         self.with(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = write_transaction(conn)?;
             for b in &buckets {
                 tx.execute(
                     "UPDATE rollups SET published_revision = max(published_revision, ?6)
@@ -549,7 +593,7 @@ impl Pruning for SqliteStore {
         let r = *retention;
         self.with(move |conn| {
             let cutoff = |d: std::time::Duration| now_ms - d.as_millis() as i64;
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = write_transaction(conn)?;
             let raw = tx
                 .execute(
                     "DELETE FROM messages WHERE produced_at < ?1",
@@ -681,7 +725,7 @@ impl DeadLetterArchive for SqliteStore {
     async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
         let ids = ids.to_vec();
         self.with(move |conn| {
-            let tx = conn.transaction().map_err(backend)?;
+            let tx = write_transaction(conn)?;
             for id in &ids {
                 tx.execute(
                     "UPDATE dead_letters SET replayed_at = ?2, replays = replays + 1 WHERE id = ?1",

@@ -1,0 +1,545 @@
+//! Reconcile what the devices were acknowledged for against what the store and the dead-letter
+//! archive hold: lost, duplicated, unexpected, every dead letter matched to the fault that
+//! caused it, every device's twin checked, and device→store latency.
+
+use std::collections::{BTreeMap, HashMap};
+
+use iotp_core::store::{Archived, StoredMessage, Twin};
+use serde::Serialize;
+
+use crate::device::FIRMWARE;
+use crate::fleet::FleetRun;
+use crate::plan::{Expected, Fault};
+
+/// Examples kept per finding.
+const SAMPLES: usize = 20;
+
+/// A count with examples.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    /// How many.
+    pub count: u64,
+    /// Up to 20 examples (`device/seqNo: detail`).
+    pub examples: Vec<String>,
+}
+
+impl Finding {
+    fn add(&mut self, example: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.examples.len() < SAMPLES {
+            self.examples.push(example());
+        }
+    }
+}
+
+/// One fault kind's accounting.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FaultLine {
+    /// The fault.
+    pub fault: Fault,
+    /// The outcome owed.
+    pub expected: String,
+    /// Messages carrying it that the broker acknowledged.
+    pub injected: u64,
+    /// Of those, with the expected outcome.
+    pub accounted: u64,
+}
+
+/// Percentiles, ms.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 95th.
+    pub p95: f64,
+    /// 99th.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Of these samples (sorted in place).
+    pub fn of(samples: &mut [i64]) -> Self {
+        samples.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return 0.0;
+            }
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i] as f64
+        };
+        Self {
+            count: samples.len() as u64,
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+            max: samples.last().map(|v| *v as f64).unwrap_or(0.0),
+        }
+    }
+}
+
+/// One second of the run (by store time).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Second {
+    /// Seconds since the first publish.
+    pub at: i64,
+    /// Messages the store took in that second.
+    pub stored: u64,
+    /// Their device→store latency, ms.
+    pub latency: Percentiles,
+}
+
+/// The audit's result.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Audit {
+    /// Distinct telemetry messages (device, seqNo) the broker acknowledged.
+    pub acked_messages: u64,
+    /// Of those, owed to the store.
+    pub expected_stored: u64,
+    /// Of those, owed to the dead-letter archive.
+    pub expected_dead_letters: u64,
+    /// Messages of the run's tenant in the store.
+    pub stored: u64,
+    /// Dead letters of the run's tenant in the archive.
+    pub dead_letters: u64,
+    /// Acknowledged, owed to the store, not there (nor, wrongly, dead-lettered).
+    pub lost: Finding,
+    /// Stored more than once (more readings than the device sent).
+    pub duplicated: Finding,
+    /// Stored with fewer readings than the device sent.
+    pub incomplete: Finding,
+    /// Stored but never sent, or sent to be rejected.
+    pub unexpected: Finding,
+    /// Dead letters no injected fault explains.
+    pub unexplained_dead_letters: Finding,
+    /// Faults owed a dead letter that has none.
+    pub missing_dead_letters: Finding,
+    /// Published but never acknowledged (the device would send again); stored or not, not
+    /// counted as lost.
+    pub unacknowledged: u64,
+    /// Of those, stored anyway (the PUBACK was what got lost).
+    pub unacknowledged_but_stored: u64,
+    /// Per fault kind.
+    pub faults: Vec<FaultLine>,
+    /// Twins checked (registered devices).
+    pub twins_checked: u64,
+    /// Twins missing, behind the store, or without the device's firmware or last heartbeat.
+    pub twins_wrong: Finding,
+    /// Device→store latency (producedAt to the store's commit) of messages without faults.
+    pub latency_ms: Percentiles,
+    /// Per second.
+    pub timeline: Vec<Second>,
+    /// First and last store time, epoch ms.
+    pub first_stored_at: i64,
+    /// Last.
+    pub last_stored_at: i64,
+}
+
+impl Audit {
+    /// Nothing lost, duplicated or unexpected, every fault accounted for, every twin right.
+    pub fn passed(&self) -> bool {
+        self.lost.count == 0
+            && self.duplicated.count == 0
+            && self.incomplete.count == 0
+            && self.unexpected.count == 0
+            && self.unexplained_dead_letters.count == 0
+            && self.missing_dead_letters.count == 0
+            && self.twins_wrong.count == 0
+            && self.faults.iter().all(|f| f.accounted == f.injected)
+    }
+
+    /// Messages per second between the first and the last store commit.
+    pub fn stored_rate(&self) -> f64 {
+        let span = (self.last_stored_at - self.first_stored_at).max(1) as f64 / 1000.0;
+        self.expected_stored as f64 / span
+    }
+}
+
+/// Reconcile.
+pub fn audit(
+    run: &FleetRun,
+    stored: &[StoredMessage],
+    letters: &[Archived],
+    twins: &HashMap<String, Twin>,
+) -> Audit {
+    let mut a = Audit {
+        stored: stored.len() as u64,
+        dead_letters: letters.len() as u64,
+        ..Audit::default()
+    };
+    let start = run.seq_start as i64;
+    let mut by_device: HashMap<&str, Vec<&StoredMessage>> = HashMap::new();
+    for m in stored {
+        by_device.entry(m.device_id.as_str()).or_default().push(m);
+    }
+    let mut letters_by: HashMap<(String, String), u64> = HashMap::new();
+    for l in letters {
+        let device = l.letter.device_id.clone().unwrap_or_default();
+        *letters_by
+            .entry((device, l.letter.reason_code.clone()))
+            .or_default() += 1;
+    }
+    let mut owed_letters: HashMap<(String, String), Vec<Fault>> = HashMap::new();
+    let mut lines: BTreeMap<Fault, (u64, u64)> = Fault::ALL.iter().map(|f| (*f, (0, 0))).collect();
+    let mut latencies = Vec::with_capacity(stored.len());
+    let mut per_second: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    let ledgers: HashMap<&str, _> = run.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+
+    for d in &run.devices {
+        let mut found: HashMap<i64, &StoredMessage> = HashMap::new();
+        for m in by_device.get(d.id.as_str()).into_iter().flatten() {
+            found.insert(m.seq_no - start, m);
+        }
+        for i in 0..d.acks.len() {
+            let acked = d.acks[i] > 0;
+            let published = d.publishes[i] > 0;
+            let fault = d.faults[i];
+            let expected = fault.map(Fault::expected).unwrap_or(Expected::Stored);
+            let here = found.remove(&(i as i64));
+            if published && !acked {
+                a.unacknowledged += 1;
+                if here.is_some() {
+                    a.unacknowledged_but_stored += 1;
+                }
+            }
+            if acked {
+                a.acked_messages += 1;
+                if let Some(f) = fault {
+                    lines.entry(f).or_default().0 += 1;
+                }
+            }
+            let key = || format!("{}/{}", d.id, start + i as i64);
+            match (expected, here) {
+                (Expected::Stored, Some(m)) => {
+                    if !published {
+                        a.unexpected
+                            .add(|| format!("{}: stored, never sent", key()));
+                        continue;
+                    }
+                    if acked {
+                        a.expected_stored += 1;
+                    }
+                    if m.readings > d.readings {
+                        a.duplicated.add(|| {
+                            format!("{}: {} readings of {}", key(), m.readings, d.readings)
+                        });
+                    } else if m.readings < d.readings {
+                        a.incomplete.add(|| {
+                            format!("{}: {} readings of {}", key(), m.readings, d.readings)
+                        });
+                    } else if acked {
+                        if let Some(f) = fault {
+                            lines.entry(f).or_default().1 += 1;
+                        }
+                    }
+                    if fault.is_none() {
+                        let latency = m.stored_at - m.produced_at;
+                        latencies.push(latency);
+                        per_second
+                            .entry((m.stored_at - run.started_at).div_euclid(1000))
+                            .or_default()
+                            .push(latency);
+                    }
+                    a.first_stored_at = if a.first_stored_at == 0 {
+                        m.stored_at
+                    } else {
+                        a.first_stored_at.min(m.stored_at)
+                    };
+                    a.last_stored_at = a.last_stored_at.max(m.stored_at);
+                }
+                (Expected::Stored, None) => {
+                    if acked {
+                        a.expected_stored += 1;
+                        a.lost
+                            .add(|| format!("{}: acknowledged, not stored", key()));
+                    }
+                }
+                (Expected::DeadLetter(reason), Some(_)) => {
+                    a.unexpected
+                        .add(|| format!("{}: stored, should be dead-lettered {reason}", key()));
+                }
+                (Expected::DeadLetter(reason), None) => {
+                    if acked {
+                        a.expected_dead_letters += 1;
+                        if let Some(f) = fault {
+                            owed_letters
+                                .entry((d.id.clone(), reason.to_string()))
+                                .or_default()
+                                .push(f);
+                        }
+                    }
+                }
+            }
+        }
+        for (i, _) in found {
+            a.unexpected
+                .add(|| format!("{}/{}: stored, seqNo never sent", d.id, start + i));
+        }
+    }
+    for m in stored {
+        if !ledgers.contains_key(m.device_id.as_str()) {
+            a.unexpected.add(|| {
+                format!(
+                    "{}/{}: stored, device not in the fleet",
+                    m.device_id, m.seq_no
+                )
+            });
+        }
+    }
+    // Dead letters: matched per (device, reason) to the faults that owe them.
+    for (key, owed) in &owed_letters {
+        let have = letters_by.remove(key).unwrap_or(0);
+        let matched = have.min(owed.len() as u64);
+        for f in owed.iter().take(matched as usize) {
+            lines.entry(*f).or_default().1 += 1;
+        }
+        for _ in matched..owed.len() as u64 {
+            a.missing_dead_letters
+                .add(|| format!("{}: no {} dead letter", key.0, key.1));
+        }
+        for _ in owed.len() as u64..have {
+            a.unexplained_dead_letters
+                .add(|| format!("{}: extra {} dead letter", key.0, key.1));
+        }
+    }
+    for ((device, reason), n) in letters_by {
+        for _ in 0..n {
+            a.unexplained_dead_letters
+                .add(|| format!("{device}: {reason} dead letter, no fault injected"));
+        }
+    }
+    a.faults = lines
+        .into_iter()
+        .filter(|(_, (injected, _))| *injected > 0)
+        .map(|(fault, (injected, accounted))| FaultLine {
+            fault,
+            expected: match fault.expected() {
+                Expected::Stored => "stored once".to_string(),
+                Expected::DeadLetter(r) => format!("dead letter {r}"),
+            },
+            injected,
+            accounted,
+        })
+        .collect();
+    // Twins: at or past the newest stored message, with the firmware and the last heartbeat.
+    for d in run.devices.iter().filter(|d| d.registered) {
+        let Some(newest) = by_device
+            .get(d.id.as_str())
+            .and_then(|ms| ms.iter().max_by_key(|m| m.seq_no))
+        else {
+            continue;
+        };
+        a.twins_checked += 1;
+        let newest_at = by_device[d.id.as_str()]
+            .iter()
+            .map(|m| m.produced_at)
+            .max()
+            .unwrap_or(0);
+        match twins.get(&d.id) {
+            None => a.twins_wrong.add(|| format!("{}: no twin", d.id)),
+            Some(t) if t.last_seq_no < newest.seq_no => a.twins_wrong.add(|| {
+                format!(
+                    "{}: twin at seqNo {}, store has {}",
+                    d.id, t.last_seq_no, newest.seq_no
+                )
+            }),
+            Some(t) if t.last_seen_at < newest_at.max(d.last_heartbeat_at) => {
+                a.twins_wrong.add(|| {
+                    format!(
+                        "{}: twin last seen {}, device sent at {}",
+                        d.id,
+                        t.last_seen_at,
+                        newest_at.max(d.last_heartbeat_at)
+                    )
+                })
+            }
+            Some(t) if t.firmware.as_deref() != Some(FIRMWARE) => a
+                .twins_wrong
+                .add(|| format!("{}: firmware {:?}", d.id, t.firmware)),
+            Some(_) => {}
+        }
+    }
+    a.latency_ms = Percentiles::of(&mut latencies);
+    a.timeline = per_second
+        .into_iter()
+        .map(|(at, mut l)| Second {
+            at,
+            stored: l.len() as u64,
+            latency: Percentiles::of(&mut l),
+        })
+        .collect();
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::DeviceLedger;
+    use iotp_core::contract::DeadLetter;
+
+    fn ledger(id: &str, faults: Vec<Option<Fault>>) -> DeviceLedger {
+        let n = faults.len();
+        DeviceLedger {
+            id: id.into(),
+            registered: true,
+            readings: 2,
+            faults,
+            publishes: vec![1; n],
+            acks: vec![1; n],
+            heartbeats_acked: 0,
+            last_heartbeat_at: 0,
+            refused: 0,
+            abandoned: 0,
+        }
+    }
+
+    fn stored(device: &str, seq_no: i64, readings: i64) -> StoredMessage {
+        StoredMessage {
+            device_id: device.into(),
+            seq_no,
+            msg_id: format!("{device}-{seq_no}"),
+            produced_at: 1_000 + seq_no,
+            stored_at: 1_050 + seq_no,
+            readings,
+        }
+    }
+
+    fn letter(device: &str, reason: &str) -> Archived {
+        Archived {
+            letter: DeadLetter {
+                id: format!("{device}-{reason}"),
+                stage: "parser".into(),
+                reason_code: reason.into(),
+                error: String::new(),
+                source_topic: None,
+                source_partition: None,
+                source_offset: None,
+                key: None,
+                payload: Vec::new(),
+                tenant: Some("t".into()),
+                device_id: Some(device.into()),
+                attempts: 1,
+                first_failure_at: 0,
+                last_failure_at: 0,
+            },
+            parked_at: 0,
+            expires_at: 0,
+            replayed_at: None,
+            replays: 0,
+        }
+    }
+
+    fn twin(device: &str, last_seq_no: i64) -> (String, Twin) {
+        (
+            device.to_string(),
+            Twin {
+                tenant: "t".into(),
+                device_id: device.into(),
+                last_seq_no,
+                last_seen_at: 1_000 + last_seq_no,
+                last_values: Default::default(),
+                firmware: Some(FIRMWARE.into()),
+                config_version: None,
+                heartbeat_secs: None,
+                online: true,
+                alarms: Vec::new(),
+                seq_gaps: 0,
+            },
+        )
+    }
+
+    fn run(devices: Vec<DeviceLedger>) -> FleetRun {
+        FleetRun {
+            devices,
+            seq_start: 0,
+            started_at: 1_000,
+            finished_at: 2_000,
+        }
+    }
+
+    #[test]
+    fn a_clean_run_passes_and_faults_are_accounted() {
+        let mut d = ledger(
+            "a",
+            vec![
+                None,
+                Some(Fault::DuplicateSend),
+                Some(Fault::Malformed),
+                None,
+            ],
+        );
+        d.acks[1] = 2;
+        let r = run(vec![d]);
+        let store = [stored("a", 0, 2), stored("a", 1, 2), stored("a", 3, 2)];
+        let a = audit(
+            &r,
+            &store,
+            &[letter("a", "malformed_payload")],
+            &[twin("a", 3)].into(),
+        );
+        assert!(a.passed(), "{a:#?}");
+        assert_eq!(
+            (a.acked_messages, a.expected_stored, a.expected_dead_letters),
+            (4, 3, 1)
+        );
+        assert_eq!(a.faults.len(), 2);
+        assert!(a.faults.iter().all(|f| f.injected == 1 && f.accounted == 1));
+        assert_eq!(
+            a.latency_ms.count, 2,
+            "faulted messages are left out of latency"
+        );
+        assert_eq!(a.latency_ms.p50, 50.0);
+    }
+
+    #[test]
+    fn lost_duplicated_unexpected_and_unexplained_are_each_found() {
+        let r = run(vec![ledger(
+            "a",
+            vec![None, None, Some(Fault::ClockSkew), None],
+        )]);
+        let store = [
+            stored("a", 0, 4),  // duplicated readings
+            stored("a", 2, 2),  // should have been dead-lettered
+            stored("a", 9, 2),  // never sent
+            stored("zz", 0, 2), // not in the fleet
+        ];
+        let letters = [letter("a", "unknown_device")];
+        let a = audit(&r, &store, &letters, &[twin("a", 1)].into());
+        assert!(!a.passed());
+        assert_eq!(a.lost.count, 2, "seq 1 and 3: {:?}", a.lost.examples);
+        assert_eq!(a.duplicated.count, 1);
+        assert_eq!(a.unexpected.count, 3, "{:?}", a.unexpected.examples);
+        assert_eq!(a.unexplained_dead_letters.count, 1);
+        assert_eq!(a.twins_wrong.count, 1, "twin behind the store (9)");
+        assert_eq!(
+            a.faults[0].accounted, 0,
+            "clock skew stored, not dead-lettered"
+        );
+    }
+
+    #[test]
+    fn a_missing_dead_letter_and_an_unacknowledged_message_are_told_apart() {
+        let mut d = ledger("a", vec![None, Some(Fault::Oversized), None]);
+        d.acks[2] = 0;
+        let a = audit(
+            &run(vec![d]),
+            &[stored("a", 0, 2), stored("a", 2, 2)],
+            &[],
+            &[twin("a", 2)].into(),
+        );
+        assert_eq!(a.missing_dead_letters.count, 1);
+        assert_eq!(a.lost.count, 0, "seq 2 was never acknowledged: not owed");
+        assert_eq!((a.unacknowledged, a.unacknowledged_but_stored), (1, 1));
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<i64> = (1..=100).rev().collect();
+        let p = Percentiles::of(&mut v);
+        assert_eq!((p.p50, p.p95, p.p99, p.max), (50.0, 95.0, 99.0, 100.0));
+        assert_eq!(Percentiles::of(&mut []).count, 0);
+    }
+}

@@ -1,0 +1,160 @@
+//! The ceiling the infrastructure allows: the run's own raw records carried through as many
+//! Kafka hops as the pipeline has (consume raw → produce; consume → produce; consume), by the
+//! same runtime with the same client settings (batching, idempotent producer, acks=all,
+//! offsets stored after delivery) and a stage that does no work. The pipeline's rate over this
+//! one is its efficiency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use iotp_core::admin::Health;
+use iotp_core::consume::{self, StageIo};
+use iotp_core::kafka::{count_records, ensure_topics, KafkaConfig};
+use iotp_core::service::Context;
+use iotp_core::stage::{Input, Output, Stage, Verdict};
+use iotp_core::topology::{topic_name, topology, TopicSpec};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// What the ceiling run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    /// Records carried through every hop.
+    pub records: u64,
+    /// Consuming hops.
+    pub hops: usize,
+    /// Seconds from the first hop's first record until the last hop had them all (group
+    /// joins excluded).
+    pub seconds: f64,
+    /// Records per second.
+    pub rate: f64,
+    /// The MQTT leg alone: the same fleet publishing the same messages (QoS 1) to topics no
+    /// one subscribes, PUBACKs per second.
+    pub mqtt_rate: Option<f64>,
+}
+
+/// Forwards every record unchanged; the first hop notes when the first record arrived.
+struct Forward(Option<Arc<OnceLock<Instant>>>);
+
+impl Stage for Forward {
+    const NAME: &'static str = "ceiling-forward";
+
+    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+        if let Some(first) = &self.0 {
+            first.get_or_init(Instant::now);
+        }
+        Ok(batch
+            .iter()
+            .map(|i| {
+                Verdict::Emit(vec![Output {
+                    topic: None,
+                    key: i.key.unwrap_or_default().to_vec(),
+                    value: i.payload.to_vec(),
+                }])
+            })
+            .collect())
+    }
+}
+
+/// Counts, forwards nothing.
+struct Count(Arc<AtomicU64>);
+
+impl Stage for Count {
+    const NAME: &'static str = "ceiling-count";
+
+    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(batch.iter().map(|_| Verdict::Emit(Vec::new())).collect())
+    }
+}
+
+/// Carry the raw topic through `hops` consuming hops; `timeout` bounds the wait.
+pub async fn measure(
+    kafka: &KafkaConfig,
+    hops: usize,
+    timeout: Duration,
+) -> anyhow::Result<Ceiling> {
+    let raw = topic_name("raw-envelope");
+    let partitions = topology()
+        .kafka
+        .topics
+        .iter()
+        .find(|t| t.name == raw)
+        .map(|t| t.partitions)
+        .unwrap_or(1);
+    let records = count_records(kafka, &raw).await? as u64;
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let names: Vec<String> = (1..hops).map(|h| format!("ceiling.{run}.h{h}")).collect();
+    let specs: Vec<TopicSpec> = names
+        .iter()
+        .map(|name| TopicSpec {
+            name: name.clone(),
+            partitions,
+            schema: "raw-envelope".into(),
+            retention_hours: 1,
+            about: "ceiling measurement".into(),
+        })
+        .collect();
+    ensure_topics(&kafka.admin("ceiling")?, &specs, 1).await?;
+    let shutdown = CancellationToken::new();
+    let counted = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let first = Arc::new(OnceLock::new());
+    let mut tasks = Vec::new();
+    for hop in 0..hops {
+        let input = if hop == 0 {
+            raw.clone()
+        } else {
+            names[hop - 1].clone()
+        };
+        let io = StageIo {
+            input_topics: vec![input],
+            output_topic: names.get(hop).cloned().unwrap_or_default(),
+            group: format!("ceiling-{run}-{hop}"),
+            ..StageIo::default()
+        };
+        let ctx = Context {
+            service: "ceiling",
+            replica: format!("ceiling-{run}-{hop}"),
+            shutdown: shutdown.clone(),
+            health: Health::default(),
+        };
+        let kafka = kafka.clone();
+        let counted = counted.clone();
+        let first = (hop == 0).then(|| first.clone());
+        tasks.push(tokio::spawn(async move {
+            if hop + 1 == hops {
+                consume::run(ctx, kafka, io, Count(counted)).await
+            } else {
+                consume::run(ctx, kafka, io, Forward(first)).await
+            }
+        }));
+    }
+    let deadline = started + timeout;
+    while counted.load(Ordering::Relaxed) < records && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = first
+        .get()
+        .copied()
+        .unwrap_or(started)
+        .elapsed()
+        .as_secs_f64();
+    shutdown.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+    }
+    let carried = counted.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        carried >= records,
+        "ceiling run carried {carried} of {records} records within {timeout:?}"
+    );
+    Ok(Ceiling {
+        records,
+        hops,
+        seconds,
+        rate: records as f64 / seconds,
+        mqtt_rate: None,
+    })
+}

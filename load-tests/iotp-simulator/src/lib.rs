@@ -1,0 +1,17 @@
+//! The bundled device simulator and load-test tool.
+//!
+//! - [`device`], [`plan`], [`fleet`]: devices, what each will send (faults included), and the
+//!   fleet over real MQTT 5 connections with a ledger of every PUBACK.
+//! - [`scenario`]: the scenario files in `load-tests/scenarios/`.
+//! - [`stack`], [`ceiling`], [`audit`], [`report`]: `iotp-load` runs the pipeline, drives a
+//!   scenario through it, reconciles the ledger with the store and the dead-letter archive,
+//!   measures the forward-only ceiling and writes the report.
+
+pub mod audit;
+pub mod ceiling;
+pub mod device;
+pub mod fleet;
+pub mod plan;
+pub mod report;
+pub mod scenario;
+pub mod stack;

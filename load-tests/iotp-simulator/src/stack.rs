@@ -1,0 +1,396 @@
+//! The pipeline under test: its own Kafka-protocol broker (Tansu, in-memory engine, unless one
+//! is given), the six services as child processes of this tool (so their CPU time and RSS can
+//! be read from /proc), their metrics.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+/// The services, in start order, with their admin port offset.
+pub const SERVICES: [&str; 6] = [
+    "mqtt-bridge",
+    "parser",
+    "enricher",
+    "upserter",
+    "aggregator",
+    "dlq-handler",
+];
+
+/// How to run the stack.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// Where the service binaries are (`target/release`).
+    pub bin_dir: PathBuf,
+    /// Logs, store, registry go here.
+    pub run_dir: PathBuf,
+    /// Mosquitto port.
+    pub mqtt_port: u16,
+    /// Kafka bootstrap `host:port`.
+    pub kafka: String,
+    /// Start Tansu (this binary) on the `kafka` port with the in-memory engine; `None`: use a
+    /// running broker.
+    pub tansu: Option<PathBuf>,
+    /// First admin port (services take consecutive ones).
+    pub admin_port: u16,
+    /// Dead-letter API port of the DLQ handler.
+    pub api_port: u16,
+    /// Extra environment for every service (`IOTP__…`).
+    pub env: Vec<(String, String)>,
+}
+
+/// A running service.
+pub struct Service {
+    /// Name (`parser`, …).
+    pub name: &'static str,
+    /// Its process.
+    pub child: Child,
+    /// Process id.
+    pub pid: u32,
+    /// Admin port (`/metrics`, `/readyz`).
+    pub admin_port: u16,
+}
+
+/// The running stack.
+pub struct Stack {
+    /// Services.
+    pub services: Vec<Service>,
+    /// Our own broker, if we started one.
+    pub tansu: Option<(Child, u32)>,
+    /// Store file.
+    pub store_path: PathBuf,
+}
+
+impl Stack {
+    /// Start the broker (if asked), create the topology, start every service and wait until
+    /// each reports ready.
+    pub async fn start(cfg: &StackConfig, registry: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
+        let tansu = match &cfg.tansu {
+            Some(bin) => {
+                let port = cfg.kafka.rsplit(':').next().unwrap_or("9094");
+                let log = std::fs::File::create(cfg.run_dir.join("logs/tansu.log"))?;
+                let child = Command::new(bin)
+                    .args(["broker", "--listener-url"])
+                    .arg(format!("tcp://{}", cfg.kafka))
+                    .arg("--advertised-listener-url")
+                    .arg(format!("tcp://{}", cfg.kafka))
+                    .args(["--storage-engine", "memory://tansu/"])
+                    .current_dir(&cfg.run_dir)
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("cannot start {}", bin.display()))?;
+                let pid = child.id().unwrap_or(0);
+                wait_port(port.parse()?, Duration::from_secs(30)).await?;
+                Some((child, pid))
+            }
+            None => None,
+        };
+        let status = Command::new(cfg.bin_dir.join("iotp-topology"))
+            .args(["apply", "--brokers", &cfg.kafka])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .context("iotp-topology")?;
+        anyhow::ensure!(status.success(), "iotp-topology apply failed: {status}");
+        let store_path = cfg.run_dir.join("iotp.sqlite");
+        let mut services = Vec::new();
+        for (i, name) in SERVICES.into_iter().enumerate() {
+            let admin_port = cfg.admin_port + i as u16;
+            let log = std::fs::File::create(cfg.run_dir.join(format!("logs/{name}.log")))?;
+            let mut cmd = Command::new(cfg.bin_dir.join(format!("iotp-{name}")));
+            cmd.env("IOTP__COMMON__REPLICA", format!("load-{name}-0"))
+                .env(
+                    "IOTP__COMMON__ADMIN_LISTEN",
+                    format!("127.0.0.1:{admin_port}"),
+                )
+                .env("IOTP__COMMON__LOG_FORMAT", "json")
+                .env("IOTP__KAFKA__BROKERS", &cfg.kafka)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true);
+            match name {
+                "mqtt-bridge" => {
+                    cmd.env("IOTP__MQTT__PORT", cfg.mqtt_port.to_string());
+                }
+                "parser" => {
+                    cmd.env("IOTP__REGISTRY_FILE", registry);
+                }
+                "enricher" | "aggregator" => {
+                    cmd.env("IOTP__REGISTRY_FILE", registry)
+                        .env("IOTP__STORE_PATH", &store_path);
+                }
+                "upserter" => {
+                    cmd.env("IOTP__STORE_PATH", &store_path);
+                }
+                _ => {
+                    cmd.env("IOTP__STORE_PATH", &store_path)
+                        .env("IOTP__API_LISTEN", format!("127.0.0.1:{}", cfg.api_port));
+                }
+            }
+            for (k, v) in &cfg.env {
+                cmd.env(k, v);
+            }
+            let child = cmd.spawn().with_context(|| {
+                format!("cannot start iotp-{name} from {}", cfg.bin_dir.display())
+            })?;
+            let pid = child.id().unwrap_or(0);
+            services.push(Service {
+                name,
+                child,
+                pid,
+                admin_port,
+            });
+        }
+        let stack = Self {
+            services,
+            tansu,
+            store_path,
+        };
+        for s in &stack.services {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if http_get(s.admin_port, "/readyz").await.is_ok() {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "iotp-{} not ready after 60 s: see {}",
+                    s.name,
+                    cfg.run_dir.join(format!("logs/{}.log", s.name)).display()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(stack)
+    }
+
+    /// CPU seconds each service (and our broker) used so far.
+    pub fn cpu(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .services
+            .iter()
+            .map(|s| (s.name.to_string(), cpu_seconds(s.pid)))
+            .collect();
+        if let Some((_, pid)) = &self.tansu {
+            out.push(("tansu".into(), cpu_seconds(*pid)));
+        }
+        out
+    }
+
+    /// Resident memory of each service (and our broker), bytes.
+    pub fn rss(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .services
+            .iter()
+            .map(|s| (s.name.to_string(), rss_bytes(s.pid)))
+            .collect();
+        if let Some((_, pid)) = &self.tansu {
+            out.push(("tansu".into(), rss_bytes(*pid)));
+        }
+        out
+    }
+
+    /// SIGTERM every service (last started first); each one's exit code.
+    pub async fn stop_services(&mut self) -> Vec<(String, Option<i32>)> {
+        let mut out = Vec::new();
+        for s in self.services.iter_mut().rev() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &s.pid.to_string()])
+                .status();
+            let code = match tokio::time::timeout(Duration::from_secs(40), s.child.wait()).await {
+                Ok(Ok(status)) => status.code(),
+                _ => {
+                    let _ = s.child.kill().await;
+                    None
+                }
+            };
+            out.push((s.name.to_string(), code));
+        }
+        out.reverse();
+        out
+    }
+
+    /// Stop our broker, if we started one.
+    pub async fn stop_broker(mut self) {
+        if let Some((mut child, _)) = self.tansu.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds of a process (0 if it is gone).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / clock_ticks()
+}
+
+/// Resident set size of a process, bytes (0 if it is gone).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Wait until something listens on a local port.
+pub async fn wait_port(port: u16, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// GET a local admin endpoint; the body of a 2xx answer.
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let ok = head
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|code| code.starts_with('2'));
+    anyhow::ensure!(
+        ok,
+        "GET {path} on :{port}: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_string())
+}
+
+/// Sum of a metric's samples whose labels contain every `label="value"` given.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(key, _)| {
+            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
+            metric == name && labels.iter().all(|want| rest.contains(want))
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
+/// Quantile `q` of a Prometheus histogram (`name_bucket{le=…}`), by linear interpolation
+/// inside the bucket, as `histogram_quantile` does; seconds.
+pub fn histogram_quantile(text: &str, name: &str, labels: &[&str], q: f64) -> Option<f64> {
+    let bucket = format!("{name}_bucket");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(key, v)| {
+            let (metric, rest) = key.split_once('{')?;
+            if metric != bucket || !labels.iter().all(|want| rest.contains(want)) {
+                return None;
+            }
+            let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, v.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let inside = (rank - prev.1) / (count - prev.1).max(f64::MIN_POSITIVE);
+            return Some(prev.0 + (le - prev.0) * inside);
+        }
+        prev = (le, count);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# HELP x\n\
+        iotp_dead_letters_total{reason=\"malformed_payload\",stage=\"parser\"} 3\n\
+        iotp_dead_letters_total{reason=\"unknown_device\",stage=\"enricher\"} 4\n\
+        iotp_delivery_seconds_bucket{stage=\"parser\",le=\"0.01\"} 50\n\
+        iotp_delivery_seconds_bucket{stage=\"parser\",le=\"0.1\"} 100\n\
+        iotp_delivery_seconds_bucket{stage=\"parser\",le=\"+Inf\"} 100\n";
+
+    #[test]
+    fn metrics_are_summed_by_labels_and_quantiles_interpolated() {
+        assert_eq!(metric_sum(TEXT, "iotp_dead_letters_total", &[]), 7.0);
+        assert_eq!(
+            metric_sum(TEXT, "iotp_dead_letters_total", &["stage=\"parser\""]),
+            3.0
+        );
+        let p50 = histogram_quantile(TEXT, "iotp_delivery_seconds", &["stage=\"parser\""], 0.5);
+        assert_eq!(p50, Some(0.01));
+        let p75 = histogram_quantile(TEXT, "iotp_delivery_seconds", &[], 0.75).expect("p75");
+        assert!((p75 - 0.055).abs() < 1e-9, "{p75}");
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_memory() {
+        let pid = std::process::id();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        assert!(x > 0);
+        assert!(rss_bytes(pid) > 1024 * 1024);
+        assert!(cpu_seconds(pid) > 0.0);
+        assert_eq!(rss_bytes(u32::MAX), 0);
+    }
+}
