@@ -40,6 +40,19 @@ pub struct StackConfig {
     pub api_port: u16,
     /// Extra environment for every service (`IOTP__…`).
     pub env: Vec<(String, String)>,
+    /// Tenants the run's bridge subscribes to (its own shared group and client id, so a run
+    /// never takes, nor leaves behind for, another run's or the demo's bridge).
+    pub tenants: Vec<String>,
+}
+
+impl StackConfig {
+    /// The run's bridge client id.
+    pub fn bridge_client_id(&self) -> String {
+        format!(
+            "load-bridge-{}",
+            self.tenants.first().map(String::as_str).unwrap_or("run")
+        )
+    }
 }
 
 /// A running service.
@@ -116,7 +129,20 @@ impl Stack {
                 .kill_on_drop(true);
             match name {
                 "mqtt-bridge" => {
-                    cmd.env("IOTP__MQTT__PORT", cfg.mqtt_port.to_string());
+                    let group = cfg.bridge_client_id();
+                    let filters: Vec<String> = cfg
+                        .tenants
+                        .iter()
+                        .map(|t| format!("\"$share/{group}/iot/{t}/+/+\""))
+                        .collect();
+                    cmd.env("IOTP__MQTT__PORT", cfg.mqtt_port.to_string())
+                        .env("IOTP__MQTT__CLIENT_ID", &group)
+                        .env(
+                            "IOTP__MQTT__SUBSCRIPTIONS",
+                            format!("[{}]", filters.join(",")),
+                        )
+                        // A killed run's queue must not outlive the run for long.
+                        .env("IOTP__MQTT__SESSION_EXPIRY", "10m");
                 }
                 "parser" => {
                     cmd.env("IOTP__REGISTRY_FILE", registry);

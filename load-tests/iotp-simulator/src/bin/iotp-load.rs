@@ -98,6 +98,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         scenario.tenant.clone()
     };
+    let warmup_tenant = format!("{tenant}-warmup");
     let stamp = humantime::format_rfc3339_seconds(started_wall).to_string();
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
@@ -110,7 +111,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let out = out.canonicalize()?;
     let plans = plan::plan(&scenario);
     let registry = out.join("registry.toml");
-    let warmup_tenant = format!("{tenant}-warmup");
     std::fs::write(
         &registry,
         device::registry_toml(&tenant, scenario.devices, scenario.devices)
@@ -134,6 +134,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         admin_port: args.admin_port,
         api_port: args.admin_port + 100,
         env: Vec::new(),
+        tenants: vec![tenant.clone(), warmup_tenant.clone()],
     };
     println!(
         "iotp-load: scenario {} ({} devices × {} messages), tenant {tenant}, report in {}",
