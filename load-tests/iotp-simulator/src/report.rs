@@ -139,6 +139,8 @@ pub struct Report {
     pub groups_drained_seconds: f64,
     /// Lag each consumer group had left at the end (all 0 unless stuck).
     pub lag_left: Vec<(String, i64)>,
+    /// Counts per hop (services' counters and records per topic), run and warm-up together.
+    pub hops: Vec<(String, i64)>,
     /// Forward-only ceiling, if measured.
     pub ceiling: Option<Ceiling>,
     /// sustained_rate / ceiling rate.
@@ -306,6 +308,12 @@ impl Report {
             }
             _ => {
                 let _ = writeln!(md, "- Ceiling: not measured in this run.");
+            }
+        }
+        if !self.hops.is_empty() {
+            let _ = writeln!(md, "\nPer hop (warm-up message included; redeliveries between hops are removed at the store):\n\n| counter | value |\n|---|---:|");
+            for (what, n) in &self.hops {
+                let _ = writeln!(md, "| {what} | {n} |");
             }
         }
         let _ = writeln!(md, "\n![rate](rate.svg)\n");

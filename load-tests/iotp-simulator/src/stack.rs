@@ -1,5 +1,5 @@
-//! The pipeline under test: its own Kafka-protocol broker (Tansu, in-memory engine, unless one
-//! is given), the six services as child processes of this tool (so their CPU time and RSS can
+//! The pipeline under test: its own Kafka-protocol broker (Tansu, SQLite or in-memory engine,
+//! unless one is given), the six services as child processes of this tool (so their CPU time and RSS can
 //! be read from /proc), their metrics.
 
 use std::path::{Path, PathBuf};
@@ -31,9 +31,10 @@ pub struct StackConfig {
     pub mqtt_port: u16,
     /// Kafka bootstrap `host:port`.
     pub kafka: String,
-    /// Start Tansu (this binary) on the `kafka` port with the in-memory engine; `None`: use a
-    /// running broker.
+    /// Start Tansu (this binary) on the `kafka` port; `None`: use a running broker.
     pub tansu: Option<PathBuf>,
+    /// Tansu's storage engine: `sqlite` (a file in the run directory) or `memory`.
+    pub engine: String,
     /// First admin port (services take consecutive ones).
     pub admin_port: u16,
     /// Dead-letter API port of the DLQ handler.
@@ -91,7 +92,12 @@ impl Stack {
                     .arg(format!("tcp://{}", cfg.kafka))
                     .arg("--advertised-listener-url")
                     .arg(format!("tcp://{}", cfg.kafka))
-                    .args(["--storage-engine", "memory://tansu/"])
+                    .arg("--storage-engine")
+                    .arg(match cfg.engine.as_str() {
+                        "memory" => "memory://tansu/".to_string(),
+                        // Relative to its working directory, the run directory.
+                        _ => "sqlite://tansu.db".to_string(),
+                    })
                     .current_dir(&cfg.run_dir)
                     .stdout(log.try_clone()?)
                     .stderr(log)

@@ -84,18 +84,30 @@ impl KafkaConfig {
 
     /// An idempotent producer: acks=all, ordered per partition, retried by librdkafka up to
     /// `message_timeout`.
+    ///
+    /// One produce request in flight per connection: Tansu 0.6.0 appends pipelined requests to
+    /// the same partition concurrently and loses records between them while acknowledging
+    /// them (measured: 770 of 100,001 records acknowledged to the enricher never reached
+    /// `iotp.enriched`, with no gap in the offsets). Apache Kafka keeps order and
+    /// exactly-once with up to 5 under idempotence: raise it there with
+    /// `kafka.properties."max.in.flight.requests.per.connection" = "5"`.
     pub fn producer(&self, client_id: &str) -> Result<FutureProducer, KafkaError> {
-        self.base(client_id)
-            .set("enable.idempotence", "true")
+        let mut c = self.base(client_id);
+        c.set("enable.idempotence", "true")
             .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "1")
             .set("linger.ms", self.linger.as_millis().to_string())
             .set(
                 "message.timeout.ms",
                 self.message_timeout.as_millis().to_string(),
             )
             .set("compression.type", &self.compression)
-            .set("queue.buffering.max.messages", "100000")
-            .create()
+            .set("queue.buffering.max.messages", "100000");
+        // Explicit properties win over these defaults.
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c.create()
     }
 
     /// Admin client for topic management.

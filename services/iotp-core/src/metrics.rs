@@ -48,6 +48,11 @@ pub struct Metrics {
     pub delivery_seconds: HistogramVec,
     /// Time a batch spent in a stage's own logic.
     pub stage_batch_seconds: Histogram,
+    /// Records the broker skipped: offsets missing between two records a stage received in
+    /// a row from one partition (none on a plain Kafka topic without transactions).
+    pub consumer_offset_gaps_total: IntCounterVec,
+    /// Partitions read again after the broker skipped offsets.
+    pub consumer_rereads_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -150,6 +155,20 @@ impl Metrics {
                 )
                 .buckets(prometheus::exponential_buckets(0.00001, 4.0, 10)?),
             )?,
+            consumer_offset_gaps_total: IntCounterVec::new(
+                Opts::new(
+                    "iotp_consumer_offset_gaps_total",
+                    "Offsets skipped between consecutive records of a partition",
+                ),
+                &["stage"],
+            )?,
+            consumer_rereads_total: IntCounterVec::new(
+                Opts::new(
+                    "iotp_consumer_rereads_total",
+                    "Partitions sought back and read again after the broker skipped offsets",
+                ),
+                &["stage"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.up.clone()))?;
@@ -185,6 +204,10 @@ impl Metrics {
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
         m.registry
             .register(Box::new(m.stage_batch_seconds.clone()))?;
+        m.registry
+            .register(Box::new(m.consumer_offset_gaps_total.clone()))?;
+        m.registry
+            .register(Box::new(m.consumer_rereads_total.clone()))?;
         Ok(m)
     }
 
