@@ -20,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 /// What the ceiling run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ceiling {
-    /// Records carried through every hop.
+    /// Records on the raw topic.
     pub records: u64,
+    /// Records the last hop counted (less than `records` if the broker lost some or the
+    /// time ran out).
+    pub carried: u64,
     /// Consuming hops.
     pub hops: usize,
     /// Seconds from the first hop's first record until the last hop had them all (group
@@ -146,15 +149,17 @@ pub async fn measure(
         let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
     }
     let carried = counted.load(Ordering::Relaxed);
-    anyhow::ensure!(
-        carried >= records,
-        "ceiling run carried {carried} of {records} records within {timeout:?}"
-    );
+    if carried < records {
+        eprintln!(
+            "iotp-load: the ceiling run carried {carried} of {records} records within {timeout:?}"
+        );
+    }
     Ok(Ceiling {
         records,
+        carried,
         hops,
         seconds,
-        rate: records as f64 / seconds,
+        rate: carried as f64 / seconds,
         mqtt_rate: None,
     })
 }

@@ -291,8 +291,8 @@ impl Report {
             (Some(c), Some(e)) => {
                 let _ = writeln!(
                     md,
-                    "- Ceiling, Kafka: the same {} raw records through {} forward-only hops (our runtime, no work) on the same broker: {:.1} s, **{:.0} msgs/s**.",
-                    c.records, c.hops, c.seconds, c.rate
+                    "- Ceiling, Kafka: the run's {} raw records through {} forward-only hops (our runtime, no work) on the same broker: {} carried in {:.1} s, **{:.0} msgs/s**.",
+                    c.records, c.hops, c.carried, c.seconds, c.rate
                 );
                 if let Some(m) = c.mqtt_rate {
                     let _ = writeln!(
