@@ -190,7 +190,7 @@ mod tests {
             names.push(s.name);
         }
         names.sort();
-        assert_eq!(names, ["faults", "smoke", "soak", "standard"]);
+        assert_eq!(names, ["faults", "latency", "smoke", "soak", "standard"]);
     }
 
     #[test]

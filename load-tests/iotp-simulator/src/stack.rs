@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use iotp_core::topology::{topology, RabbitTopology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -44,6 +45,8 @@ pub struct StackConfig {
     /// Tenants the run's bridge subscribes to (its own shared group and client id, so a run
     /// never takes, nor leaves behind for, another run's or the demo's bridge).
     pub tenants: Vec<String>,
+    /// RabbitMQ, where the run declares its own dead-letter topology.
+    pub amqp_uri: String,
 }
 
 impl StackConfig {
@@ -53,6 +56,21 @@ impl StackConfig {
             "load-bridge-{}",
             self.tenants.first().map(String::as_str).unwrap_or("run")
         )
+    }
+
+    /// The run's own dead-letter exchange and queues (the pipeline's names with the run's
+    /// prefix, same retry delays): a concurrent run, a test or the demo never takes this run's
+    /// dead letters, nor this run theirs.
+    pub fn dead_letter_topology(&self) -> RabbitTopology {
+        let r = &topology().rabbitmq;
+        let prefix = self.bridge_client_id();
+        RabbitTopology {
+            dead_letter_exchange: format!("{prefix}.{}", r.dead_letter_exchange),
+            incoming_queue: format!("{prefix}.{}", r.incoming_queue),
+            retry_exchange: format!("{prefix}.{}", r.retry_exchange),
+            retry_delays: r.retry_delays().into_iter().map(Into::into).collect(),
+            parking_queue: format!("{prefix}.{}", r.parking_queue),
+        }
     }
 }
 
@@ -76,6 +94,8 @@ pub struct Stack {
     pub tansu: Option<(Child, u32)>,
     /// Store file.
     pub store_path: PathBuf,
+    /// The run's own dead-letter topology, deleted when the services stop.
+    dead_letters: (String, RabbitTopology),
 }
 
 impl Stack {
@@ -117,6 +137,14 @@ impl Stack {
             .await
             .context("iotp-topology")?;
         anyhow::ensure!(status.success(), "iotp-topology apply failed: {status}");
+        let dead = cfg.dead_letter_topology();
+        let conn = iotp_core::amqp::connect(&cfg.amqp_uri)
+            .await
+            .context("rabbitmq")?;
+        iotp_core::amqp::declare_topology(&conn.create_channel().await?, &dead)
+            .await
+            .context("declaring the run's dead-letter topology")?;
+        let _ = conn.close(200, "declared".into()).await;
         let store_path = cfg.run_dir.join("iotp.sqlite");
         let mut services = Vec::new();
         for (i, name) in SERVICES.into_iter().enumerate() {
@@ -150,19 +178,27 @@ impl Stack {
                         // A killed run's queue must not outlive the run for long.
                         .env("IOTP__MQTT__SESSION_EXPIRY", "10m");
                 }
-                "parser" => {
-                    cmd.env("IOTP__REGISTRY_FILE", registry);
-                }
-                "enricher" | "aggregator" => {
-                    cmd.env("IOTP__REGISTRY_FILE", registry)
-                        .env("IOTP__STORE_PATH", &store_path);
-                }
-                "upserter" => {
-                    cmd.env("IOTP__STORE_PATH", &store_path);
-                }
-                _ => {
+                "dlq-handler" => {
                     cmd.env("IOTP__STORE_PATH", &store_path)
-                        .env("IOTP__API_LISTEN", format!("127.0.0.1:{}", cfg.api_port));
+                        .env("IOTP__API_LISTEN", format!("127.0.0.1:{}", cfg.api_port))
+                        .env("IOTP__AMQP_URI", &cfg.amqp_uri)
+                        .env("IOTP__INCOMING_QUEUE", &dead.incoming_queue)
+                        .env("IOTP__PARKING_QUEUE", &dead.parking_queue)
+                        .env("IOTP__RETRY_EXCHANGE", &dead.retry_exchange);
+                }
+                // The Kafka stages.
+                stage => {
+                    cmd.env("IOTP__IO__DEAD_LETTER__AMQP_URI", &cfg.amqp_uri)
+                        .env(
+                            "IOTP__IO__DEAD_LETTER__EXCHANGE",
+                            &dead.dead_letter_exchange,
+                        );
+                    if stage != "upserter" {
+                        cmd.env("IOTP__REGISTRY_FILE", registry);
+                    }
+                    if stage != "parser" {
+                        cmd.env("IOTP__STORE_PATH", &store_path);
+                    }
                 }
             }
             for (k, v) in &cfg.env {
@@ -183,6 +219,7 @@ impl Stack {
             services,
             tansu,
             store_path,
+            dead_letters: (cfg.amqp_uri.clone(), dead),
         };
         for s in &stack.services {
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -245,7 +282,18 @@ impl Stack {
             out.push((s.name.to_string(), code));
         }
         out.reverse();
+        if let Err(e) = self.delete_dead_letter_topology().await {
+            eprintln!("iotp-load: cannot delete the run's dead-letter queues: {e:#}");
+        }
         out
+    }
+
+    async fn delete_dead_letter_topology(&self) -> anyhow::Result<()> {
+        let (uri, topology) = &self.dead_letters;
+        let conn = iotp_core::amqp::connect(uri).await?;
+        iotp_core::amqp::delete_topology(&conn.create_channel().await?, topology).await?;
+        let _ = conn.close(200, "deleted".into()).await;
+        Ok(())
     }
 
     /// Stop our broker, if we started one.

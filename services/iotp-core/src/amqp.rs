@@ -2,7 +2,10 @@
 //! `schemas/topology.toml`. Queues are quorum queues; retry delay queues dead-letter back to
 //! the incoming queue with the at-least-once strategy when their TTL runs out.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -112,4 +115,22 @@ pub async fn declare_topology(channel: &Channel, t: &RabbitTopology) -> lapin::R
     declare_queue(channel, &t.parking_queue, quorum_args(&[])).await?;
     declared.push(t.parking_queue.clone());
     Ok(declared)
+}
+
+/// Delete what [`declare_topology`] declared, messages included (for private, per-run
+/// topologies such as the load tool's; never for the pipeline's own).
+pub async fn delete_topology(channel: &Channel, t: &RabbitTopology) -> lapin::Result<()> {
+    let mut queues = vec![t.incoming_queue.clone(), t.parking_queue.clone()];
+    queues.extend((1..=t.retry_delays.len()).map(|n| t.retry_queue(n)));
+    for q in queues {
+        channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for x in [&t.dead_letter_exchange, &t.retry_exchange] {
+        channel
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
 }

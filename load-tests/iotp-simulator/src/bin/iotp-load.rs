@@ -49,6 +49,9 @@ struct Args {
     /// Kafka bootstrap for the run's own broker (or an external one).
     #[arg(long, default_value = "127.0.0.1:9094")]
     kafka: String,
+    /// RabbitMQ (the run declares, and deletes after, its own dead-letter exchange and queues).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
     /// Tansu binary (default: ~/.cache/iotp/tansu-0.6.0/bin/tansu).
     #[arg(long)]
     tansu: Option<PathBuf>,
@@ -140,6 +143,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         api_port: args.admin_port + 100,
         env: Vec::new(),
         tenants: vec![tenant.clone(), warmup_tenant.clone()],
+        amqp_uri: args.amqp.clone(),
     };
     println!(
         "iotp-load: scenario {} ({} devices × {} messages), tenant {tenant}, report in {}",
