@@ -268,7 +268,9 @@ pub trait ReadingStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StoredMessage>, StoreError>> + Send;
     /// Recompute the seqNo gaps of these devices (numbers between the lowest and highest
-    /// stored that were never stored) into their twins; returns the total over them.
+    /// stored that were never stored) into their twins; returns the total over them. The
+    /// embedded store keeps each device's lowest, highest and count as it writes (so this is
+    /// one row per device, and expiring old readings does not turn them into gaps).
     fn update_seq_gaps(
         &self,
         devices: &[(String, String)],

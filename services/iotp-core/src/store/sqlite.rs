@@ -1,6 +1,7 @@
 //! The embedded store: SQLite in WAL mode, one file, no server. The default for `make demo`
 //! and for machines without MongoDB.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -62,6 +63,14 @@ CREATE TABLE IF NOT EXISTS readings (
     PRIMARY KEY (tenant, device_id, seq_no, metric)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_time ON readings (produced_at);
+CREATE TABLE IF NOT EXISTS seq_stats (
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    min_seq INTEGER NOT NULL,
+    max_seq INTEGER NOT NULL,
+    stored INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollup_applied (
     tenant TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -139,6 +148,14 @@ impl SqliteStore {
             "produced_at",
             "INTEGER NOT NULL DEFAULT 0",
         )?;
+        // A file from before `seq_stats` (kept by `write_messages`) gets it from the messages.
+        conn.execute(
+            "INSERT OR IGNORE INTO seq_stats (tenant, device_id, min_seq, max_seq, stored)
+             SELECT tenant, device_id, min(seq_no), max(seq_no), count(*) FROM messages
+             WHERE NOT EXISTS (SELECT 1 FROM seq_stats) GROUP BY tenant, device_id",
+            [],
+        )
+        .map_err(backend)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -346,6 +363,8 @@ impl ReadingStore for SqliteStore {
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )
                     .map_err(backend)?;
+                // Per device: lowest and highest seqNo stored by this batch, and how many.
+                let mut stats: HashMap<(&str, &str), (i64, i64, i64)> = HashMap::new();
                 for m in &messages {
                     let inserted = message
                         .execute(params![m.tenant, m.device_id, m.seq_no, m.msg_id, m.produced_at, m.received_at, m.site, m.asset, m.profile, now])
@@ -355,9 +374,23 @@ impl ReadingStore for SqliteStore {
                         continue;
                     }
                     report.stored += 1;
+                    let s = stats
+                        .entry((&m.tenant, &m.device_id))
+                        .or_insert((m.seq_no, m.seq_no, 0));
+                    *s = (s.0.min(m.seq_no), s.1.max(m.seq_no), s.2 + 1);
                     for (metric, value, unit) in &m.readings {
                         reading.execute(params![m.tenant, m.device_id, m.seq_no, metric, value, unit, m.produced_at]).map_err(backend)?;
                     }
+                }
+                let mut stat = tx
+                    .prepare_cached(
+                        "INSERT INTO seq_stats (tenant, device_id, min_seq, max_seq, stored) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (tenant, device_id) DO UPDATE SET min_seq = min(min_seq, excluded.min_seq),
+                           max_seq = max(max_seq, excluded.max_seq), stored = stored + excluded.stored",
+                    )
+                    .map_err(backend)?;
+                for ((tenant, device), (lo, hi, n)) in stats {
+                    stat.execute(params![tenant, device, lo, hi, n]).map_err(backend)?;
                 }
             }
             tx.commit().map_err(backend)?;
@@ -417,11 +450,13 @@ impl ReadingStore for SqliteStore {
             for (tenant, device) in &devices {
                 let gaps: i64 = tx
                     .query_row(
-                        "SELECT coalesce(max(seq_no) - min(seq_no) + 1 - count(*), 0) FROM messages WHERE tenant = ?1 AND device_id = ?2",
+                        "SELECT max_seq - min_seq + 1 - stored FROM seq_stats WHERE tenant = ?1 AND device_id = ?2",
                         params![tenant, device],
                         |r| r.get(0),
                     )
-                    .map_err(backend)?;
+                    .optional()
+                    .map_err(backend)?
+                    .unwrap_or(0);
                 tx.execute("UPDATE twins SET seq_gaps = ?3 WHERE tenant = ?1 AND device_id = ?2", params![tenant, device, gaps])
                     .map_err(backend)?;
                 total += gaps.max(0) as u64;
@@ -432,6 +467,9 @@ impl ReadingStore for SqliteStore {
         .await
     }
 }
+
+/// (tenant, deviceId, metric, granularity, bucket start).
+type BucketKey<'a> = (&'a str, &'a str, &'a str, &'a str, i64);
 
 const BUCKET_COLUMNS: &str = "tenant, device_id, metric, granularity, bucket_start, count, sum, min, max, first, first_at, last, last_at, unit, cumulative, revision";
 
@@ -485,6 +523,9 @@ impl RollupStore for SqliteStore {
                            revision = excluded.revision"
                     ))
                     .map_err(backend)?;
+                // Each bucket the batch touches is read once, folded in memory in message order,
+                // and written once.
+                let mut buckets: HashMap<BucketKey<'_>, (Option<Bucket>, i64)> = HashMap::new();
                 for m in &messages {
                     if applied.execute(params![m.tenant, m.device_id, m.seq_no, m.produced_at]).map_err(backend)? == 0 {
                         report.duplicates += 1;
@@ -494,20 +535,28 @@ impl RollupStore for SqliteStore {
                     for (metric, value, unit) in &m.readings {
                         for (granularity, len) in GRANULARITIES {
                             let start = m.produced_at.div_euclid(len) * len;
-                            let current = read
-                                .query_row(params![m.tenant, m.device_id, metric, granularity, start], read_bucket)
-                                .optional()
-                                .map_err(backend)?;
                             let key = (m.tenant.as_str(), m.device_id.as_str(), metric.as_str(), granularity, start);
-                            let b = fold_reading(current, key, *value, m.produced_at, unit, cumulative.contains(metric));
-                            write
-                                .execute(params![
-                                    b.tenant, b.device_id, b.metric, b.granularity, b.bucket_start, b.count, b.sum, b.min, b.max,
-                                    b.first, b.first_at, b.last, b.last_at, b.unit, b.cumulative, b.revision, start + len
-                                ])
-                                .map_err(backend)?;
+                            let slot = match buckets.entry(key) {
+                                Entry::Occupied(e) => e.into_mut(),
+                                Entry::Vacant(e) => {
+                                    let current = read
+                                        .query_row(params![m.tenant, m.device_id, metric, granularity, start], read_bucket)
+                                        .optional()
+                                        .map_err(backend)?;
+                                    e.insert((current, start + len))
+                                }
+                            };
+                            slot.0 = Some(fold_reading(slot.0.take(), key, *value, m.produced_at, unit, cumulative.contains(metric)));
                         }
                     }
+                }
+                for (b, end) in buckets.into_values().filter_map(|(b, end)| Some((b?, end))) {
+                    write
+                        .execute(params![
+                            b.tenant, b.device_id, b.metric, b.granularity, b.bucket_start, b.count, b.sum, b.min, b.max,
+                            b.first, b.first_at, b.last, b.last_at, b.unit, b.cumulative, b.revision, end
+                        ])
+                        .map_err(backend)?;
                 }
             }
             tx.execute(
@@ -815,6 +864,29 @@ mod tests {
                 .seq_gaps,
             0
         );
+    }
+
+    #[tokio::test]
+    async fn seq_stats_are_rebuilt_from_the_messages_of_an_older_file() {
+        let path = std::env::temp_dir().join(format!("iotp-stats-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let store = SqliteStore::open(&path).expect("open");
+        let written: Vec<_> = [0, 1, 3, 7].iter().map(|s| message("d1", *s)).collect();
+        store.write_messages(&written).await.expect("write");
+        let devices = [("acme".to_string(), "d1".to_string())];
+        assert_eq!(store.update_seq_gaps(&devices).await.expect("gaps"), 4);
+        store
+            .with(|c| c.execute("DELETE FROM seq_stats", []).map_err(backend))
+            .await
+            .expect("as before seq_stats");
+        drop(store);
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(
+            store.update_seq_gaps(&devices).await.expect("gaps"),
+            4,
+            "2, 4, 5, 6 missing"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 
     #[tokio::test]
