@@ -18,6 +18,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 
+use crate::admin::Health;
 use crate::kafka::KafkaConfig;
 use crate::metrics::metrics;
 use crate::mqtt::MqttConfig;
@@ -50,13 +51,8 @@ struct Pending {
     received: Instant,
 }
 
-/// What the event-loop driver hands to the stage loop.
-#[allow(clippy::large_enum_variant)] // almost every value is a Publish
-enum FromBroker {
-    Publish(u64, Publish),
-    Connected,
-    Lost,
-}
+/// What the event-loop driver hands to the stage loop: a PUBLISH and its receipt number.
+type FromBroker = (u64, Publish);
 
 /// The latest receipt number per packet id. A PUBACK is sent only for the latest receipt of
 /// its packet id: after a reconnect the broker resends unacknowledged messages under their old
@@ -100,13 +96,20 @@ pub async fn run<S: IngressStage>(
     let window = usize::from(mqtt.max_in_flight);
     let (client, eventloop) = mqtt.connect(&ctx.replica)?;
     let receipts = Arc::new(Receipts::default());
-    let (from_broker_tx, mut from_broker) = mpsc::channel::<FromBroker>(window);
+    // Unbounded on purpose: the driver must never wait on the stage, or it stops polling, no
+    // PINGREQ goes out and none of the broker's PINGRESPs is read, and the broker (or the
+    // client's own keep-alive check) drops the connection; every reconnect then resends the
+    // unacknowledged window, which fills a bounded queue again. What it holds is bounded by
+    // the broker: at most `max_in_flight` unacknowledged PUBLISHes per connection (the MQTT 5
+    // receive maximum), once more per reconnect while older copies are still queued.
+    let (from_broker_tx, mut from_broker) = mpsc::unbounded_channel::<FromBroker>();
     let driver = tokio::spawn(drive(
         eventloop,
         client.clone(),
         mqtt.clone(),
         receipts.clone(),
         from_broker_tx,
+        ctx.health.clone(),
     ));
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(window);
     let confirmer = tokio::spawn(confirm_in_order(
@@ -126,7 +129,7 @@ pub async fn run<S: IngressStage>(
             event = from_broker.recv() => event,
         };
         match event {
-            Some(FromBroker::Publish(receipt, publish)) => {
+            Some((receipt, publish)) => {
                 let received = Instant::now();
                 let record = stage.map(&publish, crate::now_millis())?;
                 let delivery = produce(&producer, &topic, &record).await;
@@ -142,8 +145,6 @@ pub async fn run<S: IngressStage>(
                     anyhow::bail!("confirmation task stopped");
                 }
             }
-            Some(FromBroker::Connected) => ctx.health.set_ready(true),
-            Some(FromBroker::Lost) => ctx.health.set_ready(false),
             None => anyhow::bail!("mqtt event loop stopped"),
         }
     }
@@ -169,7 +170,8 @@ async fn drive(
     client: AsyncClient,
     mqtt: MqttConfig,
     receipts: Arc<Receipts>,
-    to_stage: mpsc::Sender<FromBroker>,
+    to_stage: mpsc::UnboundedSender<FromBroker>,
+    health: Health,
 ) {
     let mut backoff = mqtt.reconnect_min;
     loop {
@@ -182,15 +184,22 @@ async fn drive(
                 metrics().mqtt_received_messages_total.inc();
                 let receipt = receipts.record(publish.pkid);
                 // Closed while draining: the message stays unacknowledged in the session.
-                let _ = to_stage.send(FromBroker::Publish(receipt, publish)).await;
+                let _ = to_stage.send((receipt, publish));
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(session_present = ack.session_present, "mqtt connected");
-                for filter in &mqtt.subscriptions {
-                    if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                        tracing::error!(error = %e, filter, "cannot subscribe");
+                // Subscribed from a task: the request queue drains only while this loop polls,
+                // so waiting here for room could wait forever, and `try_subscribe` on a full
+                // queue (PUBACKs waiting to go out after a reconnect) lost the subscription.
+                let (subscriber, filters) = (client.clone(), mqtt.subscriptions.clone());
+                tokio::spawn(async move {
+                    for filter in filters {
+                        if let Err(e) = subscriber.subscribe(filter.clone(), QoS::AtLeastOnce).await
+                        {
+                            tracing::error!(error = %e, filter, "cannot subscribe");
+                        }
                     }
-                }
+                });
                 if mqtt.watch_broker_counters {
                     for t in [
                         "$SYS/broker/publish/messages/dropped",
@@ -200,7 +209,8 @@ async fn drive(
                     }
                 }
                 backoff = mqtt.reconnect_min;
-                let _ = to_stage.send(FromBroker::Connected).await;
+                // Ready means connected: set here, not behind the PUBLISHes queued for the stage.
+                health.set_ready(true);
             }
             Ok(Event::Outgoing(Outgoing::PubAck(_))) => metrics().mqtt_acked_messages_total.inc(),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
@@ -214,7 +224,7 @@ async fn drive(
                     .with_label_values(&[connection_error_kind(&e)])
                     .inc();
                 tracing::warn!(error = %e, retry_in = ?backoff, "mqtt connection lost");
-                let _ = to_stage.send(FromBroker::Lost).await;
+                health.set_ready(false);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(mqtt.reconnect_max);
             }

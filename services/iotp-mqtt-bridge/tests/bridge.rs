@@ -30,6 +30,7 @@ async fn setup(name: &str, partitions: i32) -> Setup {
         subscription: format!("$share/iotp-bridge/iot/{tenant}/+/+"),
         kafka: kafka_brokers(),
         log_dir: dir,
+        env: Vec::new(),
     };
     Setup {
         mosquitto,
@@ -210,5 +211,58 @@ async fn backlog_while_bridge_is_away_survives_broker_restart() {
         metric(&metrics, "iotp_mqtt_broker_dropped_messages"),
         Some(0.0),
         "broker dropped messages"
+    );
+}
+
+/// With Kafka down nothing is confirmed, so nothing is acknowledged and every reconnect brings
+/// the unacknowledged window again. The connection must stay up all the same: the bridge keeps
+/// answering the broker (keep-alive) however long Kafka takes. (It used to stop polling the
+/// connection once its queues held two windows, and the broker dropped it at each keep-alive.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_stays_up_while_kafka_is_down() {
+    let mut s = setup("kafka-down", 1).await;
+    let kafka_port = free_port();
+    s.spec.kafka = format!("127.0.0.1:{kafka_port}");
+    s.spec.env = vec![
+        ("IOTP__MQTT__KEEP_ALIVE".into(), "5s".into()),
+        ("IOTP__MQTT__MAX_IN_FLIGHT".into(), "20".into()),
+    ];
+    let bridge = Bridge::start(&s.spec, "bridge-kafka-down-0");
+    bridge.wait_ready();
+    let sent = publish_fleet(s.mosquitto.port, &s.tenant, 10, 20).await;
+    assert_eq!(sent.total(), 200);
+    let errors = |b: &Bridge| metric_sum(&b.metrics(), "iotp_mqtt_connection_errors_total");
+    // Two broker restarts: the window comes three times (60 unconfirmed messages).
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = errors(&bridge);
+        s.mosquitto.restart();
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while errors(&bridge) == before || http_get(bridge.admin_port, "/readyz").0 != 200 {
+            assert!(
+                std::time::Instant::now() < until,
+                "bridge did not reconnect: {} connection errors (before {before}), /readyz {}",
+                errors(&bridge),
+                http_get(bridge.admin_port, "/readyz").0
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let after_restarts = errors(&bridge);
+    // Three keep-alive periods with Kafka still down: the broker drops a silent client after
+    // 1.5 of them.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(
+        errors(&bridge),
+        after_restarts,
+        "the connection dropped while Kafka was down"
+    );
+    open_kafka_at(kafka_port).await;
+    let seen = read_until_complete(&s.spec.topic, &sent, Duration::from_secs(90)).await;
+    assert_none_missing(&sent, &seen);
+    assert_eq!(
+        errors(&bridge),
+        after_restarts,
+        "no reconnect once Kafka was back"
     );
 }

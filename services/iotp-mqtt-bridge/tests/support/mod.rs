@@ -125,6 +125,8 @@ pub struct BridgeSpec {
     pub subscription: String,
     pub kafka: String,
     pub log_dir: PathBuf,
+    /// Extra `IOTP__…` settings.
+    pub env: Vec<(String, String)>,
 }
 
 impl Bridge {
@@ -150,6 +152,7 @@ impl Bridge {
             .env("IOTP__MQTT__RECONNECT_MAX", "1s")
             .env("IOTP__KAFKA__BROKERS", &spec.kafka)
             .env("IOTP__RAW_TOPIC", &spec.topic)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -221,6 +224,15 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+}
+
+/// A counter summed over all its label sets (0 if it has none yet).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// What one device sent and which of its messages the broker acknowledged.
@@ -404,4 +416,24 @@ pub fn decode_with_fastavro(dir: &Path, records: &[&Seen]) -> Vec<serde_json::Va
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Forward `port` to the test Kafka from now on (until then nothing listens there, so a client
+/// bootstrapping from it gets no broker: Kafka is down). The client learns the broker's own
+/// address from its metadata and goes there directly after that.
+pub async fn open_kafka_at(port: u16) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let target = kafka_brokers();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
 }
