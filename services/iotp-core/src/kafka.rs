@@ -33,6 +33,10 @@ pub struct KafkaConfig {
     /// over three hops in a paced run here.
     #[serde(with = "humantime_serde")]
     pub fetch_wait: Duration,
+    /// Most fetched-ahead data a consumer holds, KiB (`queued.max.messages.kbytes`): a bound
+    /// on memory when the input topic has a backlog. librdkafka's 64 MiB put the enricher at
+    /// 92 MiB RSS in the standard load test here.
+    pub prefetch_kib: u32,
     /// Extra librdkafka properties, e.g. `security.protocol = "ssl"`, `ssl.ca.location`.
     pub properties: BTreeMap<String, String>,
 }
@@ -45,6 +49,7 @@ impl Default for KafkaConfig {
             message_timeout: Duration::from_secs(30),
             compression: "none".into(),
             fetch_wait: Duration::from_millis(20),
+            prefetch_kib: 8192,
             properties: BTreeMap::new(),
         }
     }
@@ -56,6 +61,9 @@ impl KafkaConfig {
         let mut out = Vec::new();
         if self.brokers.trim().is_empty() {
             out.push("kafka.brokers must not be empty".into());
+        }
+        if !(1..=2_097_151).contains(&self.prefetch_kib) {
+            out.push("kafka.prefetch_kib must be between 1 and 2097151".into());
         }
         if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.compression.as_str()) {
             out.push(format!(
@@ -131,7 +139,8 @@ impl KafkaConfig {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "30000")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("fetch.wait.max.ms", self.fetch_wait.as_millis().to_string());
+            .set("fetch.wait.max.ms", self.fetch_wait.as_millis().to_string())
+            .set("queued.max.messages.kbytes", self.prefetch_kib.to_string());
         for (k, v) in &self.properties {
             c.set(k, v);
         }
