@@ -96,13 +96,15 @@ pub async fn run<S: IngressStage>(
     let window = usize::from(mqtt.max_in_flight);
     let (client, eventloop) = mqtt.connect(&ctx.replica)?;
     let receipts = Arc::new(Receipts::default());
-    // Unbounded on purpose: the driver must never wait on the stage, or it stops polling, no
-    // PINGREQ goes out and none of the broker's PINGRESPs is read, and the broker (or the
-    // client's own keep-alive check) drops the connection; every reconnect then resends the
-    // unacknowledged window, which fills a bounded queue again. What it holds is bounded by
-    // the broker: at most `max_in_flight` unacknowledged PUBLISHes per connection (the MQTT 5
-    // receive maximum), once more per reconnect while older copies are still queued.
-    let (from_broker_tx, mut from_broker) = mpsc::unbounded_channel::<FromBroker>();
+    // Room for several windows: while the driver waits here it stops polling, so no PINGREQ
+    // goes out and no PINGRESP is read, and the connection lapses at the next keep-alive; every
+    // reconnect then resends the unacknowledged window (the MQTT 5 receive maximum) while the
+    // older copies are still queued. A window's room (the first design) filled at the second
+    // reconnect and made the drops repeat. Bounded all the same: under a flood the bridge
+    // received far more than its PUBACKs sent plus the receive maximum (1,010,001 PUBLISHes
+    // against 166,206 PUBACKs in one standard load test; not explained yet), and an unbounded
+    // queue grew the bridge to 380 MiB; a full queue pushes back through TCP instead.
+    let (from_broker_tx, mut from_broker) = mpsc::channel::<FromBroker>(window * 4);
     let driver = tokio::spawn(drive(
         eventloop,
         client.clone(),
@@ -170,7 +172,7 @@ async fn drive(
     client: AsyncClient,
     mqtt: MqttConfig,
     receipts: Arc<Receipts>,
-    to_stage: mpsc::UnboundedSender<FromBroker>,
+    to_stage: mpsc::Sender<FromBroker>,
     health: Health,
 ) {
     let mut backoff = mqtt.reconnect_min;
@@ -184,7 +186,7 @@ async fn drive(
                 metrics().mqtt_received_messages_total.inc();
                 let receipt = receipts.record(publish.pkid);
                 // Closed while draining: the message stays unacknowledged in the session.
-                let _ = to_stage.send((receipt, publish));
+                let _ = to_stage.send((receipt, publish)).await;
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(session_present = ack.session_present, "mqtt connected");

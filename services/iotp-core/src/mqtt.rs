@@ -130,6 +130,9 @@ impl MqttConfig {
             .set_receive_maximum(Some(self.max_in_flight))
             .set_max_packet_size(Some(self.max_packet_size))
             .set_manual_acks(true)
+            // The bridge publishes nothing to MQTT; rumqttc otherwise keeps a slot for 65,535
+            // outgoing publishes (about 16 MiB, allocated and written at connect).
+            .set_outgoing_inflight_upper_limit(16)
             // Acks for a whole window, subscriptions and the disconnect must fit without blocking.
             .set_request_channel_capacity(usize::from(self.max_in_flight) * 2 + 16);
         if let (Some(user), Some(pass)) = (&self.username, &self.password) {

@@ -232,6 +232,13 @@ async fn connection_stays_up_while_kafka_is_down() {
     let sent = publish_fleet(s.mosquitto.port, &s.tenant, 10, 20).await;
     assert_eq!(sent.total(), 200);
     let errors = |b: &Bridge| metric_sum(&b.metrics(), "iotp_mqtt_connection_errors_total");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = |b: &Bridge| metric_sum(&b.metrics(), "iotp_mqtt_received_messages_total");
+    assert_eq!(
+        received(&bridge),
+        20.0,
+        "nothing acknowledged: the broker sends one receive maximum (max_in_flight), no more"
+    );
     // Two broker restarts: the window comes three times (60 unconfirmed messages).
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -527,17 +527,22 @@ pub fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
             );
         }
     }
-    if obs.seq_no > t.last_seq_no {
+    // Device state: the newest observation that carries a field sets it, and an older one
+    // fills it while it is unknown. Arrival order is not send order (an MQTT broker with more
+    // than one message in flight may reorder: Mosquitto delivered a device's seqNo 0, the only
+    // telemetry carrying its firmware, after later ones in the standard load test).
+    let newest = obs.seq_no > t.last_seq_no;
+    if newest {
         t.last_seq_no = obs.seq_no;
-        if obs.firmware.is_some() {
-            t.firmware = obs.firmware.clone();
-        }
-        if obs.config_version.is_some() {
-            t.config_version = obs.config_version.clone();
-        }
-        if obs.heartbeat_secs.is_some() {
-            t.heartbeat_secs = obs.heartbeat_secs;
-        }
+    }
+    if obs.firmware.is_some() && (newest || t.firmware.is_none()) {
+        t.firmware = obs.firmware.clone();
+    }
+    if obs.config_version.is_some() && (newest || t.config_version.is_none()) {
+        t.config_version = obs.config_version.clone();
+    }
+    if obs.heartbeat_secs.is_some() && (newest || t.heartbeat_secs.is_none()) {
+        t.heartbeat_secs = obs.heartbeat_secs;
     }
     if obs.produced_at > t.last_seen_at {
         t.last_seen_at = obs.produced_at;
@@ -583,5 +588,36 @@ mod tests {
             assert_eq!(t.firmware.as_deref(), Some("fw-3"));
         }
         assert!(results.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn state_only_an_older_message_carried_is_kept_when_it_arrives_late() {
+        let first = Observation {
+            firmware: Some("fw-0".into()),
+            config_version: Some("cfg-0".into()),
+            ..obs(0, 1000, 1.0)
+        };
+        let later = Observation {
+            firmware: None,
+            heartbeat_secs: None,
+            ..obs(5, 5000, 5.0)
+        };
+        let t = fold(Some(fold(None, &later)), &first);
+        assert_eq!(t.last_seq_no, 5);
+        assert_eq!(t.last_values["temp"].value, 5.0);
+        assert_eq!(
+            (
+                t.firmware.as_deref(),
+                t.config_version.as_deref(),
+                t.heartbeat_secs
+            ),
+            (Some("fw-0"), Some("cfg-0"), Some(60))
+        );
+        let newer = Observation {
+            firmware: Some("fw-6".into()),
+            ..obs(6, 6000, 6.0)
+        };
+        let t = fold(Some(t), &newer);
+        assert_eq!(t.firmware.as_deref(), Some("fw-6"), "the newest still wins");
     }
 }
