@@ -180,7 +180,10 @@ async fn run_device(plan: DevicePlan, run: Arc<Run>) -> anyhow::Result<DeviceLed
     opts.set_keep_alive(Duration::from_secs(60))
         .set_clean_start(false)
         .set_session_expiry_interval(Some(3600))
-        .set_max_packet_size(Some(2 * 1024 * 1024));
+        .set_max_packet_size(Some(2 * 1024 * 1024))
+        // Slots for the device's own window only: rumqttc's default is 65,535 of them per
+        // client (about 16 MiB, written at connect), 16 GiB for a fleet of 1,000.
+        .set_outgoing_inflight_upper_limit(u16::try_from(max_inflight).unwrap_or(u16::MAX));
     let (client, mut eventloop) = AsyncClient::new(opts, max_inflight + 8);
     let n = plan.seq_count as usize;
     let shared = Arc::new(Mutex::new(Shared {
