@@ -382,10 +382,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if scenario.ceiling && !args.no_ceiling {
         println!("iotp-load: measuring the forward-only ceiling on the same brokers");
         let mut c = ceiling::measure(&kafka, 3, Duration::from_secs(300)).await?;
-        // The MQTT leg: the same fleet and messages (no faults) to topics no one bridges.
+        // The MQTT leg: the same fleet and messages (no faults) to topics no one bridges, as
+        // fast as the broker acknowledges (a paced scenario's rate is not a ceiling).
         let plain = Scenario {
             faults: Default::default(),
             heartbeat_every: 0,
+            rate: 0,
+            rate_per_device: 0.0,
+            duration: None,
             ..scenario.clone()
         };
         let target = Target {
