@@ -382,18 +382,7 @@ pub async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
-/// Sum of a metric's samples whose labels contain every `label="value"` given.
-pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(key, _)| {
-            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
-            metric == name && labels.iter().all(|want| rest.contains(want))
-        })
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
-}
+pub use iotp_core::metrics::sample_sum as metric_sum;
 
 /// Quantile `q` of a Prometheus histogram (`name_bucket{le=…}`), by linear interpolation
 /// inside the bucket, as `histogram_quantile` does; seconds.

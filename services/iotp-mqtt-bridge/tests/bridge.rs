@@ -7,6 +7,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use iotp_core::metrics::sample_sum;
 use support::*;
 
 const DEVICES: usize = 100;
@@ -231,9 +232,9 @@ async fn connection_stays_up_while_kafka_is_down() {
     bridge.wait_ready();
     let sent = publish_fleet(s.mosquitto.port, &s.tenant, 10, 20).await;
     assert_eq!(sent.total(), 200);
-    let errors = |b: &Bridge| metric_sum(&b.metrics(), "iotp_mqtt_connection_errors_total");
+    let errors = |b: &Bridge| sample_sum(&b.metrics(), "iotp_mqtt_connection_errors_total", &[]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let received = |b: &Bridge| metric_sum(&b.metrics(), "iotp_mqtt_received_messages_total");
+    let received = |b: &Bridge| sample_sum(&b.metrics(), "iotp_mqtt_received_messages_total", &[]);
     assert_eq!(
         received(&bridge),
         20.0,

@@ -226,15 +226,6 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
 }
 
-/// A counter summed over all its label sets (0 if it has none yet).
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(name))
-        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// What one device sent and which of its messages the broker acknowledged.
 #[derive(Debug, Default)]
 pub struct SentLog {
