@@ -384,7 +384,7 @@ pub fn audit(
 mod tests {
     use super::*;
     use crate::fleet::DeviceLedger;
-    use iotp_core::contract::DeadLetter;
+    use iotp_contract::DeadLetter;
 
     fn ledger(id: &str, faults: Vec<Option<Fault>>) -> DeviceLedger {
         let n = faults.len();

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use iotp_contract::topology::{topic_name, topology, TopicSpec};
 use iotp_core::admin::Health;
 use iotp_core::consume::{self, StageIo};
 use iotp_core::kafka::{count_records, ensure_topics, KafkaConfig};
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Stage, Verdict};
-use iotp_core::topology::{topic_name, topology, TopicSpec};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 

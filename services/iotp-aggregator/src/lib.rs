@@ -11,12 +11,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use iotp_contract::devices::Registry;
+use iotp_contract::{Aggregate, Codec, EnrichedTelemetry};
 use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::consume::{self, StageIo};
-use iotp_core::contract::{Aggregate, Codec, EnrichedTelemetry};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
-use iotp_core::registry::Registry;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
 use iotp_core::store::{

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use iotp_core::contract::{Aggregate, Codec, EnrichedTelemetry, Header, Reading};
+use iotp_contract::{Aggregate, Codec, EnrichedTelemetry, Header, Reading};
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::RollupStore;
 use iotp_core::testkit::*;

@@ -39,6 +39,8 @@ pub struct Common {
     pub log_format: LogFormat,
     /// Log filter, `tracing_subscriber` syntax (`info,iotp_core=debug`).
     pub log_level: String,
+    /// How every failed piece of work is retried, and when the service gives up on it.
+    pub backoff: crate::retry::Backoff,
 }
 
 impl Default for Common {
@@ -49,6 +51,7 @@ impl Default for Common {
             shutdown_deadline: Duration::from_secs(25),
             log_format: LogFormat::Auto,
             log_level: "info".into(),
+            backoff: crate::retry::Backoff::default(),
         }
     }
 }
@@ -107,7 +110,7 @@ fn load_from<C: ServiceConfig>(file: Option<&Path>, env: Env) -> Result<C, Confi
 }
 
 fn validate_common(common: &Common) -> Vec<String> {
-    let mut problems = Vec::new();
+    let mut problems = common.backoff.problems();
     if common.replica.is_empty() {
         problems.push("common.replica must not be empty".into());
     }

@@ -9,45 +9,37 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::admin::Health;
+use crate::kafka::sink::{KafkaSink, Pending};
 use crate::kafka::KafkaConfig;
 use crate::metrics::metrics;
 use crate::mqtt::MqttConfig;
+use crate::retry::{Backoff, Halt};
 use crate::service::Context;
-
-/// A Kafka record made from one PUBLISH.
-#[derive(Debug, Clone)]
-pub struct OutRecord {
-    /// Partitioning key.
-    pub key: String,
-    /// Encoded value.
-    pub value: Vec<u8>,
-    /// Headers (e.g. `traceparent`).
-    pub headers: Vec<(String, String)>,
-}
+use crate::stage::{Output, StageError};
 
 /// The logic of an ingress stage.
 pub trait IngressStage: Send + 'static {
-    /// Map one PUBLISH to its record. An error stops the service without acknowledging the
-    /// message (the broker redelivers it): reserve it for defects, not for bad device input,
-    /// which must travel on to the stage that judges it.
-    fn map(&mut self, publish: &Publish, received_at: i64) -> anyhow::Result<OutRecord>;
+    /// Map one PUBLISH to its record (for the sink's topic). An error stops the service
+    /// without acknowledging the message (the broker redelivers it): reserve it for defects,
+    /// not for bad device input, which must travel on to the stage that judges it.
+    fn map(&mut self, publish: &Publish, received_at: i64) -> Result<Output, StageError>;
 }
 
-struct Pending {
+/// A record produced for a PUBLISH, its confirmation still to come.
+struct Produced {
     receipt: u64,
     publish: Publish,
-    record: OutRecord,
-    delivery: DeliveryFuture,
+    output: Output,
+    pending: Pending,
     received: Instant,
 }
 
@@ -92,7 +84,7 @@ pub async fn run<S: IngressStage>(
     topic: String,
     mut stage: S,
 ) -> anyhow::Result<()> {
-    let producer = kafka.producer(&ctx.replica)?;
+    let sink = KafkaSink::new(&kafka, &ctx.replica, topic, ctx.backoff)?;
     let window = usize::from(mqtt.max_in_flight);
     let (client, eventloop) = mqtt.connect(&ctx.replica)?;
     let receipts = Arc::new(Receipts::default());
@@ -112,16 +104,15 @@ pub async fn run<S: IngressStage>(
         receipts.clone(),
         from_broker_tx,
         ctx.health.clone(),
+        ctx.backoff,
     ));
-    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(window);
+    let (produced_tx, produced_rx) = mpsc::channel::<Produced>(window);
     let confirmer = tokio::spawn(confirm_in_order(
-        pending_rx,
+        produced_rx,
         client.clone(),
         receipts,
-        producer.clone(),
-        topic.clone(),
-        mqtt.reconnect_min,
-        mqtt.reconnect_max,
+        sink.clone(),
+        ctx.shutdown.clone(),
     ));
     let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
 
@@ -133,17 +124,17 @@ pub async fn run<S: IngressStage>(
         match event {
             Some((receipt, publish)) => {
                 let received = Instant::now();
-                let record = stage.map(&publish, crate::now_millis())?;
-                let delivery = produce(&producer, &topic, &record).await;
+                let output = stage.map(&publish, iotp_contract::now_millis())?;
+                let pending = sink.enqueue(&output).await;
                 inflight.inc();
-                let pending = Pending {
+                let produced = Produced {
                     receipt,
                     publish,
-                    record,
-                    delivery,
+                    output,
+                    pending,
                     received,
                 };
-                if pending_tx.send(pending).await.is_err() {
+                if produced_tx.send(produced).await.is_err() {
                     anyhow::bail!("confirmation task stopped");
                 }
             }
@@ -153,14 +144,12 @@ pub async fn run<S: IngressStage>(
     tracing::info!("draining: no new messages; acknowledging what Kafka confirms");
     // Messages that arrive from now on stay unacknowledged in the session for the next start.
     drop(from_broker);
-    drop(pending_tx);
+    drop(produced_tx);
     confirmer.await??;
     tracing::info!("all produced messages confirmed and acknowledged; disconnecting");
     client.disconnect().await?;
     driver.await?;
-    let flushed =
-        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await?;
-    flushed?;
+    sink.flush(Duration::from_secs(5)).await?;
     tracing::info!("ingress stopped");
     Ok(())
 }
@@ -174,8 +163,9 @@ async fn drive(
     receipts: Arc<Receipts>,
     to_stage: mpsc::Sender<FromBroker>,
     health: Health,
+    backoff: Backoff,
 ) {
-    let mut backoff = mqtt.reconnect_min;
+    let mut reconnect = backoff.start();
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -210,7 +200,7 @@ async fn drive(
                         let _ = client.try_subscribe(t, QoS::AtMostOnce);
                     }
                 }
-                backoff = mqtt.reconnect_min;
+                reconnect = backoff.start();
                 // Ready means connected: set here, not behind the PUBLISHes queued for the stage.
                 health.set_ready(true);
             }
@@ -225,32 +215,28 @@ async fn drive(
                     .mqtt_connection_errors_total
                     .with_label_values(&[connection_error_kind(&e)])
                     .inc();
-                tracing::warn!(error = %e, retry_in = ?backoff, "mqtt connection lost");
+                let delay = reconnect.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "mqtt connection lost");
                 health.set_ready(false);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(mqtt.reconnect_max);
+                tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
-/// Await delivery reports in receive order; re-produce failed records with backoff until Kafka
-/// takes them; then PUBACK each, in receive order. This task never blocks on the MQTT client:
-/// a PUBACK that does not fit the client's request queue waits in a small local queue (packet
-/// id and receipt only), because the queue drains only while the event-loop driver polls, and
-/// the driver may itself be waiting for the stage loop, which waits for this task.
+/// Await delivery reports in receive order (the sink produces refused records again with the
+/// backoff until Kafka takes them); then PUBACK each, in receive order. This task never blocks
+/// on the MQTT client: a PUBACK that does not fit the client's request queue waits in a small
+/// local queue (packet id and receipt only), because the queue drains only while the
+/// event-loop driver polls, and the driver may itself be waiting for the stage loop, which
+/// waits for this task. At shutdown, a record Kafka has not taken stays unacknowledged.
 async fn confirm_in_order(
-    mut pending: mpsc::Receiver<Pending>,
+    mut produced: mpsc::Receiver<Produced>,
     client: AsyncClient,
     receipts: Arc<Receipts>,
-    producer: FutureProducer,
-    topic: String,
-    backoff_min: Duration,
-    backoff_max: Duration,
+    sink: KafkaSink,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let produced = metrics()
-        .kafka_produced_messages_total
-        .with_label_values(&[&topic]);
     let latency = metrics().delivery_seconds.with_label_values(&[STAGE]);
     let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
     let mut acks: VecDeque<(u16, u64, QoS)> = VecDeque::new();
@@ -269,10 +255,10 @@ async fn confirm_in_order(
             acks.pop_front();
         }
         let next = if acks.is_empty() {
-            pending.recv().await
+            produced.recv().await
         } else if open {
             tokio::select! {
-                p = pending.recv() => p,
+                p = produced.recv() => p,
                 _ = tokio::time::sleep(Duration::from_millis(2)) => continue,
             }
         } else {
@@ -283,67 +269,22 @@ async fn confirm_in_order(
             open = false;
             continue;
         };
-        let mut delivery = p.delivery;
-        let mut backoff = backoff_min;
-        loop {
-            match delivery.await {
-                Ok(Ok(_)) => break,
-                Ok(Err((e, _))) => {
-                    metrics()
-                        .kafka_produce_errors_total
-                        .with_label_values(&[kafka_error_kind(&e)])
-                        .inc();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "kafka did not take the record; retrying, not acknowledging");
-                }
-                Err(_) => {
-                    metrics()
-                        .kafka_produce_errors_total
-                        .with_label_values(&["canceled"])
-                        .inc();
-                    tracing::warn!("delivery report lost; producing again");
-                }
+        match sink.confirm(&p.output, p.pending, &shutdown).await {
+            Ok(()) => {}
+            Err(Halt::Shutdown) => {
+                tracing::info!("kafka has not taken a record at shutdown; it stays unacknowledged");
+                open = false;
+                produced.close();
+                while produced.try_recv().is_ok() {}
+                continue;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(backoff_max);
-            delivery = produce(&producer, &topic, &p.record).await;
+            Err(Halt::Failed(e)) => return Err(e),
         }
-        produced.inc();
         latency.observe(p.received.elapsed().as_secs_f64());
         inflight.dec();
         acks.push_back((p.publish.pkid, p.receipt, p.publish.qos));
     }
     Ok(())
-}
-
-/// Enqueue a record, waiting while librdkafka's queue is full.
-async fn produce(producer: &FutureProducer, topic: &str, record: &OutRecord) -> DeliveryFuture {
-    loop {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (k, v) in &record.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        let out = FutureRecord::to(topic)
-            .key(record.key.as_bytes())
-            .payload(record.value.as_slice())
-            .headers(headers);
-        match producer.send_result(out) {
-            Ok(delivery) => return delivery,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((e, _)) => {
-                metrics()
-                    .kafka_produce_errors_total
-                    .with_label_values(&[kafka_error_kind(&e)])
-                    .inc();
-                tracing::warn!(error = %e, "cannot enqueue record; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
 }
 
 fn record_broker_counter(publish: &Publish) {
@@ -377,15 +318,5 @@ fn connection_error_kind(e: &rumqttc::v5::ConnectionError) -> &'static str {
         E::Timeout(_) => "timeout",
         E::Tls(_) => "tls",
         _ => "other",
-    }
-}
-
-fn kafka_error_kind(e: &KafkaError) -> &'static str {
-    match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::MessageTimedOut) => "timeout",
-        Some(RDKafkaErrorCode::QueueFull) => "queue_full",
-        Some(RDKafkaErrorCode::MessageSizeTooLarge) => "too_large",
-        Some(_) => "broker",
-        None => "client",
     }
 }

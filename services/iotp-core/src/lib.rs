@@ -1,30 +1,27 @@
-//! Shared library of the IoT telemetry pipeline: the message contract and its Avro codec, the
-//! stage runtime (config, admin endpoints, metrics, shutdown), and the broker adapters.
+//! The runtime every service runs on: the process shell (config, logs, admin port, metrics,
+//! shutdown), the stage runtimes (Kafka → Kafka, MQTT → Kafka) and the broker adapters they
+//! are built from (Kafka, MQTT, RabbitMQ). Stages hold logic only; this crate does the
+//! plumbing once.
 
 pub mod admin;
 pub mod amqp;
 pub mod config;
 pub mod consume;
-pub mod contract;
 pub mod dead_letter;
 pub mod ingress;
 pub mod kafka;
+pub mod logging;
 pub mod metrics;
 pub mod mqtt;
-pub mod registry;
+pub mod outbox;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod stage;
 pub mod store;
-pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
-pub mod topology;
 
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+// Transitional: the store still names the contract through this crate until it moves out.
+pub use iotp_contract as contract;
+pub use iotp_contract::now_millis;

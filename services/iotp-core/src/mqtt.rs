@@ -8,7 +8,7 @@ use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 
-use crate::topology::topology;
+use iotp_contract::topology::topology;
 
 /// MQTT connection and session settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,12 +42,6 @@ pub struct MqttConfig {
     pub subscriptions: Vec<String>,
     /// Also subscribe to the broker's `$SYS` drop and store counters and export them.
     pub watch_broker_counters: bool,
-    /// First reconnect delay; doubles up to `reconnect_max`.
-    #[serde(with = "humantime_serde")]
-    pub reconnect_min: Duration,
-    /// Longest reconnect delay.
-    #[serde(with = "humantime_serde")]
-    pub reconnect_max: Duration,
 }
 
 /// PEM files for TLS.
@@ -81,8 +75,6 @@ impl Default for MqttConfig {
             max_packet_size: 2 * 1024 * 1024,
             subscriptions: vec![topology().mqtt.shared_subscription()],
             watch_broker_counters: true,
-            reconnect_min: Duration::from_millis(100),
-            reconnect_max: Duration::from_secs(10),
         }
     }
 }
@@ -99,9 +91,6 @@ impl MqttConfig {
         }
         if self.session_expiry.as_secs() == 0 {
             out.push("mqtt.session_expiry must be > 0: a clean session loses messages queued while the bridge is away".into());
-        }
-        if self.reconnect_min > self.reconnect_max {
-            out.push("mqtt.reconnect_min must not exceed mqtt.reconnect_max".into());
         }
         if let Some(tls) = &self.tls {
             if tls.cert_file.is_some() != tls.key_file.is_some() {

@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Health};
 use crate::config::{self, ServiceConfig};
+use crate::logging;
 use crate::metrics::metrics;
+use crate::retry::Backoff;
 use crate::shutdown::{self, EXIT_CONFIG, EXIT_DEADLINE, EXIT_FAILED, EXIT_OK};
-use crate::telemetry;
 
 /// Options every service binary takes.
 #[derive(Debug, Parser)]
@@ -36,6 +37,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Readiness for `/readyz`.
     pub health: Health,
+    /// How failed work is retried (`common.backoff`).
+    pub backoff: Backoff,
 }
 
 /// Parse options, load config, and run `service` until it returns or the drain deadline passes.
@@ -65,7 +68,7 @@ where
             }
         };
     }
-    telemetry::init_logging(config.common());
+    logging::init(config.common());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -106,6 +109,7 @@ where
         replica: common.replica.clone(),
         shutdown: shutdown.clone(),
         health: health.clone(),
+        backoff: common.backoff,
     };
     let mut task = tokio::spawn(body(ctx, config));
     let joined = tokio::select! {
@@ -135,35 +139,4 @@ where
             EXIT_FAILED
         }
     }
-}
-
-/// Configuration of a service that only needs the common settings and Kafka.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BasicConfig {
-    /// Settings every service has.
-    pub common: crate::config::Common,
-    /// Kafka cluster.
-    pub kafka: crate::kafka::KafkaConfig,
-}
-
-impl ServiceConfig for BasicConfig {
-    fn common(&self) -> &crate::config::Common {
-        &self.common
-    }
-
-    fn validate(&self) -> Vec<String> {
-        self.kafka.problems()
-    }
-}
-
-/// For services whose stage has not landed yet: ready at once, idle until shutdown.
-pub async fn idle(ctx: Context) -> anyhow::Result<()> {
-    tracing::warn!(
-        service = ctx.service,
-        "this stage has no processing logic yet; idling"
-    );
-    ctx.health.set_ready(true);
-    ctx.shutdown.cancelled().await;
-    Ok(())
 }

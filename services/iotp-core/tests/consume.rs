@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
+use iotp_contract::{Codec, DeadLetter};
 use iotp_core::admin::Health;
 use iotp_core::consume::{self, StageIo};
-use iotp_core::contract::{Codec, DeadLetter};
 use iotp_core::dead_letter::DeadLetterConfig;
 use iotp_core::kafka::KafkaConfig;
+use iotp_core::retry::Backoff;
 use iotp_core::service::Context;
-use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
+use iotp_core::stage::{Input, Output, Rejection, Stage, StageError, Verdict};
 use iotp_core::testkit::*;
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
@@ -20,18 +21,17 @@ struct Upper;
 impl Stage for Upper {
     const NAME: &'static str = "upper";
 
-    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
         Ok(batch
             .iter()
             .map(|i| {
                 if i.payload.starts_with(b"bad") {
                     Verdict::Reject(Rejection::permanent("bad_input", "payload starts with bad"))
                 } else {
-                    Verdict::Emit(vec![Output {
-                        topic: None,
-                        key: i.key.unwrap_or_default().to_vec(),
-                        value: i.payload.to_ascii_uppercase(),
-                    }])
+                    Verdict::Emit(vec![Output::new(
+                        i.key.unwrap_or_default(),
+                        i.payload.to_ascii_uppercase(),
+                    )])
                 }
             })
             .collect())
@@ -55,7 +55,6 @@ async fn fixture(exchange: &str) -> Fixture {
         output_topic: output.clone(),
         group: unique("test-group-"),
         batch_max: 200,
-        retry_min: Duration::from_millis(50),
         dead_letter: DeadLetterConfig {
             amqp_uri: amqp_uri(),
             exchange: exchange.to_string(),
@@ -74,6 +73,20 @@ async fn fixture(exchange: &str) -> Fixture {
     }
 }
 
+fn context(replica: &str, shutdown: &CancellationToken) -> Context {
+    Context {
+        service: "test",
+        replica: replica.to_string(),
+        shutdown: shutdown.clone(),
+        health: Health::default(),
+        backoff: Backoff {
+            min: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+            give_up_after: Duration::from_secs(3),
+        },
+    }
+}
+
 fn start(
     f: &Fixture,
     replica: &str,
@@ -82,12 +95,7 @@ fn start(
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
     let shutdown = CancellationToken::new();
-    let ctx = Context {
-        service: "test",
-        replica: replica.to_string(),
-        shutdown: shutdown.clone(),
-        health: Health::default(),
-    };
+    let ctx = context(replica, &shutdown);
     let task = tokio::spawn(consume::run(ctx, f.kafka.clone(), f.io.clone(), Upper));
     (shutdown, task)
 }
@@ -192,5 +200,115 @@ async fn offsets_wait_for_the_dead_letter_confirm() {
         again.len() > 9 && again.len() <= 18,
         "replayed outputs: {}",
         again.len() - 9
+    );
+}
+
+/// Fails every batch with `Retry` a number of times, then passes it through; or fails with
+/// `Stop`. Records which offsets each call saw.
+struct Flaky {
+    retries_left: usize,
+    stop: bool,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<Vec<i64>>>>,
+}
+
+impl Stage for Flaky {
+    const NAME: &'static str = "flaky";
+
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(batch.iter().map(|i| i.offset).collect());
+        if self.stop {
+            return Err(StageError::stop(anyhow::anyhow!("a defect")));
+        }
+        if self.retries_left > 0 {
+            self.retries_left -= 1;
+            return Err(StageError::retry(anyhow::anyhow!("store busy")));
+        }
+        Ok(batch
+            .iter()
+            .map(|i| {
+                Verdict::Emit(vec![Output::new(
+                    i.key.unwrap_or_default(),
+                    i.payload.to_vec(),
+                )])
+            })
+            .collect())
+    }
+}
+
+/// The runtime owns retries: a `Retry` error gets the same batch again after the backoff and
+/// nothing is produced or committed before it passes; a `Stop` error ends the service with
+/// the error and nothing committed; `Retry` for longer than `give_up_after` ends it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_retries_a_failed_batch_and_stops_on_a_defect() {
+    let f = fixture("unused").await;
+    produce(&f.input, &records(1)).await;
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let shutdown = CancellationToken::new();
+    let stage = Flaky {
+        retries_left: 2,
+        stop: false,
+        calls: calls.clone(),
+    };
+    let task = tokio::spawn(consume::run(
+        context("flaky-0", &shutdown),
+        f.kafka.clone(),
+        f.io.clone(),
+        stage,
+    ));
+    let out = read_topic(&f.output, Duration::from_secs(60), |r| !r.is_empty()).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(out.len(), 1, "produced once, after the retries");
+    let seen = calls.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "two failures, then success: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "the same batch each time: {seen:?}"
+    );
+
+    // A defect stops the service; the batch was not committed, so a healthy stage in the
+    // same group gets it again.
+    let g = fixture("unused").await;
+    produce(&g.input, &records(1)).await;
+    let stop = Flaky {
+        retries_left: 0,
+        stop: true,
+        calls: calls.clone(),
+    };
+    let shutdown = CancellationToken::new();
+    let failed = consume::run(
+        context("flaky-0", &shutdown),
+        g.kafka.clone(),
+        g.io.clone(),
+        stop,
+    )
+    .await;
+    assert!(failed.unwrap_err().to_string().contains("a defect"));
+    let forever = Flaky {
+        retries_left: usize::MAX,
+        stop: false,
+        calls: calls.clone(),
+    };
+    let gave_up = consume::run(
+        context("flaky-0", &shutdown),
+        g.kafka.clone(),
+        g.io.clone(),
+        forever,
+    )
+    .await;
+    let error = gave_up.unwrap_err().to_string();
+    assert!(error.contains("still failing"), "{error}");
+    // Static membership: the healthy replica takes the same member id.
+    let (shutdown, task) = start(&g, "flaky-0");
+    let out = read_topic(&g.output, Duration::from_secs(60), |r| !r.is_empty()).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        out.len(),
+        1,
+        "the uncommitted record reached a healthy stage"
     );
 }

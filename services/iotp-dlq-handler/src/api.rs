@@ -11,19 +11,18 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use iotp_core::contract::{Codec, DeadLetter, EnrichedTelemetry, RawEnvelope, Telemetry};
+use iotp_contract::{Codec, DeadLetter, EnrichedTelemetry, RawEnvelope, Telemetry};
 use iotp_core::store::{Archived, DeadLetterArchive, LetterFilter, Store};
 
 /// What the handlers share.
 pub struct Api {
     /// The archive.
     pub store: Store,
-    /// Producer for replays.
-    pub producer: FutureProducer,
+    /// Where replays go.
+    pub sink: iotp_core::kafka::KafkaSink,
 }
 
 /// The routes.
@@ -143,11 +142,14 @@ async fn replay(
     let ids: Vec<String> = letters.iter().map(|a| a.letter.id.clone()).collect();
     if !req.dry_run {
         for a in &letters {
-            crate::replay::replay(&api.producer, &a.letter)
+            crate::replay::replay(&api.sink, &a.letter)
                 .await
                 .map_err(internal)?;
             api.store
-                .mark_replayed(std::slice::from_ref(&a.letter.id), iotp_core::now_millis())
+                .mark_replayed(
+                    std::slice::from_ref(&a.letter.id),
+                    iotp_contract::now_millis(),
+                )
                 .await
                 .map_err(internal)?;
         }

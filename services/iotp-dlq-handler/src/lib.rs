@@ -15,30 +15,35 @@ mod replay;
 mod route;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
+use iotp_contract::topology::RabbitTopology;
+use iotp_contract::{Codec, DeadLetter};
+use iotp_core::amqp::source::header_flag;
+use iotp_core::amqp::AmqpSource;
 use iotp_core::config::{Common, ServiceConfig};
-use iotp_core::contract::{Codec, DeadLetter};
 use iotp_core::dead_letter::{DeadLetterConfig, DeadLetterPublisher, AMQP_TRANSIENT};
-use iotp_core::kafka::KafkaConfig;
+use iotp_core::kafka::{KafkaConfig, KafkaSink};
 use iotp_core::metrics::metrics;
+use iotp_core::retry::Halt;
 use iotp_core::service::Context;
-use iotp_core::store::{DeadLetterArchive, Retention, Store, StoreConfig};
-use iotp_core::topology::topology;
+use iotp_core::stage::StageError;
+use iotp_store::{DeadLetterArchive, Store, StoreConfig};
 use serde::{Deserialize, Serialize};
 
 pub use api::{ReplayRequest, ReplayResult, Summary};
+pub use replay::ReplayError;
 pub use route::{route, Route};
 
 /// AMQP header marking a message that comes back from a delay queue.
 const AMQP_RETRY_DUE: &str = "x-iotp-retry-due";
+
+/// Index of each consumed queue in the source.
+const INCOMING: usize = 0;
 
 /// DLQ handler configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,28 +55,15 @@ pub struct DlqConfig {
     pub kafka: KafkaConfig,
     /// RabbitMQ URI. Never logged.
     pub amqp_uri: String,
-    /// Queue of new and returning dead letters.
-    pub incoming_queue: String,
-    /// Queue of parked dead letters.
-    pub parking_queue: String,
-    /// Exchange routing to the delay queues (routing key = attempt number).
-    pub retry_exchange: String,
-    /// Number of delay queues, i.e. retries before parking.
-    pub retries: usize,
+    /// The dead-letter queues and exchanges (defaults: `schemas/topology.toml`); one delay
+    /// queue per `retry_delays` entry, so that many retries before a letter is parked.
+    pub rabbitmq: RabbitTopology,
     /// Reasons retried even if the stage did not flag them transient.
     pub transient_reasons: Vec<String>,
     /// Unacknowledged deliveries per queue.
     pub prefetch: u16,
-    /// Embedded store (SQLite) file holding the archive, used unless `mongodb_uri` is set.
-    pub store_path: PathBuf,
-    /// MongoDB connection string: keep the archive in MongoDB instead (see [`StoreConfig`]).
-    /// Never logged.
-    pub mongodb_uri: Option<String>,
-    /// MongoDB database.
-    pub mongodb_database: String,
-    /// Retention tiers of the shared store: on MongoDB every service opening the store sets
-    /// its TTLs from these at start-up, so give every service the same values.
-    pub retention: Retention,
+    /// The archive's store (the pipeline's shared store).
+    pub store: StoreConfig,
     /// How long parked dead letters stay in the archive.
     #[serde(with = "humantime_serde")]
     pub archive_ttl: Duration,
@@ -81,34 +73,16 @@ pub struct DlqConfig {
 
 impl Default for DlqConfig {
     fn default() -> Self {
-        let r = &topology().rabbitmq;
         Self {
             common: Common::default(),
             kafka: KafkaConfig::default(),
             amqp_uri: DeadLetterConfig::default().amqp_uri,
-            incoming_queue: r.incoming_queue.clone(),
-            parking_queue: r.parking_queue.clone(),
-            retry_exchange: r.retry_exchange.clone(),
-            retries: r.retry_delays.len(),
+            rabbitmq: RabbitTopology::default(),
             transient_reasons: vec!["registry_unavailable".into(), "store_unavailable".into()],
             prefetch: 100,
-            store_path: StoreConfig::default().path,
-            mongodb_uri: None,
-            mongodb_database: StoreConfig::default().mongodb_database,
-            retention: Retention::default(),
+            store: StoreConfig::default(),
             archive_ttl: Duration::from_secs(30 * 24 * 3600),
             api_listen: SocketAddr::from(([0, 0, 0, 0], 9200)),
-        }
-    }
-}
-
-impl DlqConfig {
-    /// The store these settings select.
-    pub fn store(&self) -> StoreConfig {
-        StoreConfig {
-            path: self.store_path.clone(),
-            mongodb_uri: self.mongodb_uri.clone(),
-            mongodb_database: self.mongodb_database.clone(),
         }
     }
 }
@@ -120,8 +94,7 @@ impl ServiceConfig for DlqConfig {
 
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
-        out.extend(self.store().problems());
-        out.extend(self.retention.problems());
+        out.extend(self.store.problems());
         if self.prefetch == 0 {
             out.push("prefetch must be at least 1".into());
         }
@@ -132,13 +105,22 @@ impl ServiceConfig for DlqConfig {
     }
 }
 
+/// What handling a dead letter needs.
+struct Handler {
+    config: DlqConfig,
+    codec: Codec<DeadLetter>,
+    sink: KafkaSink,
+    publisher: DeadLetterPublisher,
+    store: Store,
+}
+
 /// Run the handler.
 pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
-    let store = config.store().open(config.retention).await?;
-    let producer = config.kafka.producer(&ctx.replica)?;
+    let store = config.store.open().await?;
+    let sink = KafkaSink::new(&config.kafka, &ctx.replica, "", ctx.backoff)?;
     let api = Arc::new(api::Api {
         store: store.clone(),
-        producer: producer.clone(),
+        sink: sink.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen).await?;
     tracing::info!(api = %listener.local_addr()?, "dead-letter API listening");
@@ -151,92 +133,64 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
         }
     });
 
-    let connection = iotp_core::amqp::connect(&config.amqp_uri).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(config.prefetch, BasicQosOptions::default())
-        .await?;
-    let consume = |queue: &str, tag: &str| {
-        channel.basic_consume(
-            queue.into(),
-            format!("{tag}-{}", ctx.replica).as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-    };
-    let mut incoming = consume(&config.incoming_queue, "incoming").await?;
-    let mut parking = consume(&config.parking_queue, "parking").await?;
-    let mut publisher = DeadLetterPublisher::new(DeadLetterConfig {
+    let queues = [
+        config.rabbitmq.incoming_queue.as_str(),
+        config.rabbitmq.parking_queue.as_str(),
+    ];
+    let mut source =
+        AmqpSource::open(&config.amqp_uri, config.prefetch, &queues, &ctx.replica).await?;
+    let publisher = DeadLetterPublisher::new(DeadLetterConfig {
         amqp_uri: config.amqp_uri.clone(),
         exchange: String::new(),
     })?;
-    let codec = Codec::<DeadLetter>::latest()?;
+    let mut handler = Handler {
+        codec: Codec::latest()?,
+        config,
+        sink,
+        publisher,
+        store,
+    };
     let mut prune = tokio::time::interval(Duration::from_secs(60));
     ctx.health.set_ready(true);
 
-    loop {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
+    let result = loop {
+        let (queue, delivery) = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break Ok(()),
             _ = prune.tick() => {
-                let pruned = store.prune_letters(iotp_core::now_millis()).await?;
-                if pruned > 0 {
-                    tracing::info!(pruned, "expired dead letters removed from the archive");
-                }
+                handler.prune().await;
+                continue;
             }
-            d = incoming.next() => {
-                let Some(d) = d else { anyhow::bail!("incoming consumer closed") };
-                let d = d?;
-                let done = on_incoming(&config, &codec, &producer, &mut publisher, &d).await;
-                settle(&d, done).await?;
+            next = source.next() => next?,
+        };
+        let mut retrying = ctx.backoff.start();
+        let outcome = loop {
+            let result = if queue == INCOMING {
+                handler.on_incoming(&delivery).await
+            } else {
+                handler.on_parked(&delivery).await
+            };
+            match retrying.check(result, &ctx.shutdown, "dead letter").await {
+                Ok(Some(())) => break Ok(()),
+                Ok(None) => {}
+                Err(halt) => break Err(halt),
             }
-            d = parking.next() => {
-                let Some(d) = d else { anyhow::bail!("parking consumer closed") };
-                let d = d?;
-                let done = on_parked(&config, &codec, &store, &d).await;
-                settle(&d, done).await?;
-            }
+        };
+        AmqpSource::settle(&delivery, &outcome).await?;
+        match outcome {
+            Ok(()) => {}
+            Err(Halt::Shutdown) => break Ok(()),
+            Err(Halt::Failed(e)) => break Err(e),
         }
-    }
-    publisher.close().await;
-    let _ = connection.close(200, "bye".into()).await;
-    Ok(())
-}
-
-/// Ack what was handed on; requeue (after a pause) what was not.
-async fn settle(d: &Delivery, done: anyhow::Result<()>) -> anyhow::Result<()> {
-    match done {
-        Ok(()) => {
-            d.acker.ack(BasicAckOptions::default()).await?;
-        }
-        Err(e) => {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "dead letter not handed on; requeued"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            d.acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await?;
-        }
-    }
-    Ok(())
-}
-
-fn header_bool(d: &Delivery, name: &str) -> bool {
-    d.properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(&ShortString::from(name)).cloned())
-        .is_some_and(|v| matches!(v, AMQPValue::Boolean(true)))
+    };
+    handler.publisher.close().await;
+    source.close().await;
+    result
 }
 
 /// Undecodable bytes on a dead-letter queue become a dead letter of their own, so they are
 /// parked and visible rather than lost.
 fn wrap_undecodable(d: &Delivery, error: &str) -> DeadLetter {
-    let now = iotp_core::now_millis();
+    let now = iotp_contract::now_millis();
     DeadLetter {
         id: format!(
             "dlq-handler/undecodable/{}",
@@ -262,73 +216,79 @@ fn wrap_undecodable(d: &Delivery, error: &str) -> DeadLetter {
     }
 }
 
-async fn on_incoming(
-    config: &DlqConfig,
-    codec: &Codec<DeadLetter>,
-    producer: &rdkafka::producer::FutureProducer,
-    publisher: &mut DeadLetterPublisher,
-    d: &Delivery,
-) -> anyhow::Result<()> {
-    let letter = match codec.decode(&d.data) {
-        Ok(l) => l,
-        Err(e) => {
-            let wrapped = wrap_undecodable(d, &e.to_string());
-            publisher
-                .publish_to("", &config.parking_queue, &wrapped, FieldTable::default())
-                .await?;
-            return Ok(());
+impl Handler {
+    /// A new or returning dead letter: replay it, send it to wait in a delay queue, or park it.
+    async fn on_incoming(&mut self, d: &Delivery) -> Result<(), StageError> {
+        let letter = match self.codec.decode(&d.data) {
+            Ok(l) => l,
+            Err(e) => return self.park(&wrap_undecodable(d, &e.to_string())).await,
+        };
+        let transient = header_flag(d, AMQP_TRANSIENT)
+            || self.config.transient_reasons.contains(&letter.reason_code);
+        let due = header_flag(d, AMQP_RETRY_DUE);
+        match route(
+            letter.attempts,
+            transient,
+            due,
+            self.config.rabbitmq.retry_delays.len(),
+        ) {
+            Route::ReplayNow => match replay::replay(&self.sink, &letter).await {
+                Ok(()) => {
+                    metrics()
+                        .dead_letters_total
+                        .with_label_values(&["dlq-handler", "retried"])
+                        .inc();
+                }
+                // Nowhere to replay it to: park it where an operator sees it.
+                Err(ReplayError::NoSource(_)) => self.park(&letter).await?,
+                Err(e) => return Err(StageError::retry(e)),
+            },
+            Route::Retry { attempt } => {
+                let mut headers = FieldTable::default();
+                headers.insert(ShortString::from(AMQP_RETRY_DUE), AMQPValue::Boolean(true));
+                let exchange = self.config.rabbitmq.retry_exchange.clone();
+                self.publisher
+                    .publish_to(&exchange, &attempt.to_string(), &letter, headers)
+                    .await?;
+                tracing::info!(id = %letter.id, reason = %letter.reason_code, attempt, "dead letter waits for retry");
+            }
+            Route::Park => self.park(&letter).await?,
         }
-    };
-    let transient =
-        header_bool(d, AMQP_TRANSIENT) || config.transient_reasons.contains(&letter.reason_code);
-    let due = header_bool(d, AMQP_RETRY_DUE);
-    match route(letter.attempts, transient, due, config.retries) {
-        Route::ReplayNow => {
-            replay::replay(producer, &letter).await?;
-            metrics()
-                .dead_letters_total
-                .with_label_values(&["dlq-handler", "retried"])
-                .inc();
-        }
-        Route::Retry { attempt } => {
-            let mut headers = FieldTable::default();
-            headers.insert(ShortString::from(AMQP_RETRY_DUE), AMQPValue::Boolean(true));
-            publisher
-                .publish_to(
-                    &config.retry_exchange,
-                    &attempt.to_string(),
-                    &letter,
-                    headers,
-                )
-                .await?;
-            tracing::info!(id = %letter.id, reason = %letter.reason_code, attempt, "dead letter waits for retry");
-        }
-        Route::Park => {
-            publisher
-                .publish_to("", &config.parking_queue, &letter, FieldTable::default())
-                .await?;
-            metrics()
-                .dead_letters_total
-                .with_label_values(&["dlq-handler", "parked"])
-                .inc();
-            tracing::info!(id = %letter.id, reason = %letter.reason_code, attempts = letter.attempts, "dead letter parked");
+        Ok(())
+    }
+
+    async fn park(&mut self, letter: &DeadLetter) -> Result<(), StageError> {
+        let queue = self.config.rabbitmq.parking_queue.clone();
+        self.publisher
+            .publish_to("", &queue, letter, FieldTable::default())
+            .await?;
+        metrics()
+            .dead_letters_total
+            .with_label_values(&["dlq-handler", "parked"])
+            .inc();
+        tracing::info!(id = %letter.id, reason = %letter.reason_code, attempts = letter.attempts, "dead letter parked");
+        Ok(())
+    }
+
+    /// A parked dead letter: into the archive until its TTL.
+    async fn on_parked(&mut self, d: &Delivery) -> Result<(), StageError> {
+        let letter = self
+            .codec
+            .decode(&d.data)
+            .unwrap_or_else(|e| wrap_undecodable(d, &e.to_string()));
+        let now = iotp_contract::now_millis();
+        let expires = now + self.config.archive_ttl.as_millis() as i64;
+        self.store.archive(&letter, now, expires).await?;
+        Ok(())
+    }
+
+    async fn prune(&self) {
+        match self.store.prune_letters(iotp_contract::now_millis()).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "expired dead letters removed from the archive"),
+            Err(e) => {
+                tracing::warn!(error = %e, "archive pruning failed; the next pass tries again")
+            }
         }
     }
-    Ok(())
-}
-
-async fn on_parked(
-    config: &DlqConfig,
-    codec: &Codec<DeadLetter>,
-    store: &Store,
-    d: &Delivery,
-) -> anyhow::Result<()> {
-    let letter = codec
-        .decode(&d.data)
-        .unwrap_or_else(|e| wrap_undecodable(d, &e.to_string()));
-    let now = iotp_core::now_millis();
-    store
-        .archive(&letter, now, now + config.archive_ttl.as_millis() as i64)
-        .await?;
-    Ok(())
 }

@@ -7,16 +7,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use iotp_contract::topology::RabbitTopology;
+use iotp_contract::{Codec, EnrichedTelemetry, Header, Reading, Telemetry};
 use iotp_core::admin::Health;
 use iotp_core::consume::StageIo;
-use iotp_core::contract::{Codec, EnrichedTelemetry, Header, Reading, Telemetry};
 use iotp_core::dead_letter::DeadLetterConfig;
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::service::Context;
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::{DeadLetterArchive, LetterFilter};
 use iotp_core::testkit::*;
-use iotp_core::topology::RabbitTopology;
 use iotp_dlq_handler::DlqConfig;
 use iotp_enricher::EnricherConfig;
 use rdkafka::Message;
@@ -73,7 +73,7 @@ struct Rig {
 
 impl Rig {
     async fn start(devices: &[&str]) -> Self {
-        iotp_core::telemetry::init_logging(&iotp_core::config::Common {
+        iotp_core::logging::init(&iotp_core::config::Common {
             log_format: iotp_core::config::LogFormat::Text,
             log_level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             ..Default::default()

@@ -8,8 +8,8 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use iotp_core::contract::{Codec, EnrichedTelemetry, Header, Reading, Telemetry};
-use iotp_core::registry::Registry;
+use iotp_contract::devices::Registry;
+use iotp_contract::{Codec, EnrichedTelemetry, Header, Reading, Telemetry};
 use iotp_enricher::enrich;
 
 /// Devices in the simulator part of the registry.

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use iotp_core::contract::{EnrichedTelemetry, Reading, Telemetry};
-use iotp_core::registry::{unit_conversion, Registry};
+use iotp_contract::devices::{unit_conversion, Registry};
+use iotp_contract::{EnrichedTelemetry, Reading, Telemetry};
 use iotp_core::stage::Rejection;
 use iotp_core::store::Observation;
 
@@ -118,7 +118,7 @@ pub fn enrich(
 mod tests {
     use std::path::Path;
 
-    use iotp_core::contract::Header;
+    use iotp_contract::Header;
 
     use super::*;
 

@@ -8,12 +8,12 @@ mod enrich;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use iotp_contract::devices::RegistryHandle;
+use iotp_contract::{Codec, EnrichedTelemetry, Telemetry};
 use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::consume::{self, StageIo};
-use iotp_core::contract::{Codec, EnrichedTelemetry, Telemetry};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
-use iotp_core::registry::RegistryHandle;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
 use iotp_core::store::{Retention, StoreConfig, TwinStore};
@@ -212,7 +212,7 @@ impl<S: TwinStore> Stage for Enricher<S> {
     async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
         let marked = self
             .store
-            .mark_offline(iotp_core::now_millis(), self.missed_heartbeats)
+            .mark_offline(iotp_contract::now_millis(), self.missed_heartbeats)
             .await?;
         if marked > 0 {
             tracing::info!(

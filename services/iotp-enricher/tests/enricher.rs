@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use iotp_core::contract::{Codec, DeadLetter, EnrichedTelemetry, Header, Reading, Telemetry};
+use iotp_contract::{Codec, DeadLetter, EnrichedTelemetry, Header, Reading, Telemetry};
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::TwinStore;
 use iotp_core::testkit::*;

@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 
+use iotp_contract::topology::topic_name;
+use iotp_contract::{Codec, RawEnvelope};
 use iotp_core::config::{Common, ServiceConfig};
-use iotp_core::contract::{Codec, RawEnvelope};
 use iotp_core::ingress::{self, IngressStage, OutRecord};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::mqtt::MqttConfig;
 use iotp_core::service::Context;
-use iotp_core::topology::topic_name;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use serde::{Deserialize, Serialize};
 

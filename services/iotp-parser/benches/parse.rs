@@ -11,8 +11,8 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use iotp_core::contract::{Codec, RawEnvelope};
-use iotp_core::registry::{Registry, RegistryHandle};
+use iotp_contract::devices::{Registry, RegistryHandle};
+use iotp_contract::{Codec, RawEnvelope};
 use iotp_core::stage::{Input, Stage, Verdict};
 use iotp_parser::payload::{decode, detect};
 use iotp_parser::{validate, Parser, Rules};
@@ -165,7 +165,7 @@ fn inputs(values: &[Vec<u8>]) -> Vec<Input<'_>> {
             offset: i as i64,
             key: None,
             payload: v.as_slice(),
-            retry: None,
+            replayed: None,
         })
         .collect()
 }
@@ -181,7 +181,7 @@ fn parser_stage(c: &mut Criterion) {
         .build()
         .expect("runtime");
     // Receive times near now: the stage judges age against the wall clock.
-    let received_at = iotp_core::now_millis();
+    let received_at = iotp_contract::now_millis();
     let values: Vec<Vec<u8>> = (0..BATCH as u64)
         .map(|seq_no| {
             let mut env = envelope(json_bytes(seq_no, received_at));

@@ -7,11 +7,11 @@ mod validate;
 
 use std::path::PathBuf;
 
+use iotp_contract::devices::RegistryHandle;
+use iotp_contract::{Codec, RawEnvelope, Telemetry};
 use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::consume::{self, StageIo};
-use iotp_core::contract::{Codec, RawEnvelope, Telemetry};
 use iotp_core::kafka::KafkaConfig;
-use iotp_core::registry::RegistryHandle;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,7 @@ impl Parser {
     fn one(
         &self,
         input: &Input<'_>,
-        registry: Option<&iotp_core::registry::Registry>,
+        registry: Option<&iotp_contract::devices::Registry>,
         now: i64,
     ) -> Verdict {
         let env = match self.raw.decode(input.payload) {
@@ -130,7 +130,7 @@ impl Stage for Parser {
             }
         }
         let registry = self.registry.as_ref().map(RegistryHandle::current);
-        let now = iotp_core::now_millis();
+        let now = iotp_contract::now_millis();
         Ok(batch
             .iter()
             .map(|input| self.one(input, registry.as_deref(), now))

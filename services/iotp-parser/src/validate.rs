@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use iotp_core::contract::{Header, RawEnvelope, Reading, Telemetry};
-use iotp_core::registry::{unit_conversion, Registry};
+use iotp_contract::devices::{unit_conversion, Registry};
+use iotp_contract::{Header, RawEnvelope, Reading, Telemetry};
 use iotp_core::stage::Rejection;
 
 use crate::payload::{self, Fields};

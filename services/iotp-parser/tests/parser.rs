@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use iotp_core::contract::{Codec, DeadLetter, RawEnvelope, Telemetry};
+use iotp_contract::{Codec, DeadLetter, RawEnvelope, Telemetry};
 use iotp_core::testkit::*;
 use rdkafka::Message;
 use serde_json::json;
@@ -75,7 +75,7 @@ fn envelope(device: &str, kind: &str, content_type: Option<&str>, payload: Vec<u
         mqtt_topic: format!("iot/acme/{device}/{kind}"),
         content_type: content_type.map(String::from),
         payload,
-        received_at: iotp_core::now_millis(),
+        received_at: iotp_contract::now_millis(),
         client_identity: None,
         bridge_id: "test".into(),
         redelivered: false,
@@ -84,7 +84,7 @@ fn envelope(device: &str, kind: &str, content_type: Option<&str>, payload: Vec<u
 }
 
 fn reading(seq: i64) -> serde_json::Value {
-    json!({"msgId": format!("m-{seq}"), "deviceId": "m-1", "seqNo": seq, "producedAt": iotp_core::now_millis(), "schemaVersion": 1,
+    json!({"msgId": format!("m-{seq}"), "deviceId": "m-1", "seqNo": seq, "producedAt": iotp_contract::now_millis(), "schemaVersion": 1,
            "readings": [{"metric": "power", "value": 100 + seq}]})
 }
 
@@ -142,7 +142,7 @@ fn bad_inputs() -> Vec<(&'static str, Record)> {
                 "m-1",
                 "telemetry",
                 None,
-                with("producedAt", json!(iotp_core::now_millis() + 3_600_000)),
+                with("producedAt", json!(iotp_contract::now_millis() + 3_600_000)),
             )),
         ),
         (

@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use iotp_contract::{Codec, EnrichedTelemetry};
 use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::consume::{self, StageIo};
-use iotp_core::contract::{Codec, EnrichedTelemetry};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
@@ -154,7 +154,7 @@ impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
     async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
         let pruned = self
             .store
-            .prune(iotp_core::now_millis(), &self.retention)
+            .prune(iotp_contract::now_millis(), &self.retention)
             .await?;
         if pruned != PruneReport::default() {
             tracing::info!(

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use iotp_core::contract::{Codec, EnrichedTelemetry, Header, Reading};
+use iotp_contract::{Codec, EnrichedTelemetry, Header, Reading};
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::{ReadingStore, TwinStore};
 use iotp_core::testkit::*;

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use iotp_contract::topology::topology;
 use iotp_core::kafka::{consumer_lag, count_records, KafkaConfig};
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::{DeadLetterArchive, LetterFilter, ReadingStore, TwinStore};
-use iotp_core::topology::topology;
 use iotp_simulator::audit::{audit, Audit};
 use iotp_simulator::fleet::{self, now_millis, FleetRun, Progress, Target};
 use iotp_simulator::plan::{self, Expected, Fault};
@@ -336,7 +336,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     for schema in ["raw-envelope", "telemetry", "enriched"] {
-        let topic = iotp_core::topology::topic_name(schema);
+        let topic = iotp_contract::topology::topic_name(schema);
         hops.push((
             format!("records on {topic}"),
             count_records(&kafka, &topic).await.unwrap_or(-1),

@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use iotp_contract::topology::topology;
 use iotp_core::kafka::{ensure_topics, KafkaConfig};
-use iotp_core::topology::topology;
 
 #[derive(Parser)]
 #[command(about = "Apply or print the pipeline topology (schemas/topology.toml)")]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use iotp_core::contract::{Codec, RawEnvelope};
+use iotp_contract::{Codec, RawEnvelope};
 pub use iotp_core::testkit::{create_topic, kafka_brokers, read_topic_until, unique};
 
 use rdkafka::Message;
@@ -258,7 +258,7 @@ pub async fn publish_fleet(port: u16, tenant: &str, devices: usize, per_device: 
                     for seq in 0..per_device {
                         let payload = format!(
                             "{{\"deviceId\":\"{device}\",\"seqNo\":{seq},\"t\":{}}}",
-                            iotp_core::now_millis()
+                            iotp_contract::now_millis()
                         );
                         client
                             .publish(topic.clone(), QoS::AtLeastOnce, false, payload)

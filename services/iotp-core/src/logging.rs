@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Common, LogFormat};
 
 /// Install the global subscriber. Call once, before anything logs.
-pub fn init_logging(common: &Common) {
+pub fn init(common: &Common) {
     let filter = EnvFilter::try_new(&common.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match common.log_format {
         LogFormat::Json => true,

@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The embedded topology file.
 pub const TOPOLOGY_TOML: &str = include_str!("../../../schemas/topology.toml");
@@ -79,8 +79,10 @@ pub struct TopicSpec {
     pub about: String,
 }
 
-/// RabbitMQ dead-letter topology.
-#[derive(Debug, Deserialize)]
+/// RabbitMQ dead-letter topology. Also a config section of the DLQ handler (defaults: this
+/// file's), so a deployment or a test can rename its queues. No serde `default` here: it
+/// would build the default from this file while this file is being read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitTopology {
     /// Exchange stages publish dead letters to.
@@ -93,6 +95,12 @@ pub struct RabbitTopology {
     pub retry_delays: Vec<humantime_serde::Serde<Duration>>,
     /// Queue for messages that failed for good.
     pub parking_queue: String,
+}
+
+impl Default for RabbitTopology {
+    fn default() -> Self {
+        topology().rabbitmq.clone()
+    }
 }
 
 impl RabbitTopology {
@@ -150,7 +158,7 @@ mod tests {
         for topic in &t.kafka.topics {
             assert!(topic.partitions > 0);
             assert!(
-                crate::contract::registry().latest(&topic.schema).is_some(),
+                crate::schema_registry().latest(&topic.schema).is_some(),
                 "topic {} names unknown schema {}",
                 topic.name,
                 topic.schema

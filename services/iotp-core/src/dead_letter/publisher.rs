@@ -1,44 +1,15 @@
-//! Dead-letter publisher: a rejected record travels to RabbitMQ as an Avro `DeadLetter` with
-//! its original bytes and reason. Persistent, mandatory (unroutable is an error, not a silent
-//! drop), and confirmed by the broker before the caller may commit the source offset.
+//! The dead-letter publisher: a dead letter travels to RabbitMQ as an Avro `DeadLetter`,
+//! persistent and mandatory (unroutable is an error, not a silent drop), and is confirmed by
+//! the broker before the caller may commit the source offset.
 
 use std::time::Duration;
 
+use iotp_contract::{Classify, Codec, DeadLetter, Recovery};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use serde::{Deserialize, Serialize};
 
-use crate::contract::{Codec, DeadLetter};
-use crate::topology::topology;
-
-/// Kafka header on a record the DLQ handler replays: the dead letter it came from.
-pub const HEADER_DEAD_LETTER_ID: &str = "iotp-dead-letter-id";
-/// Kafka header: attempts made so far.
-pub const HEADER_ATTEMPTS: &str = "iotp-attempts";
-/// Kafka header: first failure time, epoch ms.
-pub const HEADER_FIRST_FAILURE_AT: &str = "iotp-first-failure-at";
-/// AMQP header: the stage judged the failure transient (worth retrying).
-pub const AMQP_TRANSIENT: &str = "x-transient";
-
-/// Where dead letters go.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeadLetterConfig {
-    /// RabbitMQ URI. Never logged (it may hold a password).
-    pub amqp_uri: String,
-    /// Exchange; routing key is `{stage}.{reasonCode}`.
-    pub exchange: String,
-}
-
-impl Default for DeadLetterConfig {
-    fn default() -> Self {
-        Self {
-            amqp_uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            exchange: topology().rabbitmq.dead_letter_exchange.clone(),
-        }
-    }
-}
+use super::{DeadLetterConfig, AMQP_TRANSIENT};
 
 /// Why a dead letter was not confirmed.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +30,18 @@ pub enum PublishError {
     },
     /// Encoding failed.
     #[error(transparent)]
-    Codec(#[from] crate::contract::CodecError),
+    Codec(#[from] iotp_contract::CodecError),
+}
+
+impl Classify for PublishError {
+    /// RabbitMQ down or refusing is worth waiting for; a missing topology or a letter that
+    /// does not encode is not.
+    fn recovery(&self) -> Recovery {
+        match self {
+            Self::Amqp(_) | Self::Nacked => Recovery::Retry,
+            Self::Unroutable { .. } | Self::Codec(_) => Recovery::Stop,
+        }
+    }
 }
 
 /// Publishes dead letters with publisher confirms, reconnecting when the channel breaks.

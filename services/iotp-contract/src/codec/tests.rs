@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::contract::records::{DeadLetter, Header, RawEnvelope, Reading, Telemetry};
+use crate::records::{DeadLetter, Header, RawEnvelope, Reading, Telemetry};
 
 /// Mirrors `schemas/telemetry/v1.avsc`: an old consumer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,8 +66,8 @@ fn raw_envelope_round_trips_and_uses_standard_framing() {
     let codec = Codec::<RawEnvelope>::latest().expect("codec");
     let bytes = codec.encode(&envelope()).expect("encode");
     assert_eq!(&bytes[..2], &SINGLE_OBJECT_MAGIC);
-    let fp = crate::contract::schemas::crc64_avro(
-        crate::contract::schemas::parsing_canonical_form(&codec.writer_version().schema).as_bytes(),
+    let fp = crate::schemas::crc64_avro(
+        crate::schemas::parsing_canonical_form(&codec.writer_version().schema).as_bytes(),
     );
     assert_eq!(&bytes[2..FRAME_HEADER_LEN], &fp.to_le_bytes());
     assert_eq!(codec.decode(&bytes).expect("decode"), envelope());
@@ -131,7 +131,10 @@ fn v2_written_is_read_by_v1_ignoring_new_field() {
         firmware_version: Some("4.2.0".into()),
     };
     let bytes = new.encode(&v2).expect("encode");
-    let fp = registry().get("telemetry", 2).expect("v2").fingerprint;
+    let fp = schema_registry()
+        .get("telemetry", 2)
+        .expect("v2")
+        .fingerprint;
     assert_eq!(&bytes[2..10], &fp.0, "v2 writer fingerprint on the wire");
     let decoded = old.decode(&bytes).expect("decode");
     assert_eq!(

@@ -9,9 +9,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde::{Deserialize, Serialize};
 
-use iotp_core::contract::{
-    Codec, EnrichedTelemetry, Header, RawEnvelope, Reading, Record, Telemetry,
-};
+use iotp_contract::{Codec, EnrichedTelemetry, Header, RawEnvelope, Reading, Record, Telemetry};
 
 /// Mirrors `schemas/telemetry/v1.avsc`: what a producer still on v1 writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

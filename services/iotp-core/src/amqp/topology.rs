@@ -1,20 +1,15 @@
-//! RabbitMQ adapter: declares the dead-letter, retry and parking topology of
-//! `schemas/topology.toml`. Queues are quorum queues; retry delay queues dead-letter back to
-//! the incoming queue with the at-least-once strategy when their TTL runs out.
+//! The dead-letter, retry and parking topology of `schemas/topology.toml` on RabbitMQ. Queues
+//! are quorum queues; retry delay queues dead-letter back to the incoming queue with the
+//! at-least-once strategy when their TTL runs out.
 
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 
-use crate::topology::RabbitTopology;
-
-/// Connect to RabbitMQ.
-pub async fn connect(uri: &str) -> lapin::Result<Connection> {
-    Connection::connect(uri, ConnectionProperties::default()).await
-}
+use iotp_contract::topology::RabbitTopology;
 
 fn quorum_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
     let mut args = FieldTable::default();

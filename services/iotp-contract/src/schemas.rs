@@ -20,7 +20,7 @@ macro_rules! schema_file {
             family: $family,
             version: $version,
             text: include_str!(concat!(
-                "../../../../schemas/",
+                "../../../schemas/",
                 $family,
                 "/v",
                 $version,
@@ -72,12 +72,12 @@ pub struct SchemaVersion {
 
 /// All embedded schema versions.
 #[derive(Debug)]
-pub struct Registry {
+pub struct SchemaRegistry {
     versions: Vec<SchemaVersion>,
     by_fingerprint: HashMap<Fingerprint, usize>,
 }
 
-impl Registry {
+impl SchemaRegistry {
     fn load() -> Result<Self, String> {
         let mut versions = Vec::with_capacity(FILES.len());
         let mut by_fingerprint = HashMap::new();
@@ -181,7 +181,7 @@ pub fn crc64_avro(bytes: &[u8]) -> u64 {
     })
 }
 
-static REGISTRY: LazyLock<Registry> = LazyLock::new(|| match Registry::load() {
+static REGISTRY: LazyLock<SchemaRegistry> = LazyLock::new(|| match SchemaRegistry::load() {
     Ok(registry) => registry,
     // The files are compiled in and checked by this crate's tests: a bad one is a build defect.
     #[allow(clippy::panic)]
@@ -189,7 +189,7 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| match Registry::load() {
 });
 
 /// The process-wide registry of embedded schemas.
-pub fn registry() -> &'static Registry {
+pub fn schema_registry() -> &'static SchemaRegistry {
     &REGISTRY
 }
 
@@ -199,7 +199,7 @@ mod tests {
     use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 
     /// The published fingerprints: a published version never changes.
-    const PUBLISHED: &str = include_str!("../../../../schemas/fingerprints.txt");
+    const PUBLISHED: &str = include_str!("../../../schemas/fingerprints.txt");
 
     fn published() -> Vec<(String, u32, String)> {
         PUBLISHED
@@ -241,7 +241,7 @@ mod tests {
             }
         }
         on_disk.sort();
-        let mut embedded: Vec<_> = registry()
+        let mut embedded: Vec<_> = schema_registry()
             .versions()
             .iter()
             .map(|v| (v.family.to_string(), v.version))
@@ -258,7 +258,7 @@ mod tests {
     #[test]
     fn published_schemas_are_unchanged() {
         let published = published();
-        for v in registry().versions() {
+        for v in schema_registry().versions() {
             let entry = published
                 .iter()
                 .find(|(f, n, _)| f == v.family && *n == v.version)
@@ -279,7 +279,7 @@ mod tests {
         }
         assert_eq!(
             published.len(),
-            registry().versions().len(),
+            schema_registry().versions().len(),
             "fingerprints.txt lists a removed schema"
         );
     }
@@ -288,8 +288,8 @@ mod tests {
     /// family, so producers and consumers can be upgraded in any order.
     #[test]
     fn versions_of_a_family_are_mutually_compatible() {
-        for v in registry().versions() {
-            for other in registry().family(v.family) {
+        for v in schema_registry().versions() {
+            for other in schema_registry().family(v.family) {
                 let verdict = SchemaCompatibility::can_read(&v.schema, &other.schema);
                 assert!(
                     matches!(verdict, Ok(Compatibility::Full)),
@@ -332,7 +332,7 @@ mod tests {
     fn incompatible_edit_is_detected() {
         // The check above must be able to fail: a v3 that drops a field without default and
         // adds one without default is not readable from v2 data.
-        let v2 = &registry().get("telemetry", 2).expect("v2").schema;
+        let v2 = &schema_registry().get("telemetry", 2).expect("v2").schema;
         let text = FILES
             .iter()
             .find(|f| f.family == "telemetry" && f.version == 2)

@@ -10,7 +10,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
 
 use super::records::Record;
-use super::schemas::{registry, Fingerprint, SchemaVersion};
+use super::schemas::{schema_registry, Fingerprint, SchemaVersion};
 
 /// The two magic bytes of Avro single-object encoding.
 pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -99,7 +99,7 @@ pub struct Codec<T: Record> {
 impl<T: Record> Codec<T> {
     /// Writes and reads with the newest version of `T`'s family.
     pub fn latest() -> Result<Self, CodecError> {
-        let newest = registry()
+        let newest = schema_registry()
             .latest(T::FAMILY)
             .ok_or(CodecError::MissingSchema {
                 family: T::FAMILY.to_string(),
@@ -113,7 +113,7 @@ impl<T: Record> Codec<T> {
     pub fn with_versions(writer_version: u32, reader_version: u32) -> Result<Self, CodecError> {
         apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
         let find = |version| {
-            registry()
+            schema_registry()
                 .get(T::FAMILY, version)
                 .ok_or(CodecError::MissingSchema {
                     family: T::FAMILY.to_string(),
@@ -130,7 +130,7 @@ impl<T: Record> Codec<T> {
             .build()
             .map_err(encode_err)?;
         let mut readers = HashMap::new();
-        for version in registry().family(T::FAMILY) {
+        for version in schema_registry().family(T::FAMILY) {
             let same = version.fingerprint == reader_version.fingerprint;
             let builder = GenericDatumReader::builder(&version.schema);
             let reader = if same {
@@ -176,7 +176,7 @@ impl<T: Record> Codec<T> {
     pub fn decode(&self, bytes: &[u8]) -> Result<T, CodecError> {
         let fingerprint = frame_fingerprint(bytes)?;
         let Some((version, reader)) = self.readers.get(&fingerprint) else {
-            return Err(match registry().by_fingerprint(&fingerprint) {
+            return Err(match schema_registry().by_fingerprint(&fingerprint) {
                 Some(other) => CodecError::WrongFamily {
                     found: other.family,
                     version: other.version,
