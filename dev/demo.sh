@@ -33,10 +33,10 @@ start() { # name admin-port [extra env...]
 }
 start mqtt-bridge 9101
 start parser 9102 IOTP__REGISTRY_FILE="$REGISTRY"
-start enricher 9103 IOTP__REGISTRY_FILE="$REGISTRY" IOTP__STORE_PATH="$RUN/iotp.sqlite"
-start upserter 9104 IOTP__STORE_PATH="$RUN/iotp.sqlite"
-start aggregator 9105 IOTP__STORE_PATH="$RUN/iotp.sqlite" IOTP__REGISTRY_FILE="$REGISTRY"
-start dlq-handler 9106 IOTP__STORE_PATH="$RUN/iotp.sqlite" IOTP__API_LISTEN=127.0.0.1:9200
+start enricher 9103 IOTP__REGISTRY_FILE="$REGISTRY" IOTP__STORE__PATH="$RUN/iotp.sqlite"
+start upserter 9104 IOTP__STORE__PATH="$RUN/iotp.sqlite"
+start aggregator 9105 IOTP__STORE__PATH="$RUN/iotp.sqlite" IOTP__REGISTRY_FILE="$REGISTRY"
+start dlq-handler 9106 IOTP__STORE__PATH="$RUN/iotp.sqlite" IOTP__API_LISTEN=127.0.0.1:9200
 
 metric() { curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1==m {s+=$2} END {print s+0}'; }
 dead() { curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '$1 ~ /^iotp_dead_letters_total\{/ && $1 ~ /stage="(parser|enricher)"/ {s+=$2} END {print s+0}'; }

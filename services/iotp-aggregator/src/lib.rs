@@ -18,10 +18,8 @@ use iotp_core::consume::{self, StageIo};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
-use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
-use iotp_core::store::{
-    with_retries, Bucket, MessageRecord, Retention, RollupStore, StoreConfig, GRANULARITIES,
-};
+use iotp_core::stage::{Input, Output, Rejection, Stage, StageError, Verdict};
+use iotp_store::{Bucket, MessageRecord, RollupStore, StoreConfig, GRANULARITIES};
 use serde::{Deserialize, Serialize};
 
 /// What to do with data later than the allowed lateness.
@@ -45,17 +43,10 @@ pub struct AggregatorConfig {
     /// Topics, group, batching, dead letters; `io.tick_interval` is how often closed buckets
     /// are published.
     pub io: StageIo,
-    /// Embedded store (SQLite) file, used unless `mongodb_uri` is set.
-    pub store_path: PathBuf,
-    /// MongoDB connection string: keep the roll-ups in MongoDB instead (a replica set or
-    /// sharded cluster: each fold is a transaction; see [`StoreConfig`]). Never logged.
-    pub mongodb_uri: Option<String>,
-    /// MongoDB database.
-    pub mongodb_database: String,
-    /// Retention tiers: hourly and daily roll-ups expire after `retention.hourly` and
-    /// `retention.daily` (MongoDB TTLs set at start-up by every service opening the store, so
-    /// give every service the same values; the embedded store is pruned by the upserter).
-    pub retention: Retention,
+    /// The store of the roll-ups (the pipeline's shared store; on MongoDB a replica set or
+    /// sharded cluster: each fold is a transaction). Hourly and daily roll-ups expire after
+    /// `store.retention.hourly` and `.daily`.
+    pub store: StoreConfig,
     /// Device registry, for which metrics are cumulative counters (optional).
     pub registry_file: Option<PathBuf>,
     /// Cumulative metrics in addition to those the registry names.
@@ -75,26 +66,12 @@ impl Default for AggregatorConfig {
             common: Common::default(),
             kafka: KafkaConfig::default(),
             io: StageIo::for_service("aggregator"),
-            store_path: StoreConfig::default().path,
-            mongodb_uri: None,
-            mongodb_database: StoreConfig::default().mongodb_database,
-            retention: Retention::default(),
+            store: StoreConfig::default(),
             registry_file: None,
             cumulative_metrics: Vec::new(),
             allowed_lateness: Duration::from_secs(3600),
             late_policy: LatePolicy::Correct,
             publish_batch: 5000,
-        }
-    }
-}
-
-impl AggregatorConfig {
-    /// The store these settings select.
-    pub fn store(&self) -> StoreConfig {
-        StoreConfig {
-            path: self.store_path.clone(),
-            mongodb_uri: self.mongodb_uri.clone(),
-            mongodb_database: self.mongodb_database.clone(),
         }
     }
 }
@@ -107,8 +84,7 @@ impl ServiceConfig for AggregatorConfig {
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
         out.extend(self.io.problems());
-        out.extend(self.store().problems());
-        out.extend(self.retention.problems());
+        out.extend(self.store.problems());
         if self.io.output_topic.is_empty() {
             out.push("io.output_topic must not be empty".into());
         }
@@ -121,7 +97,7 @@ impl ServiceConfig for AggregatorConfig {
 
 /// Run the aggregator.
 pub async fn run(ctx: Context, config: AggregatorConfig) -> anyhow::Result<()> {
-    let store = config.store().open(config.retention).await?;
+    let store = config.store.open().await?;
     let mut cumulative = config.cumulative_metrics.clone();
     if let Some(path) = &config.registry_file {
         cumulative.extend(Registry::load(path)?.cumulative_metrics());
@@ -188,7 +164,7 @@ pub fn aggregate(b: &Bucket) -> Aggregate {
 impl<S: RollupStore> Stage for Aggregator<S> {
     const NAME: &'static str = "aggregator";
 
-    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
         let watermark = self.store.watermark().await?;
         let hour = GRANULARITIES[0].1;
         let mut verdicts = Vec::with_capacity(batch.len());
@@ -231,31 +207,27 @@ impl<S: RollupStore> Stage for Aggregator<S> {
             messages.push(MessageRecord::from(record));
             verdicts.push(Verdict::Emit(Vec::new()));
         }
-        with_retries(5, Duration::from_millis(100), || {
-            self.store.fold(&messages, &self.cumulative, newest)
-        })
-        .await?;
+        self.store.fold(&messages, &self.cumulative, newest).await?;
         Ok(verdicts)
     }
 
-    async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
+    async fn tick(&mut self) -> Result<Vec<Output>, StageError> {
         let due = self
             .store
             .closed_unpublished(self.lateness_ms, self.publish_batch)
             .await?;
         let mut outputs = Vec::with_capacity(due.len());
         for b in &due {
-            outputs.push(Output {
-                topic: None,
-                key: format!("{}/{}/{}", b.tenant, b.device_id, b.metric).into_bytes(),
-                value: self.output.encode(&aggregate(b))?,
-            });
+            outputs.push(Output::new(
+                format!("{}/{}/{}", b.tenant, b.device_id, b.metric),
+                self.output.encode(&aggregate(b))?,
+            ));
         }
         self.emitted = due;
         Ok(outputs)
     }
 
-    async fn delivered(&mut self) -> anyhow::Result<()> {
+    async fn delivered(&mut self) -> Result<(), StageError> {
         if !self.emitted.is_empty() {
             self.store.mark_published(&self.emitted).await?;
             metrics()

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iotp_contract::{Aggregate, Codec, EnrichedTelemetry, Header, Reading};
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::RollupStore;
 use iotp_core::testkit::*;
+use iotp_store::sqlite::SqliteStore;
+use iotp_store::RollupStore;
 use rdkafka::Message;
 
 const H: i64 = 3_600_000;
@@ -86,7 +86,7 @@ fn spawn(topic: &str, output: &str, group: &str, db: &Path, exchange: &str) -> C
         .env("IOTP__IO__TICK_INTERVAL", "300ms")
         .env("IOTP__IO__DEAD_LETTER__EXCHANGE", exchange)
         .env("IOTP__IO__DEAD_LETTER__AMQP_URI", amqp_uri())
-        .env("IOTP__STORE_PATH", db)
+        .env("IOTP__STORE__PATH", db)
         .env("IOTP__ALLOWED_LATENESS", "10m")
         .env("IOTP__CUMULATIVE_METRICS", "[\"energy\"]")
         .stdout(Stdio::null())

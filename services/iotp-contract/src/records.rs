@@ -53,11 +53,11 @@ impl Record for RawEnvelope {
 pub struct Header {
     /// Device-given message id.
     pub msg_id: String,
-    /// Tenant.
+    /// Tenant the device belongs to, from its MQTT topic: the isolation boundary.
     pub tenant: String,
-    /// Device id.
+    /// Device id, unique within the tenant.
     pub device_id: String,
-    /// Per-device sequence number.
+    /// Per-device sequence number; (tenant, deviceId, seqNo) is the idempotency key.
     pub seq_no: i64,
     /// Device clock, epoch ms.
     pub produced_at: i64,
@@ -72,7 +72,7 @@ pub struct Header {
 pub struct Reading {
     /// Metric name from the device profile.
     pub metric: String,
-    /// Value.
+    /// Measured value, in `unit`.
     pub value: f64,
     /// Unit, if given.
     pub unit: Option<String>,
@@ -86,7 +86,7 @@ pub struct Telemetry {
     pub header: Header,
     /// telemetry or heartbeat.
     pub kind: String,
-    /// Readings.
+    /// Readings as the device sent them (empty for a heartbeat).
     pub readings: Vec<Reading>,
     /// Firmware reported in the message (v2).
     pub firmware_version: Option<String>,
@@ -112,7 +112,7 @@ pub struct EnrichedTelemetry {
     pub asset: Option<String>,
     /// Device profile id.
     pub profile: String,
-    /// Firmware.
+    /// Firmware the message reported, else the registry's.
     pub firmware_version: Option<String>,
     /// Further registry tags.
     pub tags: HashMap<String, String>,
@@ -126,11 +126,11 @@ impl Record for EnrichedTelemetry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Aggregate {
-    /// Tenant.
+    /// Tenant of the device.
     pub tenant: String,
-    /// Device id.
+    /// Device the bucket summarises.
     pub device_id: String,
-    /// Metric.
+    /// Metric the bucket summarises.
     pub metric: String,
     /// hour or day.
     pub granularity: String,
@@ -138,13 +138,13 @@ pub struct Aggregate {
     pub bucket_start: i64,
     /// Number of readings.
     pub count: i64,
-    /// Sum.
+    /// Sum of the readings (canonical unit).
     pub sum: f64,
-    /// Minimum.
+    /// Smallest reading.
     pub min: f64,
-    /// Maximum.
+    /// Largest reading.
     pub max: f64,
-    /// Mean.
+    /// sum / count.
     pub avg: f64,
     /// First value by event time.
     pub first: f64,
@@ -156,7 +156,7 @@ pub struct Aggregate {
     pub last_at: i64,
     /// last - first for cumulative counters.
     pub delta: Option<f64>,
-    /// Unit.
+    /// Canonical unit of the metric.
     pub unit: Option<String>,
     /// Correction count.
     pub revision: i64,

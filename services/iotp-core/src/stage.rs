@@ -14,13 +14,13 @@ use iotp_contract::{Classify, Recovery};
 /// One consumed Kafka record.
 #[derive(Debug, Clone, Copy)]
 pub struct Input<'a> {
-    /// Topic.
+    /// Topic it was read from.
     pub topic: &'a str,
-    /// Partition.
+    /// Its partition.
     pub partition: i32,
-    /// Offset.
+    /// Its offset in the partition (with topic and partition, a dead letter's default id).
     pub offset: i64,
-    /// Key.
+    /// Partitioning key (`tenant/deviceId` for device records).
     pub key: Option<&'a [u8]>,
     /// Value (empty for a tombstone).
     pub payload: &'a [u8],

@@ -13,12 +13,13 @@ use iotp_core::admin::Health;
 use iotp_core::consume::StageIo;
 use iotp_core::dead_letter::DeadLetterConfig;
 use iotp_core::kafka::KafkaConfig;
+use iotp_core::retry::Backoff;
 use iotp_core::service::Context;
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::{DeadLetterArchive, LetterFilter};
 use iotp_core::testkit::*;
 use iotp_dlq_handler::DlqConfig;
 use iotp_enricher::EnricherConfig;
+use iotp_store::sqlite::SqliteStore;
+use iotp_store::{DeadLetterArchive, LetterFilter, StoreConfig};
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -122,7 +123,10 @@ impl Rig {
                 ..StageIo::default()
             },
             registry_file: dir.join("registry.toml"),
-            store_path: dir.join("enricher.sqlite"),
+            store: StoreConfig {
+                path: dir.join("enricher.sqlite"),
+                ..StoreConfig::default()
+            },
             ..EnricherConfig::default()
         };
         let api_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -133,11 +137,11 @@ impl Rig {
         let dlq = DlqConfig {
             kafka,
             amqp_uri: amqp_uri(),
-            incoming_queue: topo.incoming_queue.clone(),
-            parking_queue: topo.parking_queue.clone(),
-            retry_exchange: topo.retry_exchange.clone(),
-            retries: 3,
-            store_path: dir.join("dlq.sqlite"),
+            rabbitmq: topo.clone(),
+            store: StoreConfig {
+                path: dir.join("dlq.sqlite"),
+                ..StoreConfig::default()
+            },
             api_listen: SocketAddr::from(([127, 0, 0, 1], api_port)),
             ..DlqConfig::default()
         };
@@ -148,6 +152,7 @@ impl Rig {
             replica: format!("{name}-0"),
             shutdown: shutdown.clone(),
             health: health.clone(),
+            backoff: Backoff::default(),
         };
         let tasks = vec![
             tokio::spawn(iotp_enricher::run(
@@ -205,7 +210,7 @@ impl Rig {
         store: &SqliteStore,
         filter: &LetterFilter,
         want: usize,
-    ) -> Vec<iotp_core::store::Archived> {
+    ) -> Vec<iotp_store::Archived> {
         for _ in 0..120 {
             let found = store.letters(filter).await.unwrap();
             if found.len() >= want {
@@ -239,7 +244,7 @@ fn api(rig: &Rig, method: &str, path: &str, body: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transient_failure_is_retried_until_the_registry_is_back_and_parked_ones_replay_once() {
     let rig = Rig::start(&["m-1", "t-dev"]).await;
-    let store = SqliteStore::open(Path::new(&rig.dlq.store_path)).unwrap();
+    let store = SqliteStore::open(Path::new(&rig.dlq.store.path)).unwrap();
 
     // Unknown device: permanent, parked at once.
     produce(&rig.validated, &[record("m-1", 0), record("late-dev", 0)]).await;
@@ -359,7 +364,7 @@ async fn transient_failure_is_retried_until_the_registry_is_back_and_parked_ones
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transient_failure_that_never_recovers_parks_after_the_configured_attempts() {
     let rig = Rig::start(&["m-1"]).await;
-    let store = SqliteStore::open(Path::new(&rig.dlq.store_path)).unwrap();
+    let store = SqliteStore::open(Path::new(&rig.dlq.store.path)).unwrap();
     rig.set_registry(None);
     produce(&rig.validated, &[record("ghost", 0)]).await;
     let parked = rig.parked(&store, &LetterFilter::default(), 1).await;

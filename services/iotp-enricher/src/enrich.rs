@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use iotp_contract::devices::{unit_conversion, Registry};
 use iotp_contract::{EnrichedTelemetry, Reading, Telemetry};
 use iotp_core::stage::Rejection;
-use iotp_core::store::Observation;
+use iotp_store::Observation;
 
 /// The result for one record.
 #[derive(Debug)]

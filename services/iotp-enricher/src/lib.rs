@@ -6,7 +6,6 @@
 mod enrich;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use iotp_contract::devices::RegistryHandle;
 use iotp_contract::{Codec, EnrichedTelemetry, Telemetry};
@@ -15,8 +14,8 @@ use iotp_core::consume::{self, StageIo};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
-use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
-use iotp_core::store::{Retention, StoreConfig, TwinStore};
+use iotp_core::stage::{Input, Output, Rejection, Stage, StageError, Verdict};
+use iotp_store::{StoreConfig, TwinStore};
 use serde::{Deserialize, Serialize};
 
 pub use enrich::{enrich, Enriched};
@@ -33,23 +32,10 @@ pub struct EnricherConfig {
     pub io: StageIo,
     /// Device registry (TOML), reloaded when it changes.
     pub registry_file: PathBuf,
-    /// Embedded store (SQLite) file holding the twins, used unless `mongodb_uri` is set.
-    pub store_path: PathBuf,
-    /// MongoDB connection string: keep the twins in MongoDB instead (see [`StoreConfig`]).
-    /// Never logged.
-    pub mongodb_uri: Option<String>,
-    /// MongoDB database.
-    pub mongodb_database: String,
-    /// Retention tiers of the shared store: on MongoDB every service opening the store sets
-    /// its TTLs from these at start-up, so give every service the same values.
-    pub retention: Retention,
+    /// The store holding the twins (the pipeline's shared store).
+    pub store: StoreConfig,
     /// Heartbeat intervals a device may miss before it is marked offline.
     pub missed_heartbeats: u32,
-    /// Store retries before the service gives up on a batch (it is then consumed again).
-    pub store_attempts: u32,
-    /// First store retry delay (doubles).
-    #[serde(with = "humantime_serde")]
-    pub store_retry: Duration,
 }
 
 impl Default for EnricherConfig {
@@ -59,24 +45,8 @@ impl Default for EnricherConfig {
             kafka: KafkaConfig::default(),
             io: StageIo::for_service("enricher"),
             registry_file: PathBuf::from("registry.toml"),
-            store_path: StoreConfig::default().path,
-            mongodb_uri: None,
-            mongodb_database: StoreConfig::default().mongodb_database,
-            retention: Retention::default(),
+            store: StoreConfig::default(),
             missed_heartbeats: 3,
-            store_attempts: 5,
-            store_retry: Duration::from_millis(100),
-        }
-    }
-}
-
-impl EnricherConfig {
-    /// The store these settings select.
-    pub fn store(&self) -> StoreConfig {
-        StoreConfig {
-            path: self.store_path.clone(),
-            mongodb_uri: self.mongodb_uri.clone(),
-            mongodb_database: self.mongodb_database.clone(),
         }
     }
 }
@@ -89,8 +59,7 @@ impl ServiceConfig for EnricherConfig {
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
         out.extend(self.io.problems());
-        out.extend(self.store().problems());
-        out.extend(self.retention.problems());
+        out.extend(self.store.problems());
         if !self.registry_file.exists() {
             out.push(format!(
                 "registry_file {} does not exist",
@@ -100,16 +69,13 @@ impl ServiceConfig for EnricherConfig {
         if self.missed_heartbeats == 0 {
             out.push("missed_heartbeats must be at least 1".into());
         }
-        if self.store_attempts == 0 {
-            out.push("store_attempts must be at least 1".into());
-        }
         out
     }
 }
 
 /// Run the enricher.
 pub async fn run(ctx: Context, config: EnricherConfig) -> anyhow::Result<()> {
-    let store = config.store().open(config.retention).await?;
+    let store = config.store.open().await?;
     let registry = RegistryHandle::open(&config.registry_file)?;
     let stage = Enricher::new(registry, store, &config)?;
     consume::run(ctx, config.kafka, config.io, stage).await
@@ -123,8 +89,6 @@ pub struct Enricher<S: TwinStore> {
     input: Codec<Telemetry>,
     output: Codec<EnrichedTelemetry>,
     missed_heartbeats: u32,
-    store_attempts: u32,
-    store_retry: Duration,
 }
 
 impl<S: TwinStore> Enricher<S> {
@@ -141,8 +105,6 @@ impl<S: TwinStore> Enricher<S> {
             input: Codec::latest()?,
             output: Codec::latest()?,
             missed_heartbeats: config.missed_heartbeats,
-            store_attempts: config.store_attempts,
-            store_retry: config.store_retry,
         })
     }
 }
@@ -150,7 +112,7 @@ impl<S: TwinStore> Enricher<S> {
 impl<S: TwinStore> Stage for Enricher<S> {
     const NAME: &'static str = "enricher";
 
-    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
         match self.registry.reload_if_changed() {
             Ok(reloaded) => {
                 if reloaded {
@@ -191,25 +153,21 @@ impl<S: TwinStore> Stage for Enricher<S> {
                     let out = match record {
                         // Heartbeats end at the twin.
                         None => Vec::new(),
-                        Some(r) => vec![Output {
-                            topic: None,
-                            key: format!("{}/{}", r.header.tenant, r.header.device_id).into_bytes(),
-                            value: self.output.encode(&r)?,
-                        }],
+                        Some(r) => vec![Output::new(
+                            format!("{}/{}", r.header.tenant, r.header.device_id),
+                            self.output.encode(&r)?,
+                        )],
                     };
                     verdicts.push(Verdict::Emit(out));
                 }
                 Err(rejection) => verdicts.push(Verdict::Reject(rejection)),
             }
         }
-        iotp_core::store::with_retries(self.store_attempts, self.store_retry, || {
-            self.store.apply(&observations)
-        })
-        .await?;
+        self.store.apply(&observations).await?;
         Ok(verdicts)
     }
 
-    async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
+    async fn tick(&mut self) -> Result<Vec<Output>, StageError> {
         let marked = self
             .store
             .mark_offline(iotp_contract::now_millis(), self.missed_heartbeats)

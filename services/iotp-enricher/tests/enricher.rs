@@ -6,9 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use iotp_contract::{Codec, DeadLetter, EnrichedTelemetry, Header, Reading, Telemetry};
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::TwinStore;
 use iotp_core::testkit::*;
+use iotp_store::sqlite::SqliteStore;
+use iotp_store::TwinStore;
 use rdkafka::Message;
 
 const REGISTRY: &str = r#"
@@ -111,7 +111,7 @@ fn spawn_ticking(
         .env("IOTP__IO__DEAD_LETTER__EXCHANGE", exchange)
         .env("IOTP__IO__DEAD_LETTER__AMQP_URI", amqp_uri())
         .env("IOTP__REGISTRY_FILE", dir.join("registry.toml"))
-        .env("IOTP__STORE_PATH", dir.join("store.sqlite"))
+        .env("IOTP__STORE__PATH", dir.join("store.sqlite"))
         .stdout(Stdio::null())
         .spawn()
         .unwrap()

@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use iotp_contract::topology::topic_name;
 use iotp_contract::{Codec, RawEnvelope};
 use iotp_core::config::{Common, ServiceConfig};
-use iotp_core::ingress::{self, IngressStage, OutRecord};
+use iotp_core::ingress::{self, IngressStage};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::mqtt::MqttConfig;
 use iotp_core::service::Context;
+use iotp_core::stage::{Output, StageError};
 use rumqttc::v5::mqttbytes::v5::Publish;
 use serde::{Deserialize, Serialize};
 
@@ -140,7 +141,7 @@ impl Bridge {
 }
 
 impl IngressStage for Bridge {
-    fn map(&mut self, publish: &Publish, received_at: i64) -> anyhow::Result<OutRecord> {
+    fn map(&mut self, publish: &Publish, received_at: i64) -> Result<Output, StageError> {
         let envelope = self.envelope(publish, received_at);
         let key = if envelope.device_id.is_empty() {
             envelope.mqtt_topic.clone()
@@ -150,12 +151,11 @@ impl IngressStage for Bridge {
         let headers = envelope
             .user_properties
             .get("traceparent")
-            .map(|t| vec![("traceparent".to_string(), t.clone())])
+            .map(|t| vec![("traceparent", t.clone().into_bytes())])
             .unwrap_or_default();
-        Ok(OutRecord {
-            key,
-            value: self.codec.encode(&envelope)?,
+        Ok(Output {
             headers,
+            ..Output::new(key, self.codec.encode(&envelope)?)
         })
     }
 }
@@ -198,10 +198,10 @@ mod tests {
             ..Default::default()
         });
         let record = bridge.map(&publish, 42).expect("map");
-        assert_eq!(record.key, "acme/m-1");
+        assert_eq!(record.key, b"acme/m-1");
         assert_eq!(
             record.headers,
-            vec![("traceparent".to_string(), "00-aa-bb-01".to_string())]
+            vec![("traceparent", b"00-aa-bb-01".to_vec())]
         );
         let env = Codec::<RawEnvelope>::latest()
             .expect("codec")
@@ -227,7 +227,7 @@ mod tests {
         let mut bridge = Bridge::new("b".into()).expect("stage");
         let publish = Publish::new("iot/acme", QoS::AtLeastOnce, vec![9u8], None);
         let record = bridge.map(&publish, 1).expect("map");
-        assert_eq!(record.key, "iot/acme");
+        assert_eq!(record.key, b"iot/acme");
         let env = Codec::<RawEnvelope>::latest()
             .expect("codec")
             .decode(&record.value)

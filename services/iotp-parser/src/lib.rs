@@ -13,7 +13,7 @@ use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::consume::{self, StageIo};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::service::Context;
-use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
+use iotp_core::stage::{Input, Output, Rejection, Stage, StageError, Verdict};
 use serde::{Deserialize, Serialize};
 
 pub use validate::{validate, Rules};
@@ -108,11 +108,10 @@ impl Parser {
         };
         match validate(&env, &self.rules, registry, now) {
             Ok(t) => match self.telemetry.encode(&t) {
-                Ok(value) => Verdict::Emit(vec![Output {
-                    topic: None,
-                    key: format!("{}/{}", t.header.tenant, t.header.device_id).into_bytes(),
+                Ok(value) => Verdict::Emit(vec![Output::new(
+                    format!("{}/{}", t.header.tenant, t.header.device_id),
                     value,
-                }]),
+                )]),
                 Err(e) => Verdict::Reject(Rejection::permanent(e.reason_code(), e.to_string())),
             },
             Err(rejection) => Verdict::Reject(rejection),
@@ -123,7 +122,7 @@ impl Parser {
 impl Stage for Parser {
     const NAME: &'static str = "parser";
 
-    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
         if let Some(handle) = &self.registry {
             if let Err(e) = handle.reload_if_changed() {
                 tracing::warn!(error = %e, "registry reload failed; keeping the previous one");

@@ -6,8 +6,6 @@
 //! consumed again and every message is a counted duplicate. Either way: stored once.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use iotp_contract::{Codec, EnrichedTelemetry};
 use iotp_core::config::{Common, ServiceConfig};
@@ -15,10 +13,8 @@ use iotp_core::consume::{self, StageIo};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::metrics::metrics;
 use iotp_core::service::Context;
-use iotp_core::stage::{Input, Output, Rejection, Stage, Verdict};
-use iotp_core::store::{
-    with_retries, MessageRecord, PruneReport, Pruning, ReadingStore, Retention, StoreConfig,
-};
+use iotp_core::stage::{Input, Output, Rejection, Stage, StageError, Verdict};
+use iotp_store::{MessageRecord, PruneReport, Pruning, ReadingStore, Retention, StoreConfig};
 use serde::{Deserialize, Serialize};
 
 /// Upserter configuration.
@@ -31,21 +27,10 @@ pub struct UpserterConfig {
     pub kafka: KafkaConfig,
     /// Topics, group, batching, dead letters.
     pub io: StageIo,
-    /// Embedded store (SQLite) file, used unless `mongodb_uri` is set.
-    pub store_path: PathBuf,
-    /// MongoDB connection string: use MongoDB instead (see [`StoreConfig`]). Never logged.
-    pub mongodb_uri: Option<String>,
-    /// MongoDB database.
-    pub mongodb_database: String,
-    /// Store retries before the service gives up on a batch (it is then consumed again).
-    pub store_attempts: u32,
-    /// First store retry delay (doubles).
-    #[serde(with = "humantime_serde")]
-    pub store_retry: Duration,
-    /// Retention tiers (raw readings, hourly and daily roll-ups): on the embedded store pruned
-    /// every `io.tick_interval`; on MongoDB the TTLs set at start-up (every service opening
-    /// the store sets them: give them all the same values).
-    pub retention: Retention,
+    /// The store of the raw tier (the pipeline's shared store). Its retention tiers are
+    /// pruned by this service every `io.tick_interval` on the embedded store; MongoDB expires
+    /// them itself (TTL indexes).
+    pub store: StoreConfig,
 }
 
 impl Default for UpserterConfig {
@@ -54,23 +39,7 @@ impl Default for UpserterConfig {
             common: Common::default(),
             kafka: KafkaConfig::default(),
             io: StageIo::for_service("upserter"),
-            store_path: StoreConfig::default().path,
-            mongodb_uri: None,
-            mongodb_database: StoreConfig::default().mongodb_database,
-            store_attempts: 5,
-            store_retry: Duration::from_millis(100),
-            retention: Retention::default(),
-        }
-    }
-}
-
-impl UpserterConfig {
-    /// The store these settings select.
-    pub fn store(&self) -> StoreConfig {
-        StoreConfig {
-            path: self.store_path.clone(),
-            mongodb_uri: self.mongodb_uri.clone(),
-            mongodb_database: self.mongodb_database.clone(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -83,25 +52,15 @@ impl ServiceConfig for UpserterConfig {
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
         out.extend(self.io.problems());
-        out.extend(self.retention.problems());
-        out.extend(self.store().problems());
-        if self.store_attempts == 0 {
-            out.push("store_attempts must be at least 1".into());
-        }
+        out.extend(self.store.problems());
         out
     }
 }
 
 /// Run the upserter on the configured store.
 pub async fn run(ctx: Context, config: UpserterConfig) -> anyhow::Result<()> {
-    let store = config.store().open(config.retention).await?;
-    let stage = Upserter {
-        store,
-        codec: Codec::latest()?,
-        attempts: config.store_attempts,
-        retry: config.store_retry,
-        retention: config.retention,
-    };
+    let store = config.store.open().await?;
+    let stage = Upserter::new(store, config.store.retention)?;
     consume::run(ctx, config.kafka, config.io, stage).await
 }
 
@@ -109,15 +68,24 @@ pub async fn run(ctx: Context, config: UpserterConfig) -> anyhow::Result<()> {
 pub struct Upserter<S: ReadingStore + Pruning> {
     store: S,
     codec: Codec<EnrichedTelemetry>,
-    attempts: u32,
-    retry: Duration,
     retention: Retention,
+}
+
+impl<S: ReadingStore + Pruning> Upserter<S> {
+    /// An upserter over `store`, pruning it to `retention`.
+    pub fn new(store: S, retention: Retention) -> Result<Self, iotp_contract::CodecError> {
+        Ok(Self {
+            store,
+            codec: Codec::latest()?,
+            retention,
+        })
+    }
 }
 
 impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
     const NAME: &'static str = "upserter";
 
-    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
         let mut verdicts = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         for input in batch {
@@ -132,10 +100,7 @@ impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
                 ))),
             }
         }
-        let report = with_retries(self.attempts, self.retry, || {
-            self.store.write_messages(&messages)
-        })
-        .await?;
+        let report = self.store.write_messages(&messages).await?;
         metrics().messages_stored_total.inc_by(report.stored);
         metrics().duplicates_removed_total.inc_by(report.duplicates);
         let devices: BTreeSet<(String, String)> = messages
@@ -143,15 +108,12 @@ impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
             .map(|m| (m.tenant.clone(), m.device_id.clone()))
             .collect();
         let devices: Vec<_> = devices.into_iter().collect();
-        let gaps = with_retries(self.attempts, self.retry, || {
-            self.store.update_seq_gaps(&devices)
-        })
-        .await?;
+        let gaps = self.store.update_seq_gaps(&devices).await?;
         metrics().batch_device_seq_gaps.set(gaps as i64);
         Ok(verdicts)
     }
 
-    async fn tick(&mut self) -> anyhow::Result<Vec<Output>> {
+    async fn tick(&mut self) -> Result<Vec<Output>, StageError> {
         let pruned = self
             .store
             .prune(iotp_contract::now_millis(), &self.retention)

@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iotp_contract::{Codec, EnrichedTelemetry, Header, Reading};
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::{ReadingStore, TwinStore};
 use iotp_core::testkit::*;
+use iotp_store::sqlite::SqliteStore;
+use iotp_store::{ReadingStore, TwinStore};
 
 const DEVICES: i64 = 100;
 const PER_DEVICE: i64 = 1_000;
@@ -64,11 +64,11 @@ fn spawn_on(topic: &str, group: &str, store: &Path, exchange: &str, admin_port: 
         .env("IOTP__IO__GROUP", group)
         .env("IOTP__IO__DEAD_LETTER__EXCHANGE", exchange)
         .env("IOTP__IO__DEAD_LETTER__AMQP_URI", amqp_uri())
-        .env("IOTP__STORE_PATH", store)
+        .env("IOTP__STORE__PATH", store)
         // The test data is dated 2023: keep it past the default 180-day raw tier.
-        .env("IOTP__RETENTION__RAW", "36500days")
-        .env("IOTP__RETENTION__HOURLY", "36500days")
-        .env("IOTP__RETENTION__DAILY", "36500days")
+        .env("IOTP__STORE__RETENTION__RAW", "36500days")
+        .env("IOTP__STORE__RETENTION__HOURLY", "36500days")
+        .env("IOTP__STORE__RETENTION__DAILY", "36500days")
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
@@ -181,7 +181,7 @@ async fn sigkill_at_random_points_then_full_replays_store_each_message_once() {
 
     // The gap at seq 500 reaches the twins (when the enricher has made one).
     store
-        .apply(&[iotp_core::store::Observation {
+        .apply(&[iotp_store::Observation {
             tenant: "acme".into(),
             device_id: "d7".into(),
             seq_no: PER_DEVICE - 1,
