@@ -382,7 +382,7 @@ pub async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
-pub use iotp_core::metrics::sample_sum as metric_sum;
+pub use iotp_core::probe::sample_sum as metric_sum;
 
 /// Quantile `q` of a Prometheus histogram (`name_bucket{le=…}`), by linear interpolation
 /// inside the bucket, as `histogram_quantile` does; seconds.

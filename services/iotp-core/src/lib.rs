@@ -11,6 +11,7 @@ pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
+pub mod probe;
 pub mod registry;
 pub mod service;
 pub mod shutdown;
