@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use iotp_core::kafka::{consumer_lag, count_records, KafkaConfig};
+use iotp_core::probe::{histogram_quantile, label_values, sample_sum};
 use iotp_core::store::sqlite::SqliteStore;
 use iotp_core::store::{DeadLetterArchive, LetterFilter, ReadingStore, TwinStore};
 use iotp_core::topology::topology;
@@ -162,25 +163,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     // Memory sampled every second while the run lasts.
     let samples: Arc<Mutex<Vec<PerProcess<u64>>>> = Arc::default();
-    let pids: Vec<(String, u32)> = stack
-        .services
-        .iter()
-        .map(|s| (s.name.to_string(), s.pid))
-        .chain(
-            stack
-                .tansu
-                .as_ref()
-                .map(|(_, pid)| ("tansu".to_string(), *pid)),
-        )
-        .collect();
+    let pids = stack.processes();
     let sampler = {
         let samples = samples.clone();
         tokio::spawn(async move {
             loop {
-                let row = pids
-                    .iter()
-                    .map(|(n, p)| (n.clone(), stack::rss_bytes(*p)))
-                    .collect();
+                let row = stack::per_process(&pids, stack::rss_bytes);
                 if let Ok(mut s) = samples.lock() {
                     s.push(row);
                 }
@@ -216,19 +204,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let ticker = {
         let progress = progress.clone();
         let bar = bar.clone();
-        let upserter = stack
-            .services
-            .iter()
-            .find(|s| s.name == "upserter")
-            .map(|s| s.admin_port);
+        let upserter = stack.service("upserter").map(|s| s.admin_port);
         tokio::spawn(async move {
             let mut last_print = Instant::now();
             loop {
                 let acked = progress.acked.load(Ordering::Relaxed);
                 let stored = match upserter {
-                    Some(port) => stack::http_get(port, "/metrics")
+                    Some(port) => stack::scrape(port)
                         .await
-                        .map(|m| stack::metric_sum(&m, "iotp_messages_stored_total", &[]))
+                        .map(|m| sample_sum(&m, "iotp_messages_stored_total", &[]))
                         .unwrap_or(0.0),
                     None => 0.0,
                 };
@@ -289,13 +273,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     // Per-stage latency from the services' own histograms.
     let mut stages = Vec::new();
     for s in &stack.services {
-        let Ok(text) = stack::http_get(s.admin_port, "/metrics").await else {
+        let Some(text) = stack::scrape(s.admin_port).await else {
             continue;
         };
-        for stage in labels(&text, "iotp_delivery_seconds_bucket", "stage") {
+        for stage in label_values(&text, "iotp_delivery_seconds_bucket", "stage") {
             let label = format!("stage=\"{stage}\"");
             let q = |q| {
-                stack::histogram_quantile(&text, "iotp_delivery_seconds", &[label.as_str()], q)
+                histogram_quantile(&text, "iotp_delivery_seconds", &[label.as_str()], q)
                     .unwrap_or(0.0)
                     * 1000.0
             };
@@ -325,13 +309,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         ("upserter", "iotp_messages_stored_total"),
         ("upserter", "iotp_duplicates_removed_total"),
     ] {
-        if let Some(s) = stack.services.iter().find(|s| s.name == service) {
-            let text = stack::http_get(s.admin_port, "/metrics")
-                .await
-                .unwrap_or_default();
+        if let Some(s) = stack.service(service) {
+            let text = stack::scrape(s.admin_port).await.unwrap_or_default();
             hops.push((
                 format!("{service}: {metric}"),
-                stack::metric_sum(&text, metric, &[]) as i64,
+                sample_sum(&text, metric, &[]) as i64,
             ));
         }
     }
@@ -541,24 +523,6 @@ async fn all_stored(
         out.extend(page);
     }
     Ok(out)
-}
-
-/// Values of `label` on a metric's samples.
-fn labels(text: &str, metric: &str, label: &str) -> Vec<String> {
-    let mut out: Vec<String> = text
-        .lines()
-        .filter(|l| l.starts_with(metric))
-        .filter_map(|l| {
-            l.split(&format!("{label}=\""))
-                .nth(1)?
-                .split('"')
-                .next()
-                .map(String::from)
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
 }
 
 #[allow(clippy::too_many_arguments)]
