@@ -1,6 +1,7 @@
 //! The load-test report: `report.json` (everything, machine-readable), `report.md` (for
 //! people) and two plots, `rate.svg` and `latency.svg`.
-//! `report.md` is written in `markdown.rs`, the plots in `chart.rs`.
+//! Building it from what the run's phases produced is in `build.rs`, `report.md` in
+//! `markdown.rs`, the plots in `chart.rs`.
 
 use std::path::Path;
 
@@ -10,9 +11,11 @@ use crate::audit::Audit;
 use crate::ceiling::Ceiling;
 use crate::scenario::Scenario;
 
+mod build;
 mod chart;
 mod markdown;
 
+pub use build::{Drained, Outcome, PerProcess, Setting, Usage};
 pub use chart::{svg_chart, Series};
 
 /// The machine the run was on.
