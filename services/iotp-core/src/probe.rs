@@ -36,13 +36,12 @@ impl Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// Connecting, writing or reading failed (refused, reset, unresolvable address).
-    #[error("{addr}: {source}")]
+    #[error("{addr}: {error}")]
     Io {
         /// `host:port` probed.
         addr: String,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
+        /// What the OS said (in the message, not chained: it would be said twice).
+        error: io::Error,
     },
     /// The connection or the whole answer took longer than allowed.
     #[error("{addr}: no answer within {within:?}")]
@@ -99,14 +98,14 @@ pub mod blocking {
         timeout: Option<Duration>,
     ) -> Result<Response, ProbeError> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let failed = |source: io::Error| match source.kind() {
+        let failed = |error: io::Error| match error.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ProbeError::Timeout {
                 addr: addr.to_string(),
                 within: timeout.unwrap_or_default(),
             },
             _ => ProbeError::Io {
                 addr: addr.to_string(),
-                source,
+                error,
             },
         };
         let mut stream = connect(addr, timeout).map_err(failed)?;
