@@ -1,8 +1,9 @@
 //! The ceiling the infrastructure allows: the run's own raw records carried through as many
 //! Kafka hops as the pipeline has (consume raw → produce; consume → produce; consume), by the
 //! same runtime with the same client settings (batching, idempotent producer, acks=all,
-//! offsets stored after delivery) and a stage that does no work. The pipeline's rate over this
-//! one is its efficiency.
+//! offsets stored after delivery) and a stage that does no work; and the MQTT leg alone, the
+//! same fleet publishing to topics no one bridges. The pipeline's rate over the lower of the
+//! two is its efficiency.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -16,6 +17,10 @@ use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Stage, Verdict};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{self, Target};
+use crate::plan;
+use crate::scenario::Scenario;
 
 /// What the ceiling run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -162,4 +167,20 @@ pub async fn measure(
         rate: carried as f64 / seconds,
         mqtt_rate: None,
     })
+}
+
+/// The MQTT leg: the scenario's fleet and messages without faults or heartbeats, to `target`
+/// (topics no one bridges), as fast as the broker acknowledges (a paced scenario's rate is not
+/// a ceiling); PUBACKs per second.
+pub async fn mqtt_rate(target: Target, scenario: &Scenario) -> anyhow::Result<f64> {
+    let plain = Scenario {
+        faults: Default::default(),
+        heartbeat_every: 0,
+        rate: 0,
+        rate_per_device: 0.0,
+        duration: None,
+        ..scenario.clone()
+    };
+    let run = fleet::run(target, &plain, plan::plan(&plain), Arc::default()).await?;
+    Ok(run.ack_rate())
 }

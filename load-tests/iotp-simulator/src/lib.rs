@@ -3,14 +3,15 @@
 //! - [`device`], [`plan`], [`fleet`]: devices, what each will send (faults included), and the
 //!   fleet over real MQTT 5 connections with a ledger of every PUBACK.
 //! - [`scenario`]: the scenario files in `load-tests/scenarios/`.
-//! - [`stack`], [`ceiling`], [`audit`], [`report`]: `iotp-load` runs the pipeline, drives a
-//!   scenario through it, reconciles the ledger with the store and the dead-letter archive,
-//!   measures the forward-only ceiling and writes the report.
+//! - [`load`]: what `iotp-load` runs, phase by phase: starts the pipeline ([`stack`]), drives
+//!   a scenario through it, reconciles the ledger with the store and the dead-letter archive
+//!   ([`audit`]), measures the forward-only ceiling ([`ceiling`]) and writes the [`report`].
 
 pub mod audit;
 pub mod ceiling;
 pub mod device;
 pub mod fleet;
+pub mod load;
 pub mod plan;
 pub mod report;
 pub mod scenario;

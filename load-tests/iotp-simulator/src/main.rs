@@ -105,13 +105,12 @@ async fn main() -> ExitCode {
     match fleet::run(target, &scenario, plans, Arc::new(Progress::default())).await {
         Ok(run) => {
             let (attempted, acked) = (run.published(), run.acked());
-            let seconds = (run.finished_at - run.started_at) as f64 / 1000.0;
             let summary = Summary {
                 devices,
                 attempted,
                 acked,
-                seconds,
-                rate: acked as f64 / seconds.max(0.001),
+                seconds: run.seconds(),
+                rate: run.ack_rate(),
             };
             println!("{}", serde_json::to_string(&summary).unwrap_or_default());
             if acked >= attempted {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use iotp_contract::topology::{topology, RabbitTopology};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use iotp_core::probe;
 use tokio::process::{Child, Command};
 
 /// The services, in start order, with their admin port offset.
@@ -125,7 +125,7 @@ impl Stack {
                     .spawn()
                     .with_context(|| format!("cannot start {}", bin.display()))?;
                 let pid = child.id().unwrap_or(0);
-                wait_port(port.parse()?, Duration::from_secs(30)).await?;
+                probe::wait_for_port(port.parse()?, Duration::from_secs(30)).await?;
                 Some((child, pid))
             }
             None => None,
@@ -179,12 +179,12 @@ impl Stack {
                         .env("IOTP__MQTT__SESSION_EXPIRY", "10m");
                 }
                 "dlq-handler" => {
-                    cmd.env("IOTP__STORE_PATH", &store_path)
+                    cmd.env("IOTP__STORE__PATH", &store_path)
                         .env("IOTP__API_LISTEN", format!("127.0.0.1:{}", cfg.api_port))
                         .env("IOTP__AMQP_URI", &cfg.amqp_uri)
-                        .env("IOTP__INCOMING_QUEUE", &dead.incoming_queue)
-                        .env("IOTP__PARKING_QUEUE", &dead.parking_queue)
-                        .env("IOTP__RETRY_EXCHANGE", &dead.retry_exchange);
+                        .env("IOTP__RABBITMQ__INCOMING_QUEUE", &dead.incoming_queue)
+                        .env("IOTP__RABBITMQ__PARKING_QUEUE", &dead.parking_queue)
+                        .env("IOTP__RABBITMQ__RETRY_EXCHANGE", &dead.retry_exchange);
                 }
                 // The Kafka stages.
                 stage => {
@@ -197,7 +197,7 @@ impl Stack {
                         cmd.env("IOTP__REGISTRY_FILE", registry);
                     }
                     if stage != "parser" {
-                        cmd.env("IOTP__STORE_PATH", &store_path);
+                        cmd.env("IOTP__STORE__PATH", &store_path);
                     }
                 }
             }
@@ -224,7 +224,10 @@ impl Stack {
         for s in &stack.services {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                if http_get(s.admin_port, "/readyz").await.is_ok() {
+                if probe::get(s.admin_port, "/readyz")
+                    .await
+                    .is_ok_and(|r| r.is_success())
+                {
                     break;
                 }
                 anyhow::ensure!(
@@ -239,30 +242,24 @@ impl Stack {
         Ok(stack)
     }
 
-    /// CPU seconds each service (and our broker) used so far.
-    pub fn cpu(&self) -> Vec<(String, f64)> {
-        let mut out: Vec<(String, f64)> = self
-            .services
-            .iter()
-            .map(|s| (s.name.to_string(), cpu_seconds(s.pid)))
-            .collect();
-        if let Some((_, pid)) = &self.tansu {
-            out.push(("tansu".into(), cpu_seconds(*pid)));
-        }
-        out
+    /// Every process of the stack, the services in start order then our broker: (name, pid).
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        let services = self.services.iter().map(|s| (s.name.to_string(), s.pid));
+        let broker = self
+            .tansu
+            .as_ref()
+            .map(|(_, pid)| ("tansu".to_string(), *pid));
+        services.chain(broker).collect()
     }
 
-    /// Resident memory of each service (and our broker), bytes.
-    pub fn rss(&self) -> Vec<(String, u64)> {
-        let mut out: Vec<(String, u64)> = self
-            .services
-            .iter()
-            .map(|s| (s.name.to_string(), rss_bytes(s.pid)))
-            .collect();
-        if let Some((_, pid)) = &self.tansu {
-            out.push(("tansu".into(), rss_bytes(*pid)));
-        }
-        out
+    /// CPU seconds each service (and our broker) used so far.
+    pub fn cpu(&self) -> Vec<(String, f64)> {
+        per_process(&self.processes(), cpu_seconds)
+    }
+
+    /// The service called `name` (`upserter`, …), if it runs.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// SIGTERM every service (last started first); each one's exit code.
@@ -347,108 +344,26 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Wait until something listens on a local port.
-pub async fn wait_port(port: u16, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+/// `read` of each process of `processes` (from [`Stack::processes`]), by name.
+pub fn per_process<T>(processes: &[(String, u32)], read: impl Fn(u32) -> T) -> Vec<(String, T)> {
+    processes
+        .iter()
+        .map(|(name, pid)| (name.clone(), read(*pid)))
+        .collect()
+}
+
+/// The Prometheus text of the admin port `port`; `None` while it does not answer with 2xx.
+pub async fn scrape(port: u16) -> Option<String> {
+    probe::get(port, "/metrics")
         .await
-        .is_err()
-    {
-        anyhow::ensure!(Instant::now() < deadline, "nothing listens on port {port}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
-}
-
-/// GET a local admin endpoint; the body of a 2xx answer.
-pub async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let ok = head
-        .split_whitespace()
-        .nth(1)
-        .is_some_and(|code| code.starts_with('2'));
-    anyhow::ensure!(
-        ok,
-        "GET {path} on :{port}: {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(body.to_string())
-}
-
-pub use iotp_core::metrics::sample_sum as metric_sum;
-
-/// Quantile `q` of a Prometheus histogram (`name_bucket{le=…}`), by linear interpolation
-/// inside the bucket, as `histogram_quantile` does; seconds.
-pub fn histogram_quantile(text: &str, name: &str, labels: &[&str], q: f64) -> Option<f64> {
-    let bucket = format!("{name}_bucket");
-    let mut buckets: Vec<(f64, f64)> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(key, v)| {
-            let (metric, rest) = key.split_once('{')?;
-            if metric != bucket || !labels.iter().all(|want| rest.contains(want)) {
-                return None;
-            }
-            let le = rest.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, v.parse().ok()?))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut prev = (0.0, 0.0);
-    for (le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return Some(prev.0);
-            }
-            let inside = (rank - prev.1) / (count - prev.1).max(f64::MIN_POSITIVE);
-            return Some(prev.0 + (le - prev.0) * inside);
-        }
-        prev = (le, count);
-    }
-    None
+        .ok()
+        .filter(|r| r.is_success())
+        .map(|r| r.body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const TEXT: &str = "# HELP x\n\
-        iotp_dead_letters_total{reason=\"malformed_payload\",stage=\"parser\"} 3\n\
-        iotp_dead_letters_total{reason=\"unknown_device\",stage=\"enricher\"} 4\n\
-        iotp_delivery_seconds_bucket{stage=\"parser\",le=\"0.01\"} 50\n\
-        iotp_delivery_seconds_bucket{stage=\"parser\",le=\"0.1\"} 100\n\
-        iotp_delivery_seconds_bucket{stage=\"parser\",le=\"+Inf\"} 100\n";
-
-    #[test]
-    fn metrics_are_summed_by_labels_and_quantiles_interpolated() {
-        assert_eq!(metric_sum(TEXT, "iotp_dead_letters_total", &[]), 7.0);
-        assert_eq!(
-            metric_sum(TEXT, "iotp_dead_letters_total", &["stage=\"parser\""]),
-            3.0
-        );
-        let p50 = histogram_quantile(TEXT, "iotp_delivery_seconds", &["stage=\"parser\""], 0.5);
-        assert_eq!(p50, Some(0.01));
-        let p75 = histogram_quantile(TEXT, "iotp_delivery_seconds", &[], 0.75).expect("p75");
-        assert!((p75 - 0.055).abs() < 1e-9, "{p75}");
-    }
 
     #[test]
     fn this_process_has_cpu_time_and_memory() {

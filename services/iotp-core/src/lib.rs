@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
+pub mod probe;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

@@ -237,21 +237,6 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// Sum of a metric's samples in Prometheus text exposition whose labels contain every
-/// `label="value"` given (0 when there are none): how the load tool and the tests read a
-/// service's `/metrics`.
-pub fn sample_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(key, _)| {
-            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
-            metric == name && labels.iter().all(|want| rest.contains(want))
-        })
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use iotp_core::metrics::sample_sum;
+use iotp_core::probe::{find_sum, sample_sum};
 use support::*;
 
 const DEVICES: usize = 100;
@@ -82,7 +82,7 @@ async fn every_acked_message_reaches_kafka_in_device_order() {
     }
     let metrics = bridge.metrics();
     assert_eq!(
-        metric(&metrics, "iotp_mqtt_acked_messages_total"),
+        find_sum(&metrics, "iotp_mqtt_acked_messages_total", &[]),
         Some(sent.total() as f64)
     );
 
@@ -132,15 +132,10 @@ async fn bridge_killed_mid_stream_loses_nothing() {
     let fleet =
         tokio::spawn(async move { publish_fleet(port, &tenant, DEVICES, PER_DEVICE).await });
     // Kill it while messages are flowing.
-    let admin = bridge.admin_port;
     let mut acked_before_kill = 0.0;
     for _ in 0..200 {
         tokio::time::sleep(Duration::from_millis(25)).await;
-        acked_before_kill = metric(
-            &http_get(admin, "/metrics").1,
-            "iotp_mqtt_acked_messages_total",
-        )
-        .unwrap_or(0.0);
+        acked_before_kill = sample_sum(&bridge.metrics(), "iotp_mqtt_acked_messages_total", &[]);
         if acked_before_kill >= 2000.0 {
             break;
         }
@@ -196,7 +191,7 @@ async fn backlog_while_bridge_is_away_survives_broker_restart() {
     let mut s = setup("backlog", 4).await;
     let mut bridge = Bridge::start(&s.spec, "bridge-backlog-0");
     bridge.wait_ready();
-    assert_eq!(http_get(bridge.admin_port, "/healthz").0, 200);
+    assert_eq!(bridge.status("/healthz"), 200);
     assert_eq!(bridge.terminate(), 0, "SIGTERM drains and exits 0");
 
     // 30,000 messages while no bridge is connected: queued in its persistent session.
@@ -209,7 +204,7 @@ async fn backlog_while_bridge_is_away_survives_broker_restart() {
     assert_none_missing(&sent, &seen);
     let metrics = bridge.metrics();
     assert_eq!(
-        metric(&metrics, "iotp_mqtt_broker_dropped_messages"),
+        find_sum(&metrics, "iotp_mqtt_broker_dropped_messages", &[]),
         Some(0.0),
         "broker dropped messages"
     );
@@ -246,12 +241,12 @@ async fn connection_stays_up_while_kafka_is_down() {
         let before = errors(&bridge);
         s.mosquitto.restart();
         let until = std::time::Instant::now() + Duration::from_secs(30);
-        while errors(&bridge) == before || http_get(bridge.admin_port, "/readyz").0 != 200 {
+        while errors(&bridge) == before || bridge.status("/readyz") != 200 {
             assert!(
                 std::time::Instant::now() < until,
                 "bridge did not reconnect: {} connection errors (before {before}), /readyz {}",
                 errors(&bridge),
-                http_get(bridge.admin_port, "/readyz").0
+                bridge.status("/readyz")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

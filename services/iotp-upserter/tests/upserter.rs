@@ -202,15 +202,8 @@ async fn sigkill_at_random_points_then_full_replays_store_each_message_once() {
     );
 }
 
+/// A metric of the upserter on `port` (0 while it does not answer).
 fn metric(port: u16, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return 0.0;
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
+    iotp_core::probe::blocking::get(port, "/metrics")
+        .map_or(0.0, |r| iotp_core::probe::sample_sum(&r.body, name, &[]))
 }

@@ -4,11 +4,10 @@
 //!   iotp-dlq show ID
 //!   iotp-dlq replay (--id ID ... | --reason R | --device D | --all) [--dry-run]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use iotp_core::probe;
 use iotp_dlq_handler::{ReplayRequest, ReplayResult, Summary};
 
 #[derive(Parser)]
@@ -152,27 +151,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One HTTP/1.0 request; the body of a 2xx answer, else an error with it.
+/// One request to the API, waiting as long as it takes (a replay of many letters may); the
+/// body of a 2xx answer, else an error with it.
 fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr)?;
-    let body = body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status: u16 = response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let text = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    if !(200..300).contains(&status) {
-        anyhow::bail!("{method} {path}: HTTP {status}: {text}");
-    }
-    Ok(text)
+    let response = probe::blocking::request(addr, method, path, body, None)?;
+    anyhow::ensure!(
+        response.is_success(),
+        "{method} {path}: HTTP {}: {}",
+        response.status,
+        response.body
+    );
+    Ok(response.body)
 }

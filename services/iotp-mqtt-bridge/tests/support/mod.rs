@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iotp_contract::{Codec, RawEnvelope};
+use iotp_core::probe;
 pub use iotp_core::testkit::{create_topic, kafka_brokers, read_topic_until, unique};
 
 use rdkafka::Message;
@@ -38,14 +39,6 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn wait_port(port: u16, what: &str) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "{what} did not open port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -87,7 +80,9 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto must be installed (dev/brokers.sh up installs it)");
-        wait_port(port, "mosquitto");
+        if let Err(e) = probe::blocking::wait_for_port(port, Duration::from_secs(20)) {
+            panic!("mosquitto did not start: {e}");
+        }
         Self {
             child,
             port,
@@ -149,7 +144,7 @@ impl Bridge {
                 "IOTP__MQTT__SUBSCRIPTIONS",
                 format!("[\"{}\"]", spec.subscription),
             )
-            .env("IOTP__MQTT__RECONNECT_MAX", "1s")
+            .env("IOTP__COMMON__BACKOFF__MAX", "1s")
             .env("IOTP__KAFKA__BROKERS", &spec.kafka)
             .env("IOTP__RAW_TOPIC", &spec.topic)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -164,16 +159,22 @@ impl Bridge {
         }
     }
 
+    /// Its `/metrics` text (empty while it does not answer).
     pub fn metrics(&self) -> String {
-        http_get(self.admin_port, "/metrics").1
+        probe::blocking::get(self.admin_port, "/metrics")
+            .map(|r| r.body)
+            .unwrap_or_default()
+    }
+
+    /// The status of a GET on its admin port (0 while it does not answer).
+    pub fn status(&self, path: &str) -> u16 {
+        probe::blocking::get(self.admin_port, path).map_or(0, |r| r.status)
     }
 
     pub fn wait_ready(&self) {
         let until = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
-                && http_get(self.admin_port, "/readyz").0 == 200
-            {
+            if self.status("/readyz") == 200 {
                 return;
             }
             assert!(Instant::now() < until, "bridge {} not ready", self.replica);
@@ -202,28 +203,6 @@ impl Drop for Bridge {
             let _ = c.wait();
         }
     }
-}
-
-/// Minimal HTTP/1.0 GET: (status, body).
-pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
 }
 
 /// What one device sent and which of its messages the broker acknowledged.

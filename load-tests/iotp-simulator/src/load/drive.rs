@@ -1,0 +1,51 @@
+//! Phase 2: the fleet publishes the scenario over MQTT, one connection per device, while the
+//! [`Monitor`] watches memory and progress. The CPU window opens here.
+
+use std::sync::Arc;
+
+use super::monitor::Monitor;
+use super::Run;
+use crate::fleet::{self, FleetRun, Progress};
+use crate::plan::{self, DevicePlan, Step};
+use crate::report::PerProcess;
+
+/// What driving the fleet produced.
+pub struct Driven {
+    /// The devices' ledgers: every publish and every PUBACK.
+    pub fleet: FleetRun,
+    /// The fleet's live counters (PUBACKs per second, reconnects).
+    pub progress: Arc<Progress>,
+    /// Still watching: the pipeline drains after the fleet is done.
+    pub monitor: Monitor,
+    /// CPU seconds of each process when the fleet started.
+    pub cpu_before: PerProcess<f64>,
+}
+
+/// Run the scenario's fleet against the pipeline until its last PUBACK (or a stall).
+pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
+    let plans = plan::plan(&run.scenario);
+    let progress = Arc::new(Progress::default());
+    let monitor = Monitor::start(run, &progress, publishes(&plans));
+    let cpu_before = run.stack.cpu();
+    let fleet = fleet::run(run.target("iot"), &run.scenario, plans, progress.clone()).await?;
+    monitor.fleet_done(&progress);
+    Ok(Driven {
+        fleet,
+        progress,
+        monitor,
+        cpu_before,
+    })
+}
+
+/// MQTT publishes the plans make: a telemetry message, resend or heartbeat is one, an offline
+/// spell as many as it measured.
+fn publishes(plans: &[DevicePlan]) -> u64 {
+    plans
+        .iter()
+        .flat_map(|p| &p.steps)
+        .map(|s| match s {
+            Step::Offline { count, .. } => *count,
+            _ => 1,
+        })
+        .sum()
+}

@@ -1,0 +1,149 @@
+//! A load test, phase by phase: what `iotp-load` runs.
+//!
+//! 1. [`prepare`]: the scenario, the report directory and the device registry; start the
+//!    broker and the six services; one warm-up message end to end.
+//! 2. [`drive`]: the fleet publishes the scenario over MQTT while CPU, memory and progress
+//!    are watched.
+//! 3. [`settle`]: wait until the store and the archive hold what the fleet was acknowledged
+//!    for and every consumer group is at lag 0; the CPU window closes there.
+//! 4. [`collect`]: the services' latency histograms and per-hop counters, the audit of the
+//!    ledgers against the store and the archive, the services' exit codes.
+//! 5. [`report`]: `report.md`, `report.json` and the plots, then the ceiling.
+//!
+//! Each phase is a function taking the [`Run`] and what the phase before it produced.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use iotp_core::kafka::KafkaConfig;
+use iotp_core::store::sqlite::SqliteStore;
+use iotp_core::store::{Archived, DeadLetterArchive, LetterFilter};
+
+use crate::fleet::Target;
+use crate::scenario::Scenario;
+use crate::stack::Stack;
+
+mod collect;
+mod drive;
+mod monitor;
+mod prepare;
+mod report;
+mod settle;
+
+pub use collect::collect;
+pub use drive::{drive, Driven};
+pub use prepare::prepare;
+pub use report::report;
+pub use settle::{settle, Settled};
+
+/// `iotp-load`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    about = "Run a load-test scenario through the whole pipeline, audit it, report",
+    long_about = None
+)]
+pub struct Options {
+    /// Scenario file.
+    #[arg(long, default_value = "load-tests/scenarios/standard.toml")]
+    pub scenario: PathBuf,
+    /// Report directory (default: load-tests/reports/<scenario>-<time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Where the service binaries are.
+    #[arg(long, default_value = "target/release")]
+    pub bin_dir: PathBuf,
+    /// Mosquitto port.
+    #[arg(long, default_value_t = 1884)]
+    pub mqtt_port: u16,
+    /// Kafka bootstrap for the run's own broker (or an external one).
+    #[arg(long, default_value = "127.0.0.1:9094")]
+    pub kafka: String,
+    /// RabbitMQ (the run declares, and deletes after, its own dead-letter exchange and queues).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp: String,
+    /// Tansu binary (default: ~/.cache/iotp/tansu-0.6.0/bin/tansu).
+    #[arg(long)]
+    pub tansu: Option<PathBuf>,
+    /// Storage engine of the run's own Tansu: `memory` (throughput runs: closer to Kafka's
+    /// speed) or `sqlite`. See docs/performance.md for what each did under load here.
+    #[arg(long, default_value = "memory", value_parser = ["sqlite", "memory"])]
+    pub kafka_engine: String,
+    /// Use the broker already running at --kafka instead of starting one.
+    #[arg(long)]
+    pub external_kafka: bool,
+    /// First admin port of the services.
+    #[arg(long, default_value_t = 9301)]
+    pub admin_port: u16,
+    /// Override the scenario's fleet-wide rate, msgs/s (e.g. half the measured maximum, for
+    /// latency at a sustainable load).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Skip the ceiling measurement.
+    #[arg(long)]
+    pub no_ceiling: bool,
+    /// No progress bar (CI logs).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Options {
+    /// The Kafka-protocol broker of the run, said for people.
+    pub fn broker(&self) -> String {
+        if self.external_kafka {
+            format!("external broker at {}", self.kafka)
+        } else {
+            format!(
+                "Tansu 0.6.0, {} engine, at {}",
+                self.kafka_engine, self.kafka
+            )
+        }
+    }
+}
+
+/// What every phase works with: set up by [`prepare`], torn down by [`report`].
+pub struct Run {
+    /// The command line.
+    pub opts: Options,
+    /// The scenario as run (`--rate` applied).
+    pub scenario: Scenario,
+    /// The tenant the fleet publishes as: the scenario's, or `load-<name>-<unix seconds>`.
+    pub tenant: String,
+    /// Wall-clock start, RFC 3339 UTC to the second.
+    pub started: String,
+    /// The report directory (canonical): the report, the registry, the services' logs.
+    pub out: PathBuf,
+    /// The broker and the services, running.
+    pub stack: Stack,
+    /// The store the services write, opened for reading.
+    pub store: SqliteStore,
+    /// The run's Kafka-protocol broker.
+    pub kafka: KafkaConfig,
+}
+
+impl Run {
+    /// Devices of the run's tenant on the run's Mosquitto, on topics under `topic_prefix`.
+    pub fn target(&self, topic_prefix: &str) -> Target {
+        Target::local(self.opts.mqtt_port, &self.tenant, topic_prefix)
+    }
+
+    /// Every dead letter of the run's tenant in the archive, replayed ones included.
+    pub async fn letters(&self) -> anyhow::Result<Vec<Archived>> {
+        let filter = LetterFilter {
+            tenant: Some(self.tenant.clone()),
+            include_replayed: true,
+            limit: 10_000_000,
+            ..LetterFilter::default()
+        };
+        Ok(self.store.letters(&filter).await?)
+    }
+}
+
+/// Run a load test through every phase; whether it passed (the audit, and every service
+/// stopped cleanly). An error means the test could not be run to the end.
+pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    let mut run = prepare(opts).await?;
+    let driven = drive(&run).await?;
+    let settled = settle(&run, driven).await?;
+    let outcome = collect(&mut run, settled).await?;
+    report(run, outcome).await
+}

@@ -1,0 +1,166 @@
+//! Phase 3: wait until the store and the dead-letter archive hold what the fleet was
+//! acknowledged for, then until every consumer group of the pipeline is at lag 0, or until
+//! nothing moved for the scenario's `stall_timeout`. The CPU window closes there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iotp_contract::topology::topology;
+use iotp_core::kafka::{consumer_lag, KafkaConfig};
+use iotp_core::store::ReadingStore;
+
+use super::{Driven, Run};
+use crate::fleet::{now_millis, FleetRun, Progress};
+use crate::plan::{Expected, Fault};
+use crate::report::{Drained, Usage};
+
+/// Pause between two looks at the store or the consumer groups.
+const POLL: Duration = Duration::from_millis(250);
+
+/// What the fleet did and what the pipeline took to absorb it.
+pub struct Settled {
+    /// The devices' ledgers, from [`super::drive`].
+    pub fleet: FleetRun,
+    /// The fleet's counters, from [`super::drive`].
+    pub progress: Arc<Progress>,
+    /// When every consumer group was at lag 0, and what lag was left.
+    pub drained: Drained,
+    /// CPU from the fleet's start until drained, memory sampled meanwhile.
+    pub usage: Usage,
+}
+
+/// Wait for the pipeline to absorb what the fleet sent; then stop watching.
+pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
+    let Driven {
+        fleet,
+        progress,
+        mut monitor,
+        cpu_before,
+    } = driven;
+    let (stored, _) = absorbed(run, owed(&fleet)).await?;
+    let lag = drain_groups(&run.kafka, run.scenario.stall_timeout).await?;
+    let drained_at = now_millis();
+    monitor.stop_display(stored);
+    let cpu_after = run.stack.cpu();
+    let memory = monitor.stop_sampling();
+    Ok(Settled {
+        fleet,
+        progress,
+        drained: Drained {
+            at: drained_at,
+            lag,
+        },
+        usage: Usage {
+            cpu_before,
+            cpu_after,
+            memory,
+        },
+    })
+}
+
+/// Acknowledged messages owed to the store and to the archive.
+fn owed(fleet: &FleetRun) -> (u64, u64) {
+    let (mut store, mut letters) = (0, 0);
+    for d in &fleet.devices {
+        for (i, acks) in d.acks.iter().enumerate() {
+            if *acks == 0 {
+                continue;
+            }
+            match d.faults[i].map(Fault::expected).unwrap_or(Expected::Stored) {
+                Expected::Stored => store += 1,
+                Expected::DeadLetter(_) => letters += 1,
+            }
+        }
+    }
+    (store, letters)
+}
+
+/// Wait until the store and the archive hold what is `owed` (messages, dead letters), or
+/// nothing moved for the stall timeout; what they hold.
+async fn absorbed(run: &Run, owed: (u64, u64)) -> anyhow::Result<(u64, u64)> {
+    let (owed_store, owed_letters) = owed;
+    let stall = run.scenario.stall_timeout;
+    let mut watch = Stall::new(stall);
+    loop {
+        let stored = run.store.message_count(Some(&run.tenant)).await?;
+        let letters = run.letters().await?.len() as u64;
+        if stored >= owed_store && letters >= owed_letters {
+            return Ok((stored, letters));
+        }
+        if watch.stuck((stored, letters)) {
+            eprintln!("iotp-load: nothing moved for {stall:?}: {stored}/{owed_store} stored, {letters}/{owed_letters} dead letters");
+            return Ok((stored, letters));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Wait until every consumer group of the pipeline has consumed everything (lag 0), or
+/// nothing moved for `stall`; the lag left per group.
+async fn drain_groups(kafka: &KafkaConfig, stall: Duration) -> anyhow::Result<Vec<(String, i64)>> {
+    let mut watch = Stall::new(stall);
+    loop {
+        let mut lags = Vec::new();
+        for c in &topology().kafka.consumers {
+            let mut lag = 0;
+            for topic in &c.topics {
+                lag += consumer_lag(kafka, &c.group, topic).await?;
+            }
+            lags.push((c.group.clone(), lag));
+        }
+        let total: i64 = lags.iter().map(|(_, l)| l).sum();
+        if total == 0 {
+            return Ok(lags);
+        }
+        if watch.stuck(total) {
+            eprintln!("iotp-load: consumer lag stuck for {stall:?}: {lags:?}");
+            return Ok(lags);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Tells when a value polled again and again stopped moving.
+struct Stall<T> {
+    last: Option<T>,
+    moved: Instant,
+    limit: Duration,
+}
+
+impl<T: PartialEq> Stall<T> {
+    /// Stuck once the value stays the same for longer than `limit`.
+    fn new(limit: Duration) -> Self {
+        Self {
+            last: None,
+            moved: Instant::now(),
+            limit,
+        }
+    }
+
+    /// Note the value seen now; whether it has not moved for longer than the limit.
+    fn stuck(&mut self, now: T) -> bool {
+        if self.last.as_ref() == Some(&now) {
+            return self.moved.elapsed() > self.limit;
+        }
+        self.last = Some(now);
+        self.moved = Instant::now();
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_is_stuck_only_after_it_stayed_put_past_the_limit() {
+        let mut watch = Stall::new(Duration::from_millis(100));
+        assert!(!watch.stuck(1), "first look");
+        assert!(!watch.stuck(1), "not yet");
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!watch.stuck(2), "moved");
+        assert!(!watch.stuck(2));
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(watch.stuck(2));
+    }
+}
