@@ -15,7 +15,6 @@ pub mod registry;
 pub mod service;
 pub mod shutdown;
 pub mod stage;
-pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;

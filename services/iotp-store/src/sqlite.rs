@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{
+use crate::{
     fold, fold_reading, Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter,
     MessageRecord, Observation, PruneReport, Pruning, ReadingStore, Retention, RollupStore,
     StoreError, StoredMessage, Twin, TwinStore, WriteReport, GRANULARITIES,
 };
-use crate::contract::DeadLetter;
+use iotp_core::contract::DeadLetter;
 
 /// A SQLite-backed store.
 #[derive(Clone)]
@@ -347,7 +347,7 @@ impl ReadingStore for SqliteStore {
     async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
         let messages = messages.to_vec();
         self.with(move |conn| {
-            let now = crate::now_millis();
+            let now = iotp_core::now_millis();
             let tx = write_transaction(conn)?;
             let mut report = WriteReport::default();
             {

@@ -40,7 +40,7 @@ use super::command::{error_code, insert_command, is_transient, update_command, w
 use super::{
     backend, key_id, MongoStore, ROLLUPS_DAILY, ROLLUPS_HOURLY, ROLLUP_KEYS, ROLLUP_STATE,
 };
-use crate::store::{
+use crate::{
     fold_reading, Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES,
 };
 

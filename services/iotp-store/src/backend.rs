@@ -5,14 +5,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::mongo::MongoStore;
-use super::sqlite::SqliteStore;
-use super::{
+use crate::mongo::MongoStore;
+use crate::sqlite::SqliteStore;
+use crate::{
     Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter, MessageRecord, Observation,
     PruneReport, Pruning, ReadingStore, Retention, RollupStore, StoreError, StoredMessage, Twin,
     TwinStore, WriteReport,
 };
-use crate::contract::DeadLetter;
+use iotp_core::contract::DeadLetter;
 
 /// Which store, and where.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,7 +29,7 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{CollectionOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
 
-use super::{
+use crate::{
     MessageRecord, PruneReport, Pruning, ReadingStore, Retention, StoreError, StoredMessage,
     WriteReport,
 };
@@ -217,7 +217,7 @@ impl MongoStore {
         let store = Self {
             db: client.database(database),
             retention,
-            owner: format!("{}-{}", std::process::id(), crate::now_millis()),
+            owner: format!("{}-{}", std::process::id(), iotp_core::now_millis()),
             batch_size: 1000,
         };
         store.ensure_schema().await?;
@@ -358,7 +358,7 @@ impl ReadingStore for MongoStore {
         }
         let keys = self.collection(MESSAGE_KEYS);
         let readings = self.collection(READINGS);
-        let now = crate::now_millis();
+        let now = iotp_core::now_millis();
         let lease_until = DateTime::from_millis(now + LEASE.as_millis() as i64);
         let key_docs: Vec<Document> = messages
             .iter()

@@ -10,8 +10,8 @@ use mongodb::bson::{doc, Binary, Bson, DateTime, Document};
 use serde::{Deserialize, Serialize};
 
 use super::{backend, MongoStore, DEAD_LETTERS};
-use crate::contract::DeadLetter;
-use crate::store::{Archived, DeadLetterArchive, LetterFilter, StoreError};
+use crate::{Archived, DeadLetterArchive, LetterFilter, StoreError};
+use iotp_core::contract::DeadLetter;
 
 /// Letters listed when the filter sets no limit.
 const DEFAULT_LIMIT: usize = 1000;

@@ -113,7 +113,7 @@ pub trait TwinStore: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Archived {
     /// The dead letter.
-    pub letter: crate::contract::DeadLetter,
+    pub letter: iotp_core::contract::DeadLetter,
     /// When it was parked, epoch ms.
     pub parked_at: i64,
     /// When the archive may forget it, epoch ms.
@@ -149,7 +149,7 @@ pub trait DeadLetterArchive: Send + Sync + 'static {
     /// Archive (or refresh, by id) a parked dead letter until `expires_at`.
     fn archive(
         &self,
-        letter: &crate::contract::DeadLetter,
+        letter: &iotp_core::contract::DeadLetter,
         parked_at: i64,
         expires_at: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -193,9 +193,9 @@ pub struct MessageRecord {
     pub readings: Vec<(String, f64, Option<String>)>,
 }
 
-impl From<crate::contract::EnrichedTelemetry> for MessageRecord {
+impl From<iotp_core::contract::EnrichedTelemetry> for MessageRecord {
     /// The store's view of an enriched record.
-    fn from(r: crate::contract::EnrichedTelemetry) -> Self {
+    fn from(r: iotp_core::contract::EnrichedTelemetry) -> Self {
         Self {
             tenant: r.header.tenant,
             device_id: r.header.device_id,

@@ -6,7 +6,7 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{Error, ErrorKind, TRANSIENT_TRANSACTION_ERROR};
 
 use super::{backend, DUPLICATE_KEY};
-use crate::store::StoreError;
+use crate::StoreError;
 
 /// MongoDB's write-conflict error (concurrent transactions touched the same document).
 const WRITE_CONFLICT: i64 = 112;

@@ -6,11 +6,18 @@
 #![allow(clippy::unwrap_used)]
 
 use iotp_core::contract::DeadLetter;
-use iotp_core::store::{
+use iotp_store::{
     DeadLetterArchive, FoldReport, LetterFilter, MessageRecord, Observation, ReadingStore,
     Retention, RollupStore, Store, StoreConfig, TwinStore, WriteReport,
 };
-use iotp_core::testkit::unique;
+
+/// `prefix` plus 10 random hex digits: a tenant, file or database of this run only.
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 3_600_000;
@@ -230,7 +237,7 @@ async fn rollup_contract<S: RollupStore>(store: &S) {
         readings: vec![("energy".into(), v, Some("Wh".into()))],
         ..message(&tenant, "d1", seq)
     };
-    let mine = |buckets: Vec<iotp_core::store::Bucket>| {
+    let mine = |buckets: Vec<iotp_store::Bucket>| {
         buckets
             .into_iter()
             .filter(|b| b.tenant == tenant)

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::{update_command, write_reply};
 use super::{backend, MongoStore, TWINS};
-use crate::store::{fold, LastValue, Observation, StoreError, Twin, TwinStore};
+use crate::{fold, LastValue, Observation, StoreError, Twin, TwinStore};
 
 /// How often one batch re-reads twins that changed under it before the batch fails (and the
 /// runtime retries it).
