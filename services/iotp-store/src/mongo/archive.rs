@@ -9,9 +9,10 @@ use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{doc, Binary, Bson, DateTime, Document};
 use serde::{Deserialize, Serialize};
 
+use iotp_core::contract::DeadLetter;
+
 use super::{backend, MongoStore, DEAD_LETTERS};
 use crate::{Archived, DeadLetterArchive, LetterFilter, StoreError};
-use iotp_core::contract::DeadLetter;
 
 /// Letters listed when the filter sets no limit.
 const DEFAULT_LIMIT: usize = 1000;
@@ -19,7 +20,7 @@ const DEFAULT_LIMIT: usize = 1000;
 /// An archived dead letter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct LetterDoc {
+pub(crate) struct LetterDoc {
     /// The dead letter's id.
     #[serde(rename = "_id")]
     pub id: String,
@@ -63,7 +64,7 @@ pub struct LetterDoc {
 
 impl LetterDoc {
     /// The archived letter.
-    pub fn archived(self) -> Archived {
+    pub(crate) fn archived(self) -> Archived {
         Archived {
             letter: DeadLetter {
                 id: self.id,
@@ -103,7 +104,7 @@ fn optional<T: Into<Bson>>(v: Option<T>) -> Bson {
 /// The upsert that archives `l`, or refreshes it when the same id is parked again (as the
 /// embedded store: reason, error, parked and expiry times are replaced, attempts and the last
 /// failure only grow, a refreshed letter is replayable again; the rest is kept from the first).
-pub fn archive_update(l: &DeadLetter, parked_at: i64, expires_at: i64) -> Document {
+pub(crate) fn archive_update(l: &DeadLetter, parked_at: i64, expires_at: i64) -> Document {
     doc! {
         "$set": {
             "reason": &l.reason_code,
@@ -129,7 +130,7 @@ pub fn archive_update(l: &DeadLetter, parked_at: i64, expires_at: i64) -> Docume
 }
 
 /// The `find` filter of a [`LetterFilter`].
-pub fn letter_filter(f: &LetterFilter) -> Document {
+pub(crate) fn letter_filter(f: &LetterFilter) -> Document {
     let mut filter = Document::new();
     if !f.ids.is_empty() {
         filter.insert("_id", doc! { "$in": &f.ids });

@@ -12,13 +12,17 @@ use crate::StoreError;
 const WRITE_CONFLICT: i64 = 112;
 
 /// The write concern of every write outside a transaction, and of every commit.
-pub fn majority_journaled() -> Document {
+pub(crate) fn majority_journaled() -> Document {
     doc! { "w": "majority", "j": true }
 }
 
 /// An `update` command of many statements, unordered. Inside a transaction the command must
 /// not carry a write concern (the transaction's applies at commit): pass `in_transaction`.
-pub fn update_command(collection: &str, updates: Vec<Document>, in_transaction: bool) -> Document {
+pub(crate) fn update_command(
+    collection: &str,
+    updates: Vec<Document>,
+    in_transaction: bool,
+) -> Document {
     let mut command = doc! { "update": collection, "updates": updates, "ordered": false };
     if !in_transaction {
         command.insert("writeConcern", majority_journaled());
@@ -27,7 +31,7 @@ pub fn update_command(collection: &str, updates: Vec<Document>, in_transaction: 
 }
 
 /// An `insert` command, unordered; see [`update_command`] for `in_transaction`.
-pub fn insert_command(
+pub(crate) fn insert_command(
     collection: &str,
     documents: Vec<Document>,
     in_transaction: bool,
@@ -41,7 +45,7 @@ pub fn insert_command(
 
 /// What a write command did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WriteReply {
+pub(crate) struct WriteReply {
     /// Documents matched or upserted (update), inserted (insert).
     pub n: i64,
     /// Indexes of the statements rejected with a duplicate key or a write conflict: the
@@ -60,7 +64,7 @@ fn number(d: &Document, key: &str) -> Option<i64> {
 
 /// Read a write command's reply: a write-concern error, or a write error other than a duplicate
 /// key or a write conflict, fails; those two are reported by statement index.
-pub fn write_reply(reply: &Document) -> Result<WriteReply, StoreError> {
+pub(crate) fn write_reply(reply: &Document) -> Result<WriteReply, StoreError> {
     if let Ok(e) = reply.get_document("writeConcernError") {
         return Err(StoreError::Backend(format!(
             "write concern not satisfied: {} ({})",
@@ -90,7 +94,7 @@ pub fn write_reply(reply: &Document) -> Result<WriteReply, StoreError> {
 }
 
 /// The server error code of a command that failed, if it was the server that refused it.
-pub fn error_code(e: &Error) -> Option<i32> {
+pub(crate) fn error_code(e: &Error) -> Option<i32> {
     match *e.kind {
         ErrorKind::Command(ref c) => Some(c.code),
         _ => None,
@@ -98,7 +102,7 @@ pub fn error_code(e: &Error) -> Option<i32> {
 }
 
 /// Whether a failed transaction may be run again from the start.
-pub fn is_transient(e: &Error) -> bool {
+pub(crate) fn is_transient(e: &Error) -> bool {
     e.contains_label(TRANSIENT_TRANSACTION_ERROR)
 }
 

@@ -40,9 +40,8 @@ use super::command::{error_code, insert_command, is_transient, update_command, w
 use super::{
     backend, key_id, MongoStore, ROLLUPS_DAILY, ROLLUPS_HOURLY, ROLLUP_KEYS, ROLLUP_STATE,
 };
-use crate::{
-    fold_reading, Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES,
-};
+use crate::fold::fold_reading;
+use crate::{Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES};
 
 /// Transactions tried per fold before the batch fails (the runtime then retries it).
 const ATTEMPTS: u32 = 10;
@@ -54,7 +53,7 @@ const ILLEGAL_OPERATION: i32 = 20;
 const WATERMARK: &str = "watermark";
 
 /// The collection of a granularity's buckets.
-pub fn rollup_collection(granularity: &str) -> &'static str {
+pub(crate) fn rollup_collection(granularity: &str) -> &'static str {
     if granularity == "day" {
         ROLLUPS_DAILY
     } else {
@@ -71,7 +70,7 @@ fn length(granularity: &str) -> i64 {
 
 /// The `_id` of a bucket. Tenant and device come from MQTT topic levels and hold no `/`; the
 /// start is last, so the id reads back unambiguously whatever the metric.
-pub fn bucket_id(
+pub(crate) fn bucket_id(
     tenant: &str,
     device: &str,
     metric: &str,
@@ -84,7 +83,7 @@ pub fn bucket_id(
 /// A bucket document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BucketDoc {
+pub(crate) struct BucketDoc {
     /// See [`bucket_id`].
     #[serde(rename = "_id")]
     pub id: String,
@@ -132,7 +131,7 @@ pub struct BucketDoc {
 
 impl BucketDoc {
     /// The document of a bucket that changed since it was published.
-    pub fn new(b: &Bucket) -> Self {
+    pub(crate) fn new(b: &Bucket) -> Self {
         Self {
             id: bucket_id(
                 &b.tenant,
@@ -164,7 +163,7 @@ impl BucketDoc {
     }
 
     /// The bucket.
-    pub fn bucket(&self) -> Bucket {
+    pub(crate) fn bucket(&self) -> Bucket {
         Bucket {
             tenant: self.tenant.clone(),
             device_id: self.device_id.clone(),
@@ -188,7 +187,7 @@ impl BucketDoc {
 
 /// The statement writing a folded bucket if its stored revision is still `read_revision`
 /// (0: none stored, then it is inserted; a bucket stored meanwhile collides on `_id`).
-pub fn bucket_update(b: &Bucket, read_revision: i64) -> Result<Document, StoreError> {
+pub(crate) fn bucket_update(b: &Bucket, read_revision: i64) -> Result<Document, StoreError> {
     let mut set = bson::to_document(&BucketDoc::new(b)).map_err(backend)?;
     let id = set
         .remove("_id")
@@ -202,7 +201,7 @@ pub fn bucket_update(b: &Bucket, read_revision: i64) -> Result<Document, StoreEr
 }
 
 /// The document recording that a message was folded.
-pub fn rollup_key(m: &MessageRecord) -> Document {
+pub(crate) fn rollup_key(m: &MessageRecord) -> Document {
     doc! {
         "_id": key_id(&m.tenant, &m.device_id, m.seq_no),
         "tenant": &m.tenant, "deviceId": &m.device_id, "seqNo": m.seq_no,
@@ -211,13 +210,13 @@ pub fn rollup_key(m: &MessageRecord) -> Document {
 }
 
 /// The statement raising the watermark to `watermark` if higher.
-pub fn watermark_update(watermark: i64) -> Document {
+pub(crate) fn watermark_update(watermark: i64) -> Document {
     doc! { "q": { "_id": WATERMARK }, "u": { "$max": { "value": watermark } }, "upsert": true }
 }
 
 /// The statement recording a bucket as published at its revision (never lowering what was
 /// published; still pending if it changed since it was read).
-pub fn published_update(b: &Bucket) -> Document {
+pub(crate) fn published_update(b: &Bucket) -> Document {
     doc! {
         "q": { "_id": bucket_id(&b.tenant, &b.device_id, &b.metric, &b.granularity, b.bucket_start) },
         "u": [
@@ -228,13 +227,13 @@ pub fn published_update(b: &Bucket) -> Document {
 }
 
 /// The filter of buckets due for publication: changed since published, ended by `cutoff`.
-pub fn due_filter(cutoff: i64) -> Document {
+pub(crate) fn due_filter(cutoff: i64) -> Document {
     doc! { "pending": true, "bucketEnd": { "$lte": DateTime::from_millis(cutoff) } }
 }
 
 /// Whether a `hello` reply comes from a deployment that runs transactions: a replica-set
 /// member or a `mongos`.
-pub fn supports_transactions(hello: &Document) -> bool {
+pub(crate) fn supports_transactions(hello: &Document) -> bool {
     hello.contains_key("setName") || hello.get_str("msg") == Ok("isdbgrid")
 }
 

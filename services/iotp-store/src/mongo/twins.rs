@@ -16,21 +16,22 @@ use serde::{Deserialize, Serialize};
 
 use super::command::{update_command, write_reply};
 use super::{backend, MongoStore, TWINS};
-use crate::{fold, LastValue, Observation, StoreError, Twin, TwinStore};
+use crate::fold::fold;
+use crate::{LastValue, Observation, StoreError, Twin, TwinStore};
 
 /// How often one batch re-reads twins that changed under it before the batch fails (and the
 /// runtime retries it).
 const ATTEMPTS: usize = 10;
 
 /// The `_id` of a twin (the same the upserter's `update_seq_gaps` writes to).
-pub fn twin_id(tenant: &str, device_id: &str) -> String {
+pub(crate) fn twin_id(tenant: &str, device_id: &str) -> String {
     format!("{tenant}/{device_id}")
 }
 
 /// A twin document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TwinDoc {
+pub(crate) struct TwinDoc {
     /// `tenant/deviceId`.
     #[serde(rename = "_id")]
     pub id: String,
@@ -65,7 +66,7 @@ pub struct TwinDoc {
 /// The newest value of one metric.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct LastValueDoc {
+pub(crate) struct LastValueDoc {
     /// Metric.
     pub metric: String,
     /// Value.
@@ -80,7 +81,7 @@ pub struct LastValueDoc {
 
 impl TwinDoc {
     /// The document of `twin` at `version`.
-    pub fn new(t: &Twin, version: i64) -> Self {
+    pub(crate) fn new(t: &Twin, version: i64) -> Self {
         Self {
             id: twin_id(&t.tenant, &t.device_id),
             tenant: t.tenant.clone(),
@@ -109,7 +110,7 @@ impl TwinDoc {
     }
 
     /// The twin this document holds.
-    pub fn twin(&self) -> Twin {
+    pub(crate) fn twin(&self) -> Twin {
         Twin {
             tenant: self.tenant.clone(),
             device_id: self.device_id.clone(),
@@ -140,7 +141,7 @@ impl TwinDoc {
 
 /// The update statement that writes `twin` if the stored twin is still at `version` (0: none
 /// stored yet, then it is inserted). Everything the fold owns is set; `seqGaps` only on insert.
-pub fn twin_update(twin: &Twin, version: i64) -> Result<Document, StoreError> {
+pub(crate) fn twin_update(twin: &Twin, version: i64) -> Result<Document, StoreError> {
     let mut set = bson::to_document(&TwinDoc::new(twin, version + 1)).map_err(backend)?;
     let id = set
         .remove("_id")
@@ -155,7 +156,7 @@ pub fn twin_update(twin: &Twin, version: i64) -> Result<Document, StoreError> {
 
 /// The filter of twins that missed `missed` heartbeats by `now_ms`: online, with a known
 /// interval, last seen (device time) before now minus that many intervals.
-pub fn offline_filter(now_ms: i64, missed: u32) -> Document {
+pub(crate) fn offline_filter(now_ms: i64, missed: u32) -> Document {
     doc! {
         "online": true,
         "heartbeatSecs": { "$ne": null },
@@ -167,7 +168,7 @@ pub fn offline_filter(now_ms: i64, missed: u32) -> Document {
 }
 
 /// The update `mark_offline` applies (and the version bump that makes concurrent folds retry).
-pub fn offline_update() -> Document {
+pub(crate) fn offline_update() -> Document {
     doc! { "$set": { "online": false }, "$addToSet": { "alarms": "offline" }, "$inc": { "version": 1i64 } }
 }
 

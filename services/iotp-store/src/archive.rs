@@ -1,0 +1,68 @@
+//! The dead-letter archive part of the storage contract: parked dead letters kept until their
+//! own expiry, listed by filter, marked when replayed.
+
+use std::future::Future;
+
+use iotp_core::contract::DeadLetter;
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// A parked dead letter in the archive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Archived {
+    /// The dead letter.
+    pub letter: DeadLetter,
+    /// When it was parked, epoch ms.
+    pub parked_at: i64,
+    /// When the archive may forget it, epoch ms.
+    pub expires_at: i64,
+    /// When it was last replayed, if ever.
+    pub replayed_at: Option<i64>,
+    /// How often it was replayed.
+    pub replays: i64,
+}
+
+/// Which archived dead letters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LetterFilter {
+    /// Exactly these ids (empty: any).
+    pub ids: Vec<String>,
+    /// Reason code.
+    pub reason: Option<String>,
+    /// Stage.
+    pub stage: Option<String>,
+    /// Tenant.
+    pub tenant: Option<String>,
+    /// Device.
+    pub device_id: Option<String>,
+    /// Also those already replayed.
+    pub include_replayed: bool,
+    /// At most this many (0: 1000).
+    pub limit: usize,
+}
+
+/// The dead-letter archive part of the storage contract.
+pub trait DeadLetterArchive: Send + Sync + 'static {
+    /// Archive (or refresh, by id) a parked dead letter until `expires_at`.
+    fn archive(
+        &self,
+        letter: &DeadLetter,
+        parked_at: i64,
+        expires_at: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Matching dead letters, oldest parked first.
+    fn letters(
+        &self,
+        filter: &LetterFilter,
+    ) -> impl Future<Output = Result<Vec<Archived>, StoreError>> + Send;
+    /// Record that these were replayed at `at`.
+    fn mark_replayed(
+        &self,
+        ids: &[String],
+        at: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Forget what expired before `now_ms`; returns how many.
+    fn prune_letters(&self, now_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}

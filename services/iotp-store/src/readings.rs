@@ -1,0 +1,117 @@
+//! The readings part of the storage contract (raw tier): one [`MessageRecord`] per message,
+//! stored exactly once per (tenant, deviceId, seqNo), and what an audit reads back.
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// One message's readings: the unit of idempotency is (tenant, deviceId, seqNo).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRecord {
+    /// Tenant.
+    pub tenant: String,
+    /// Device id.
+    pub device_id: String,
+    /// Device sequence number.
+    pub seq_no: i64,
+    /// Device message id.
+    pub msg_id: String,
+    /// Device time, epoch ms.
+    pub produced_at: i64,
+    /// Bridge time, epoch ms.
+    pub received_at: i64,
+    /// Site tag.
+    pub site: Option<String>,
+    /// Asset tag.
+    pub asset: Option<String>,
+    /// Profile.
+    pub profile: String,
+    /// `(metric, value, unit)` in canonical units.
+    pub readings: Vec<(String, f64, Option<String>)>,
+}
+
+impl From<iotp_core::contract::EnrichedTelemetry> for MessageRecord {
+    /// The store's view of an enriched record.
+    fn from(r: iotp_core::contract::EnrichedTelemetry) -> Self {
+        Self {
+            tenant: r.header.tenant,
+            device_id: r.header.device_id,
+            seq_no: r.header.seq_no,
+            msg_id: r.header.msg_id,
+            produced_at: r.header.produced_at,
+            received_at: r.header.received_at,
+            site: r.site,
+            asset: r.asset,
+            profile: r.profile,
+            readings: r
+                .readings
+                .into_iter()
+                .map(|x| (x.metric, x.value, x.unit))
+                .collect(),
+        }
+    }
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Messages newly stored.
+    pub stored: u64,
+    /// Messages already stored (redeliveries, replays): skipped.
+    pub duplicates: u64,
+}
+
+/// One stored message as an audit sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Device id.
+    pub device_id: String,
+    /// Device sequence number.
+    pub seq_no: i64,
+    /// Device message id.
+    pub msg_id: String,
+    /// Device time, epoch ms.
+    pub produced_at: i64,
+    /// When the store took it, epoch ms.
+    pub stored_at: i64,
+    /// Readings stored for it (more than the device sent means a duplicate).
+    pub readings: i64,
+}
+
+/// The readings part of the storage contract (raw tier).
+pub trait ReadingStore: Send + Sync + 'static {
+    /// Store each message exactly once, whatever the redeliveries; the whole batch is durable
+    /// when this returns Ok.
+    fn write_messages(
+        &self,
+        messages: &[MessageRecord],
+    ) -> impl Future<Output = Result<WriteReport, StoreError>> + Send;
+    /// Messages stored (for one tenant, or all).
+    fn message_count(
+        &self,
+        tenant: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Readings stored (for one tenant, or all).
+    fn reading_count(
+        &self,
+        tenant: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// A tenant's stored messages ordered by (deviceId, seqNo), the page after `after`
+    /// (exclusive), at most `limit`.
+    fn stored_messages(
+        &self,
+        tenant: &str,
+        after: Option<(String, i64)>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredMessage>, StoreError>> + Send;
+    /// Recompute the seqNo gaps of these devices (numbers between the lowest and highest
+    /// stored that were never stored) into their twins; returns the total over them. The
+    /// embedded store keeps each device's lowest, highest and count as it writes (so this is
+    /// one row per device, and expiring old readings does not turn them into gaps).
+    fn update_seq_gaps(
+        &self,
+        devices: &[(String, String)],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}

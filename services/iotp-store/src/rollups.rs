@@ -1,0 +1,89 @@
+//! The roll-up part of the storage contract: hourly and daily [`Bucket`]s of each metric of
+//! each device, the watermark, and which buckets are due for publication. The fold of one
+//! reading into a bucket is [`crate::fold::fold_reading`], shared by every backend.
+
+use std::future::Future;
+
+use crate::{MessageRecord, StoreError};
+
+/// A roll-up bucket of one metric of one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    /// Tenant.
+    pub tenant: String,
+    /// Device id.
+    pub device_id: String,
+    /// Metric.
+    pub metric: String,
+    /// `hour` or `day`.
+    pub granularity: String,
+    /// Bucket start, epoch ms (UTC).
+    pub bucket_start: i64,
+    /// Readings.
+    pub count: i64,
+    /// Sum.
+    pub sum: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+    /// Value with the earliest event time.
+    pub first: f64,
+    /// Its time.
+    pub first_at: i64,
+    /// Value with the latest event time.
+    pub last: f64,
+    /// Its time.
+    pub last_at: i64,
+    /// Unit.
+    pub unit: Option<String>,
+    /// Cumulative counter: roll-ups carry last - first.
+    pub cumulative: bool,
+    /// Grows with every change.
+    pub revision: i64,
+}
+
+/// Roll-up granularities and their lengths.
+pub const GRANULARITIES: [(&str, i64); 2] = [("hour", 3_600_000), ("day", 86_400_000)];
+
+/// What folding a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FoldReport {
+    /// Messages folded.
+    pub applied: u64,
+    /// Messages folded before (redeliveries, replays): skipped.
+    pub duplicates: u64,
+}
+
+/// The roll-up part of the storage contract.
+pub trait RollupStore: Send + Sync + 'static {
+    /// Fold each message not folded before into its hour and day buckets, in one transaction,
+    /// and raise the watermark (newest event time seen) to `watermark` if higher.
+    /// `cumulative(metric)` says which metrics are counters.
+    fn fold(
+        &self,
+        messages: &[MessageRecord],
+        cumulative: &[String],
+        watermark: i64,
+    ) -> impl Future<Output = Result<FoldReport, StoreError>> + Send;
+    /// The watermark: newest event time folded.
+    fn watermark(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+    /// Buckets changed since they were last published whose end plus `lateness` is at or
+    /// before the watermark.
+    fn closed_unpublished(
+        &self,
+        lateness_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Bucket>, StoreError>> + Send;
+    /// Record these buckets (at these revisions) as published.
+    fn mark_published(
+        &self,
+        buckets: &[Bucket],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// All buckets of a device.
+    fn buckets(
+        &self,
+        tenant: &str,
+        device_id: &str,
+    ) -> impl Future<Output = Result<Vec<Bucket>, StoreError>> + Send;
+}
