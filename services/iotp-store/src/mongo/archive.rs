@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use iotp_core::contract::DeadLetter;
 
-use super::{backend, MongoStore, DEAD_LETTERS};
+use super::command::mongo_error;
+use super::{MongoStore, DEAD_LETTERS};
 use crate::{Archived, DeadLetterArchive, LetterFilter, StoreError};
 
 /// Letters listed when the filter sets no limit.
@@ -165,7 +166,7 @@ impl DeadLetterArchive for MongoStore {
             )
             .upsert(true)
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         Ok(())
     }
 
@@ -178,10 +179,10 @@ impl DeadLetterArchive for MongoStore {
             .sort(doc! { "parkedAt": 1, "_id": 1 })
             .limit(limit as i64)
             .await
-            .map_err(backend)?
+            .map_err(mongo_error)?
             .try_collect()
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         Ok(docs.into_iter().map(LetterDoc::archived).collect())
     }
 
@@ -193,7 +194,7 @@ impl DeadLetterArchive for MongoStore {
                 doc! { "$set": { "replayedAt": DateTime::from_millis(at) }, "$inc": { "replays": 1i64 } },
             )
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         }
         Ok(())
     }
@@ -203,7 +204,7 @@ impl DeadLetterArchive for MongoStore {
             .delete_many(doc! { "expiresAt": { "$lt": DateTime::from_millis(now_ms) } })
             .await
             .map(|r| r.deleted_count)
-            .map_err(backend)
+            .map_err(mongo_error)
     }
 }
 

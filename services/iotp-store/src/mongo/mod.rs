@@ -29,6 +29,8 @@ use mongodb::{Client, Collection, Database};
 
 use crate::{PruneReport, Pruning, Retention, StoreError};
 
+use command::mongo_error;
+
 mod archive;
 mod command;
 mod readings;
@@ -54,16 +56,10 @@ pub(crate) const ROLLUP_STATE: &str = "rollup_state";
 /// Collection of archived dead letters.
 pub(crate) const DEAD_LETTERS: &str = "dead_letters";
 
-/// MongoDB's duplicate-key error.
-const DUPLICATE_KEY: i32 = 11000;
 /// MongoDB's error for creating a collection that exists.
 const NAMESPACE_EXISTS: i32 = 48;
 /// MongoDB's error for an index that does not exist.
 const INDEX_NOT_FOUND: i32 = 27;
-
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
 
 /// `create` for the raw-tier time-series collection.
 fn create_readings(retention: &Retention) -> Document {
@@ -183,7 +179,7 @@ impl MongoStore {
         database: &str,
         retention: Retention,
     ) -> Result<Self, StoreError> {
-        let client = Client::with_uri_str(uri).await.map_err(backend)?;
+        let client = Client::with_uri_str(uri).await.map_err(mongo_error)?;
         let store = Self {
             db: client.database(database),
             retention,
@@ -199,7 +195,7 @@ impl MongoStore {
             .db
             .list_collection_names()
             .await
-            .map_err(backend)?
+            .map_err(mongo_error)?
             .into_iter()
             .collect();
         // Services start together: another may create a collection between the listing and
@@ -213,13 +209,16 @@ impl MongoStore {
             self.db
                 .run_command(retune_readings(&self.retention))
                 .await
-                .map_err(backend)?;
+                .map_err(mongo_error)?;
         }
-        self.db.run_command(key_indexes()).await.map_err(backend)?;
+        self.db
+            .run_command(key_indexes())
+            .await
+            .map_err(mongo_error)?;
         self.db
             .run_command(reading_indexes())
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         // Transactions write to it: it must exist beforehand.
         if !existing.contains(ROLLUP_STATE) {
             self.create(doc! { "create": ROLLUP_STATE }).await?;
@@ -229,12 +228,12 @@ impl MongoStore {
                 match self.db.run_command(retune_ttl(collection, seconds)).await {
                     // Not there yet: `createIndexes` makes it with the right TTL.
                     Err(e) if command::error_code(&e) != Some(INDEX_NOT_FOUND) => {
-                        return Err(backend(e))
+                        return Err(mongo_error(e))
                     }
                     _ => {}
                 }
             }
-            self.db.run_command(indexes).await.map_err(backend)?;
+            self.db.run_command(indexes).await.map_err(mongo_error)?;
         }
         let hello = self.db.run_command(doc! { "hello": 1 }).await;
         if hello.is_ok_and(|h| !rollups::supports_transactions(&h)) {
@@ -252,7 +251,7 @@ impl MongoStore {
         match self.db.run_command(command).await {
             Ok(_) => Ok(true),
             Err(e) if command::error_code(&e) == Some(NAMESPACE_EXISTS) => Ok(false),
-            Err(e) => Err(backend(e)),
+            Err(e) => Err(mongo_error(e)),
         }
     }
 

@@ -9,7 +9,8 @@ use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::error::ErrorKind;
 use mongodb::Collection;
 
-use super::{backend, key_id, MongoStore, DUPLICATE_KEY, MESSAGE_KEYS, READINGS, TWINS};
+use super::command::{code_error, mongo_error, DUPLICATE_KEY};
+use super::{key_id, MongoStore, MESSAGE_KEYS, READINGS, TWINS};
 use crate::{MessageRecord, ReadingStore, StoreError, StoredMessage, WriteReport};
 
 /// How long a writer may hold a pending key before another may take it over.
@@ -52,15 +53,15 @@ impl MongoStore {
                     ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
                         for w in failure.write_errors.iter().flatten() {
                             if w.code != DUPLICATE_KEY {
-                                return Err(backend(format!(
-                                    "insert failed: {} ({})",
-                                    w.message, w.code
-                                )));
+                                return Err(code_error(
+                                    w.code,
+                                    format!("insert failed: {} ({})", w.message, w.code),
+                                ));
                             }
                             duplicates.insert(chunk_no * self.batch_size + w.index);
                         }
                     }
-                    _ => return Err(backend(e)),
+                    _ => return Err(mongo_error(e)),
                 },
             }
         }
@@ -131,19 +132,20 @@ impl ReadingStore for MongoStore {
                     doc! { "$set": { "owner": &self.owner, "leaseUntil": lease_until } },
                 )
                 .await
-                .map_err(backend)?;
+                .map_err(mongo_error)?;
             if claimed.modified_count == 1 {
                 to_repair.push(m);
                 continue;
             }
-            let state = keys.find_one(doc! { "_id": &id }).await.map_err(backend)?;
+            let state = keys
+                .find_one(doc! { "_id": &id })
+                .await
+                .map_err(mongo_error)?;
             match state.as_ref().and_then(|d| d.get_str("state").ok()) {
                 Some("done") | None => report.duplicates += 1,
-                Some(_) => {
-                    return Err(backend(format!(
-                        "message {id} is being written by another writer; retry later"
-                    )))
-                }
+                Some(_) => return Err(StoreError::Conflict(format!(
+                    "message {id} is being written by another writer (its lease has not expired)"
+                ))),
             }
         }
         // Repair: insert only readings not already there.
@@ -152,10 +154,10 @@ impl ReadingStore for MongoStore {
             let present: HashSet<String> = readings
                 .find(doc! { "meta.tenant": &m.tenant, "meta.deviceId": &m.device_id, "seqNo": m.seq_no, "t": DateTime::from_millis(m.produced_at) })
                 .await
-                .map_err(backend)?
+                .map_err(mongo_error)?
                 .try_collect::<Vec<Document>>()
                 .await
-                .map_err(backend)?
+                .map_err(mongo_error)?
                 .iter()
                 .filter_map(|d| d.get_document("meta").ok().and_then(|meta| meta.get_str("metric").ok()).map(String::from))
                 .collect();
@@ -173,7 +175,7 @@ impl ReadingStore for MongoStore {
                 .insert_many(chunk)
                 .ordered(false)
                 .await
-                .map_err(backend)?;
+                .map_err(mongo_error)?;
         }
         let done: Vec<String> = to_write
             .iter()
@@ -186,7 +188,7 @@ impl ReadingStore for MongoStore {
                 doc! { "$set": { "state": "done", "storedAt": DateTime::now() }, "$unset": { "leaseUntil": "" } },
             )
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         }
         report.stored = done.len() as u64;
         Ok(report)
@@ -200,7 +202,7 @@ impl ReadingStore for MongoStore {
         self.collection(MESSAGE_KEYS)
             .count_documents(filter)
             .await
-            .map_err(backend)
+            .map_err(mongo_error)
     }
 
     async fn reading_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
@@ -211,7 +213,7 @@ impl ReadingStore for MongoStore {
         self.collection(READINGS)
             .count_documents(filter)
             .await
-            .map_err(backend)
+            .map_err(mongo_error)
     }
 
     /// Pages `message_keys` (index `device_seq`), then counts each page's readings.
@@ -227,10 +229,10 @@ impl ReadingStore for MongoStore {
             .sort(doc! { "tenant": 1, "deviceId": 1, "seqNo": 1 })
             .limit(limit as i64)
             .await
-            .map_err(backend)?
+            .map_err(mongo_error)?
             .try_collect()
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         let mut out: Vec<StoredMessage> = keys
             .iter()
             .map(|k| StoredMessage {
@@ -262,10 +264,10 @@ impl ReadingStore for MongoStore {
             .collection(READINGS)
             .aggregate(pipeline)
             .await
-            .map_err(backend)?
+            .map_err(mongo_error)?
             .try_collect::<Vec<Document>>()
             .await
-            .map_err(backend)?
+            .map_err(mongo_error)?
             .iter()
             .filter_map(|d| {
                 let id = d.get_document("_id").ok()?;
@@ -297,10 +299,10 @@ impl ReadingStore for MongoStore {
             let stats: Vec<Document> = keys
                 .aggregate(pipeline)
                 .await
-                .map_err(backend)?
+                .map_err(mongo_error)?
                 .try_collect()
                 .await
-                .map_err(backend)?;
+                .map_err(mongo_error)?;
             let gaps = stats
                 .first()
                 .map(|s| {
@@ -315,7 +317,7 @@ impl ReadingStore for MongoStore {
                     doc! { "$set": { "seqGaps": gaps } },
                 )
                 .await
-                .map_err(backend)?;
+                .map_err(mongo_error)?;
             total += gaps as u64;
         }
         Ok(total)

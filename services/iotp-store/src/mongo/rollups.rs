@@ -36,10 +36,10 @@ use mongodb::options::{ReadConcern, WriteConcern};
 use mongodb::ClientSession;
 use serde::{Deserialize, Serialize};
 
-use super::command::{error_code, insert_command, is_transient, update_command, write_reply};
-use super::{
-    backend, key_id, MongoStore, ROLLUPS_DAILY, ROLLUPS_HOURLY, ROLLUP_KEYS, ROLLUP_STATE,
+use super::command::{
+    error_code, insert_command, is_transient, mongo_error, update_command, write_reply,
 };
+use super::{key_id, MongoStore, ROLLUPS_DAILY, ROLLUPS_HOURLY, ROLLUP_KEYS, ROLLUP_STATE};
 use crate::fold::fold_reading;
 use crate::{Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES};
 
@@ -188,10 +188,11 @@ impl BucketDoc {
 /// The statement writing a folded bucket if its stored revision is still `read_revision`
 /// (0: none stored, then it is inserted; a bucket stored meanwhile collides on `_id`).
 pub(crate) fn bucket_update(b: &Bucket, read_revision: i64) -> Result<Document, StoreError> {
-    let mut set = bson::to_document(&BucketDoc::new(b)).map_err(backend)?;
+    let mut set = bson::to_document(&BucketDoc::new(b))
+        .map_err(|e| StoreError::Backend(format!("bucket as BSON: {e}")))?;
     let id = set
         .remove("_id")
-        .ok_or_else(|| backend("bucket without _id"))?;
+        .ok_or_else(|| StoreError::Backend("bucket without _id".into()))?;
     set.remove("publishedRevision");
     Ok(doc! {
         "q": { "_id": id, "revision": read_revision },
@@ -250,11 +251,11 @@ impl From<mongodb::error::Error> for Attempt {
         if is_transient(&e) {
             Attempt::Retry(e.to_string())
         } else if error_code(&e) == Some(ILLEGAL_OPERATION) {
-            Attempt::Fail(backend(format!(
+            Attempt::Fail(StoreError::Backend(format!(
                 "{e} (roll-ups need transactions: a replica set or sharded cluster)"
             )))
         } else {
-            Attempt::Fail(backend(e))
+            Attempt::Fail(mongo_error(e))
         }
     }
 }
@@ -461,10 +462,10 @@ impl MongoStore {
             .sort(sort)
             .limit(limit)
             .await
-            .map_err(backend)?
+            .map_err(mongo_error)?
             .try_collect()
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         Ok(docs.iter().map(BucketDoc::bucket).collect())
     }
 }
@@ -483,7 +484,12 @@ impl RollupStore for MongoStore {
             .filter(|m| in_batch.insert(key_id(&m.tenant, &m.device_id, m.seq_no)))
             .collect();
         let repeated = (messages.len() - unique.len()) as u64;
-        let mut session = self.db.client().start_session().await.map_err(backend)?;
+        let mut session = self
+            .db
+            .client()
+            .start_session()
+            .await
+            .map_err(mongo_error)?;
         let mut concern = WriteConcern::majority();
         concern.journal = Some(true);
         let mut why = String::new();
@@ -496,7 +502,7 @@ impl RollupStore for MongoStore {
                 .read_concern(ReadConcern::snapshot())
                 .write_concern(concern.clone())
                 .await
-                .map_err(backend)?;
+                .map_err(mongo_error)?;
             let outcome = match self
                 .fold_in(&mut session, &unique, cumulative, watermark)
                 .await
@@ -517,7 +523,7 @@ impl RollupStore for MongoStore {
                 Err(Attempt::Fail(e)) => return Err(e),
             }
         }
-        Err(StoreError::Backend(format!(
+        Err(StoreError::Conflict(format!(
             "roll-up transaction did not commit after {ATTEMPTS} attempts: {why}"
         )))
     }
@@ -527,7 +533,7 @@ impl RollupStore for MongoStore {
             .collection(ROLLUP_STATE)
             .find_one(doc! { "_id": WATERMARK })
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         Ok(state
             .and_then(|d| {
                 d.get("value")
@@ -575,7 +581,7 @@ impl RollupStore for MongoStore {
                     .db
                     .run_command(update_command(collection, chunk.to_vec(), false))
                     .await
-                    .map_err(backend)?;
+                    .map_err(mongo_error)?;
                 write_reply(&reply)?;
             }
         }

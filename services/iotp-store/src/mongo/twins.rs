@@ -14,8 +14,9 @@ use futures::TryStreamExt;
 use mongodb::bson::{self, doc, DateTime, Document};
 use serde::{Deserialize, Serialize};
 
+use super::command::mongo_error;
 use super::command::{update_command, write_reply};
-use super::{backend, MongoStore, TWINS};
+use super::{MongoStore, TWINS};
 use crate::fold::fold;
 use crate::{LastValue, Observation, StoreError, Twin, TwinStore};
 
@@ -142,10 +143,11 @@ impl TwinDoc {
 /// The update statement that writes `twin` if the stored twin is still at `version` (0: none
 /// stored yet, then it is inserted). Everything the fold owns is set; `seqGaps` only on insert.
 pub(crate) fn twin_update(twin: &Twin, version: i64) -> Result<Document, StoreError> {
-    let mut set = bson::to_document(&TwinDoc::new(twin, version + 1)).map_err(backend)?;
+    let mut set = bson::to_document(&TwinDoc::new(twin, version + 1))
+        .map_err(|e| StoreError::Backend(format!("twin as BSON: {e}")))?;
     let id = set
         .remove("_id")
-        .ok_or_else(|| backend("twin without _id"))?;
+        .ok_or_else(|| StoreError::Backend("twin without _id".into()))?;
     set.remove("seqGaps");
     Ok(doc! {
         "q": { "_id": id, "version": version },
@@ -180,10 +182,10 @@ impl MongoStore {
             let docs: Vec<TwinDoc> = coll
                 .find(doc! { "_id": { "$in": chunk } })
                 .await
-                .map_err(backend)?
+                .map_err(mongo_error)?
                 .try_collect()
                 .await
-                .map_err(backend)?;
+                .map_err(mongo_error)?;
             out.extend(docs.into_iter().map(|d| (d.id.clone(), d)));
         }
         Ok(out)
@@ -228,7 +230,7 @@ impl TwinStore for MongoStore {
                     .db
                     .run_command(update_command(TWINS, chunk.to_vec(), false))
                     .await
-                    .map_err(backend)?;
+                    .map_err(mongo_error)?;
                 for i in write_reply(&reply)?.conflicts {
                     conflicts.push(ids[chunk_no * self.batch_size + i].clone());
                 }
@@ -238,7 +240,7 @@ impl TwinStore for MongoStore {
         if pending.is_empty() {
             return Ok(());
         }
-        Err(StoreError::Backend(format!(
+        Err(StoreError::Conflict(format!(
             "{} twins kept changing under this batch; retry later",
             pending.len()
         )))
@@ -250,7 +252,7 @@ impl TwinStore for MongoStore {
             .collection::<TwinDoc>(TWINS)
             .find_one(doc! { "_id": twin_id(tenant, device_id) })
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         Ok(found.as_ref().map(TwinDoc::twin))
     }
 
@@ -259,7 +261,7 @@ impl TwinStore for MongoStore {
             .update_many(offline_filter(now_ms, missed), offline_update())
             .await
             .map(|r| r.modified_count)
-            .map_err(backend)
+            .map_err(mongo_error)
     }
 }
 

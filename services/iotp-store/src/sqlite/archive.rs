@@ -4,7 +4,7 @@
 use iotp_core::contract::DeadLetter;
 use rusqlite::params;
 
-use super::{backend, write_transaction, SqliteStore};
+use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::{Archived, DeadLetterArchive, LetterFilter, StoreError};
 
 impl DeadLetterArchive for SqliteStore {
@@ -28,7 +28,7 @@ impl DeadLetterArchive for SqliteStore {
                     l.tenant, l.device_id, l.attempts, l.first_failure_at, l.last_failure_at, parked_at, expires_at
                 ],
             )
-            .map_err(backend)?;
+            .map_err(sqlite_error)?;
             Ok(())
         })
         .await
@@ -62,7 +62,7 @@ impl DeadLetterArchive for SqliteStore {
             }
             let limit = if f.limit == 0 { 1000 } else { f.limit };
             sql.push_str(&format!(" ORDER BY parked_at, id LIMIT {limit}"));
-            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let mut stmt = conn.prepare(&sql).map_err(sqlite_error)?;
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(args), |r| {
                     Ok(Archived {
@@ -88,8 +88,8 @@ impl DeadLetterArchive for SqliteStore {
                         replays: r.get(17)?,
                     })
                 })
-                .map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+                .map_err(sqlite_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
         })
         .await
     }
@@ -103,9 +103,9 @@ impl DeadLetterArchive for SqliteStore {
                     "UPDATE dead_letters SET replayed_at = ?2, replays = replays + 1 WHERE id = ?1",
                     params![id, at],
                 )
-                .map_err(backend)?;
+                .map_err(sqlite_error)?;
             }
-            tx.commit().map_err(backend)
+            tx.commit().map_err(sqlite_error)
         })
         .await
     }
@@ -117,7 +117,7 @@ impl DeadLetterArchive for SqliteStore {
                 params![now_ms],
             )
             .map(|n| n as u64)
-            .map_err(backend)
+            .map_err(sqlite_error)
         })
         .await
     }

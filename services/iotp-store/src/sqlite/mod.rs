@@ -22,8 +22,28 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+/// The store's error for a SQLite failure. Busy or locked (another process kept the write
+/// lock beyond the busy timeout) and a full disk are transient: the same operation may succeed
+/// later. A damaged or foreign file, and a stored value that does not convert to its Rust
+/// type, are corrupt data. Everything else (SQL the schema does not take, a file that cannot
+/// be opened, a read-only file) is a defect or a misconfiguration.
+fn sqlite_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        Some(_) => StoreError::Backend(e.to_string()),
+        None => match e {
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::InvalidColumnType(..) => StoreError::Corrupt(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
+        },
+    }
 }
 
 const SCHEMA: &str = "
@@ -134,14 +154,14 @@ CREATE INDEX IF NOT EXISTS dead_letters_expiry ON dead_letters (expires_at);
 impl SqliteStore {
     /// Open (creating if needed) the store at `path`; `:memory:` for a private in-memory one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(backend)?;
+        let conn = Connection::open(path).map_err(sqlite_error)?;
         conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(backend)?;
+            .map_err(sqlite_error)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(backend)?;
+            .map_err(sqlite_error)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
-            .map_err(backend)?;
-        conn.execute_batch(SCHEMA).map_err(backend)?;
+            .map_err(sqlite_error)?;
+        conn.execute_batch(SCHEMA).map_err(sqlite_error)?;
         // Columns added after a table first shipped: a store file from an older version gains them.
         add_column_if_missing(&conn, "twins", "seq_gaps", "INTEGER NOT NULL DEFAULT 0")?;
         add_column_if_missing(
@@ -157,7 +177,7 @@ impl SqliteStore {
              WHERE NOT EXISTS (SELECT 1 FROM seq_stats) GROUP BY tenant, device_id",
             [],
         )
-        .map_err(backend)?;
+        .map_err(sqlite_error)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -166,7 +186,9 @@ impl SqliteStore {
     /// Open the store at `path`, creating its directory if needed.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(backend)?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         Self::open(path)
     }
@@ -177,11 +199,22 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| backend("store mutex poisoned"))?;
+            // Poisoned: an operation panicked while it held the connection (a defect; its
+            // transaction was rolled back when the panic dropped it).
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Backend("store connection poisoned by a panic".into()))?;
             f(&mut guard)
         })
         .await
-        .map_err(backend)?
+        .map_err(|e| {
+            // Cancelled only when the runtime shuts down under the operation.
+            if e.is_cancelled() {
+                StoreError::Unavailable(format!("store operation cancelled: {e}"))
+            } else {
+                StoreError::Backend(format!("store operation panicked: {e}"))
+            }
+        })?
     }
 }
 
@@ -191,7 +224,7 @@ impl SqliteStore {
 /// snapshot is stale); an immediate one waits its turn under the busy timeout.
 fn write_transaction(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(backend)
+        .map_err(sqlite_error)
 }
 
 fn add_column_if_missing(
@@ -202,19 +235,19 @@ fn add_column_if_missing(
 ) -> Result<(), StoreError> {
     let mut stmt = conn
         .prepare(&format!("PRAGMA table_info({table})"))
-        .map_err(backend)?;
+        .map_err(sqlite_error)?;
     let columns: Vec<String> = stmt
         .query_map([], |r| r.get::<_, String>(1))
-        .map_err(backend)?
+        .map_err(sqlite_error)?
         .collect::<Result<_, _>>()
-        .map_err(backend)?;
+        .map_err(sqlite_error)?;
     if !columns.iter().any(|c| c == column) {
         match conn.execute_batch(&format!(
             "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
         )) {
             // Another process sharing the file added it first.
             Err(e) if e.to_string().contains("duplicate column name") => {}
-            other => other.map_err(backend)?,
+            other => other.map_err(sqlite_error)?,
         }
     }
     Ok(())
@@ -267,5 +300,40 @@ mod tests {
                 .seq_gaps,
             0
         );
+    }
+
+    #[test]
+    fn a_write_lock_held_elsewhere_is_transient_and_a_foreign_file_is_corrupt() {
+        let path = std::env::temp_dir().join(format!("iotp-busy-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        drop(SqliteStore::open(&path).expect("create"));
+        let holder = Connection::open(&path).expect("open");
+        holder
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("hold the write lock");
+        let other = Connection::open(&path).expect("open");
+        other
+            .busy_timeout(std::time::Duration::ZERO)
+            .expect("no wait");
+        let busy = other
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect_err("the lock is held");
+        let e = sqlite_error(busy);
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(e.is_transient());
+        let bad_sql = other
+            .execute_batch("SELECT nope FROM twins")
+            .expect_err("no column");
+        assert!(matches!(sqlite_error(bad_sql), StoreError::Backend(_)));
+        drop((holder, other));
+        let _ = std::fs::remove_file(&path);
+
+        let foreign =
+            std::env::temp_dir().join(format!("iotp-foreign-{}.sqlite", std::process::id()));
+        std::fs::write(&foreign, vec![b'x'; 8192]).expect("write");
+        let e = SqliteStore::open(&foreign).err().expect("not a database");
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+        assert!(!e.is_transient());
+        let _ = std::fs::remove_file(&foreign);
     }
 }

@@ -3,7 +3,7 @@
 
 use rusqlite::params;
 
-use super::{backend, write_transaction, SqliteStore};
+use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::{PruneReport, Pruning, Retention, StoreError};
 
 impl Pruning for SqliteStore {
@@ -17,32 +17,32 @@ impl Pruning for SqliteStore {
                     "DELETE FROM messages WHERE produced_at < ?1",
                     params![cutoff(r.raw)],
                 )
-                .map_err(backend)?;
+                .map_err(sqlite_error)?;
             tx.execute(
                 "DELETE FROM readings WHERE produced_at < ?1",
                 params![cutoff(r.raw)],
             )
-            .map_err(backend)?;
+            .map_err(sqlite_error)?;
             // A message older than the raw tier is rejected as too_old before it reaches the
             // store, so its dedup key may go with it.
             tx.execute(
                 "DELETE FROM rollup_applied WHERE produced_at < ?1",
                 params![cutoff(r.raw)],
             )
-            .map_err(backend)?;
+            .map_err(sqlite_error)?;
             let hourly = tx
                 .execute(
                     "DELETE FROM rollups WHERE granularity = 'hour' AND bucket_start < ?1",
                     params![cutoff(r.hourly)],
                 )
-                .map_err(backend)?;
+                .map_err(sqlite_error)?;
             let daily = tx
                 .execute(
                     "DELETE FROM rollups WHERE granularity = 'day' AND bucket_start < ?1",
                     params![cutoff(r.daily)],
                 )
-                .map_err(backend)?;
-            tx.commit().map_err(backend)?;
+                .map_err(sqlite_error)?;
+            tx.commit().map_err(sqlite_error)?;
             Ok(PruneReport {
                 raw: raw as u64,
                 hourly: hourly as u64,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{backend, write_transaction, SqliteStore};
+use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::{MessageRecord, ReadingStore, StoreError, StoredMessage, WriteReport};
 
 impl SqliteStore {
@@ -23,7 +23,7 @@ impl SqliteStore {
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n as u64)
-            .map_err(backend)
+            .map_err(sqlite_error)
         })
         .await
     }
@@ -42,19 +42,19 @@ impl ReadingStore for SqliteStore {
                         "INSERT OR IGNORE INTO messages (tenant, device_id, seq_no, msg_id, produced_at, received_at, site, asset, profile, stored_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     )
-                    .map_err(backend)?;
+                    .map_err(sqlite_error)?;
                 let mut reading = tx
                     .prepare_cached(
                         "INSERT OR IGNORE INTO readings (tenant, device_id, seq_no, metric, value, unit, produced_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )
-                    .map_err(backend)?;
+                    .map_err(sqlite_error)?;
                 // Per device: lowest and highest seqNo stored by this batch, and how many.
                 let mut stats: HashMap<(&str, &str), (i64, i64, i64)> = HashMap::new();
                 for m in &messages {
                     let inserted = message
                         .execute(params![m.tenant, m.device_id, m.seq_no, m.msg_id, m.produced_at, m.received_at, m.site, m.asset, m.profile, now])
-                        .map_err(backend)?;
+                        .map_err(sqlite_error)?;
                     if inserted == 0 {
                         report.duplicates += 1;
                         continue;
@@ -65,7 +65,7 @@ impl ReadingStore for SqliteStore {
                         .or_insert((m.seq_no, m.seq_no, 0));
                     *s = (s.0.min(m.seq_no), s.1.max(m.seq_no), s.2 + 1);
                     for (metric, value, unit) in &m.readings {
-                        reading.execute(params![m.tenant, m.device_id, m.seq_no, metric, value, unit, m.produced_at]).map_err(backend)?;
+                        reading.execute(params![m.tenant, m.device_id, m.seq_no, metric, value, unit, m.produced_at]).map_err(sqlite_error)?;
                     }
                 }
                 let mut stat = tx
@@ -74,12 +74,12 @@ impl ReadingStore for SqliteStore {
                          ON CONFLICT (tenant, device_id) DO UPDATE SET min_seq = min(min_seq, excluded.min_seq),
                            max_seq = max(max_seq, excluded.max_seq), stored = stored + excluded.stored",
                     )
-                    .map_err(backend)?;
+                    .map_err(sqlite_error)?;
                 for ((tenant, device), (lo, hi, n)) in stats {
-                    stat.execute(params![tenant, device, lo, hi, n]).map_err(backend)?;
+                    stat.execute(params![tenant, device, lo, hi, n]).map_err(sqlite_error)?;
                 }
             }
-            tx.commit().map_err(backend)?;
+            tx.commit().map_err(sqlite_error)?;
             Ok(report)
         })
         .await
@@ -110,7 +110,7 @@ impl ReadingStore for SqliteStore {
                      WHERE m.tenant = ?1 AND (m.device_id, m.seq_no) > (?2, ?3)
                      ORDER BY m.device_id, m.seq_no LIMIT ?4",
                 )
-                .map_err(backend)?;
+                .map_err(sqlite_error)?;
             let rows = stmt
                 .query_map(params![tenant, after_device, after_seq, limit as i64], |r| {
                     Ok(StoredMessage {
@@ -122,8 +122,8 @@ impl ReadingStore for SqliteStore {
                         readings: r.get(5)?,
                     })
                 })
-                .map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+                .map_err(sqlite_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
         })
         .await
     }
@@ -141,13 +141,13 @@ impl ReadingStore for SqliteStore {
                         |r| r.get(0),
                     )
                     .optional()
-                    .map_err(backend)?
+                    .map_err(sqlite_error)?
                     .unwrap_or(0);
                 tx.execute("UPDATE twins SET seq_gaps = ?3 WHERE tenant = ?1 AND device_id = ?2", params![tenant, device, gaps])
-                    .map_err(backend)?;
+                    .map_err(sqlite_error)?;
                 total += gaps.max(0) as u64;
             }
-            tx.commit().map_err(backend)?;
+            tx.commit().map_err(sqlite_error)?;
             Ok(total)
         })
         .await
@@ -186,7 +186,7 @@ mod tests {
         let devices = [("acme".to_string(), "d1".to_string())];
         assert_eq!(store.update_seq_gaps(&devices).await.expect("gaps"), 4);
         store
-            .with(|c| c.execute("DELETE FROM seq_stats", []).map_err(backend))
+            .with(|c| c.execute("DELETE FROM seq_stats", []).map_err(sqlite_error))
             .await
             .expect("as before seq_stats");
         drop(store);

@@ -6,7 +6,7 @@ use std::collections::hash_map::{Entry, HashMap};
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{backend, write_transaction, SqliteStore};
+use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::fold::fold_reading;
 use crate::{Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES};
 
@@ -50,12 +50,12 @@ impl RollupStore for SqliteStore {
             {
                 let mut applied = tx
                     .prepare_cached("INSERT OR IGNORE INTO rollup_applied (tenant, device_id, seq_no, produced_at) VALUES (?1, ?2, ?3, ?4)")
-                    .map_err(backend)?;
+                    .map_err(sqlite_error)?;
                 let mut read = tx
                     .prepare_cached(&format!(
                         "SELECT {BUCKET_COLUMNS} FROM rollups WHERE tenant = ?1 AND device_id = ?2 AND metric = ?3 AND granularity = ?4 AND bucket_start = ?5"
                     ))
-                    .map_err(backend)?;
+                    .map_err(sqlite_error)?;
                 let mut write = tx
                     .prepare_cached(&format!(
                         "INSERT INTO rollups ({BUCKET_COLUMNS}, bucket_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
@@ -64,12 +64,12 @@ impl RollupStore for SqliteStore {
                            first = excluded.first, first_at = excluded.first_at, last = excluded.last, last_at = excluded.last_at,
                            revision = excluded.revision"
                     ))
-                    .map_err(backend)?;
+                    .map_err(sqlite_error)?;
                 // Each bucket the batch touches is read once, folded in memory in message order,
                 // and written once.
                 let mut buckets: HashMap<BucketKey<'_>, (Option<Bucket>, i64)> = HashMap::new();
                 for m in &messages {
-                    if applied.execute(params![m.tenant, m.device_id, m.seq_no, m.produced_at]).map_err(backend)? == 0 {
+                    if applied.execute(params![m.tenant, m.device_id, m.seq_no, m.produced_at]).map_err(sqlite_error)? == 0 {
                         report.duplicates += 1;
                         continue;
                     }
@@ -84,7 +84,7 @@ impl RollupStore for SqliteStore {
                                     let current = read
                                         .query_row(params![m.tenant, m.device_id, metric, granularity, start], read_bucket)
                                         .optional()
-                                        .map_err(backend)?;
+                                        .map_err(sqlite_error)?;
                                     e.insert((current, start + len))
                                 }
                             };
@@ -98,7 +98,7 @@ impl RollupStore for SqliteStore {
                             b.tenant, b.device_id, b.metric, b.granularity, b.bucket_start, b.count, b.sum, b.min, b.max,
                             b.first, b.first_at, b.last, b.last_at, b.unit, b.cumulative, b.revision, end
                         ])
-                        .map_err(backend)?;
+                        .map_err(sqlite_error)?;
                 }
             }
             tx.execute(
@@ -106,8 +106,8 @@ impl RollupStore for SqliteStore {
                  ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
                 params![watermark],
             )
-            .map_err(backend)?;
-            tx.commit().map_err(backend)?;
+            .map_err(sqlite_error)?;
+            tx.commit().map_err(sqlite_error)?;
             Ok(report)
         })
         .await
@@ -122,7 +122,7 @@ impl RollupStore for SqliteStore {
             )
             .optional()
             .map(|v| v.unwrap_or(i64::MIN))
-            .map_err(backend)
+            .map_err(sqlite_error)
         })
         .await
     }
@@ -140,9 +140,9 @@ impl RollupStore for SqliteStore {
                        AND bucket_end + ?1 <= (SELECT value FROM rollup_state WHERE name = 'watermark')
                      ORDER BY bucket_end LIMIT ?2"
                 ))
-                .map_err(backend)?;
-            let rows = stmt.query_map(params![lateness_ms, limit as i64], read_bucket).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+                .map_err(sqlite_error)?;
+            let rows = stmt.query_map(params![lateness_ms, limit as i64], read_bucket).map_err(sqlite_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
         })
         .await
     }
@@ -157,9 +157,9 @@ impl RollupStore for SqliteStore {
                      WHERE tenant = ?1 AND device_id = ?2 AND metric = ?3 AND granularity = ?4 AND bucket_start = ?5",
                     params![b.tenant, b.device_id, b.metric, b.granularity, b.bucket_start, b.revision],
                 )
-                .map_err(backend)?;
+                .map_err(sqlite_error)?;
             }
-            tx.commit().map_err(backend)
+            tx.commit().map_err(sqlite_error)
         })
         .await
     }
@@ -171,9 +171,9 @@ impl RollupStore for SqliteStore {
                 .prepare_cached(&format!(
                     "SELECT {BUCKET_COLUMNS} FROM rollups WHERE tenant = ?1 AND device_id = ?2 ORDER BY granularity, metric, bucket_start"
                 ))
-                .map_err(backend)?;
-            let rows = stmt.query_map(params![tenant, device_id], read_bucket).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+                .map_err(sqlite_error)?;
+            let rows = stmt.query_map(params![tenant, device_id], read_bucket).map_err(sqlite_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
         })
         .await
     }

@@ -1,52 +1,61 @@
-//! Digital twins on SQLite: table `twins`, one row per device; `last_values` and `alarms`
-//! are JSON text. A batch is folded in memory with the shared [`fold`] inside one write
-//! transaction.
+//! Digital twins on SQLite: table `twins`, one row per device ([`twin_row`] reads it);
+//! `last_values` and `alarms` are JSON text. A batch is folded in memory with the shared
+//! [`fold`] inside one write transaction.
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use super::{backend, write_transaction, SqliteStore};
+use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::fold::fold;
 use crate::{Observation, StoreError, Twin, TwinStore};
 
-fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
-    conn.query_row(
-        "SELECT last_seq_no, last_seen_at, last_values, firmware, config_version, heartbeat_secs, online, alarms, seq_gaps
-         FROM twins WHERE tenant = ?1 AND device_id = ?2",
-        params![tenant, device_id],
-        |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, Option<String>>(3)?,
-                row.get::<_, Option<String>>(4)?,
-                row.get::<_, Option<i64>>(5)?,
-                row.get::<_, bool>(6)?,
-                row.get::<_, String>(7)?,
-                row.get::<_, i64>(8)?,
-            ))
-        },
-    )
-    .optional()
-    .map_err(backend)?
-    .map(|(last_seq_no, last_seen_at, values, firmware, config_version, heartbeat, online, alarms, seq_gaps)| {
-        Ok(Twin {
-            tenant: tenant.to_string(),
-            device_id: device_id.to_string(),
-            last_seq_no,
-            last_seen_at,
-            last_values: serde_json::from_str(&values).map_err(backend)?,
-            firmware,
-            config_version,
-            heartbeat_secs: heartbeat.map(|h| h as u64),
-            online,
-            alarms: serde_json::from_str(&alarms).map_err(backend)?,
-            seq_gaps,
-        })
+/// The columns [`twin_row`] reads, in its order.
+const TWIN_COLUMNS: &str = "tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, \
+     config_version, heartbeat_secs, online, alarms, seq_gaps";
+
+/// A `twins` row as a [`Twin`]: the one mapping from the table (columns [`TWIN_COLUMNS`]).
+/// `last_values` and `alarms` are JSON text; text that does not parse is corrupt data.
+fn twin_row(r: &Row<'_>) -> rusqlite::Result<Twin> {
+    Ok(Twin {
+        tenant: r.get(0)?,
+        device_id: r.get(1)?,
+        last_seq_no: r.get(2)?,
+        last_seen_at: r.get(3)?,
+        last_values: json_column(r, 4)?,
+        firmware: r.get(5)?,
+        config_version: r.get(6)?,
+        heartbeat_secs: r.get::<_, Option<i64>>(7)?.map(|h| h.max(0) as u64),
+        online: r.get(8)?,
+        alarms: json_column(r, 9)?,
+        seq_gaps: r.get(10)?,
     })
-    .transpose()
+}
+
+/// A JSON text column, parsed.
+fn json_column<T: DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = r.get(i)?;
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e)))
+}
+
+/// A value as the JSON text its column holds.
+fn json_text<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Backend(format!("twin as JSON: {e}")))
+}
+
+fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {TWIN_COLUMNS} FROM twins WHERE tenant = ?1 AND device_id = ?2"
+    ))
+    .and_then(|mut stmt| {
+        stmt.query_row(params![tenant, device_id], twin_row)
+            .optional()
+    })
+    .map_err(sqlite_error)
 }
 
 impl TwinStore for SqliteStore {
@@ -77,17 +86,17 @@ impl TwinStore for SqliteStore {
                         t.device_id,
                         t.last_seq_no,
                         t.last_seen_at,
-                        serde_json::to_string(&t.last_values).map_err(backend)?,
+                        json_text(&t.last_values)?,
                         t.firmware,
                         t.config_version,
                         t.heartbeat_secs.map(|h| h as i64),
                         t.online,
-                        serde_json::to_string(&t.alarms).map_err(backend)?,
+                        json_text(&t.alarms)?,
                     ],
                 )
-                .map_err(backend)?;
+                .map_err(sqlite_error)?;
             }
-            tx.commit().map_err(backend)
+            tx.commit().map_err(sqlite_error)
         })
         .await
     }
@@ -110,7 +119,7 @@ impl TwinStore for SqliteStore {
                        AND last_seen_at < ?1 - heartbeat_secs * 1000 * ?2",
                     params![now_ms, missed],
                 )
-                .map_err(backend)?;
+                .map_err(sqlite_error)?;
             Ok(n as u64)
         })
         .await
