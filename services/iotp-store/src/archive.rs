@@ -43,26 +43,39 @@ pub struct LetterFilter {
     pub limit: usize,
 }
 
-/// The dead-letter archive part of the storage contract.
+/// The dead-letter archive part of the storage contract. No method retries by itself; each
+/// may be called again after a transient error ([`StoreError::is_transient`]), as its doc says
+/// why.
 pub trait DeadLetterArchive: Send + Sync + 'static {
     /// Archive (or refresh, by id) a parked dead letter until `expires_at`.
+    ///
+    /// Safe to call again: one upsert by id that sets the same fields to the same values (and
+    /// raises attempts and the last failure with a maximum), so twice is once.
     fn archive(
         &self,
         letter: &DeadLetter,
         parked_at: i64,
         expires_at: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Matching dead letters, oldest parked first.
+    /// Matching dead letters, oldest parked first. A read: safe to call again.
     fn letters(
         &self,
         filter: &LetterFilter,
     ) -> impl Future<Output = Result<Vec<Archived>, StoreError>> + Send;
-    /// Record that these were replayed at `at`.
+    /// Record that these were replayed at `at`: the replay time is set and the replay count
+    /// raised by one, once per `at`.
+    ///
+    /// Safe to call again with the same `at`: a letter already marked replayed at `at` is left
+    /// alone, so a call that failed after marking some letters (MongoDB marks them in chunks)
+    /// does not count their replay twice when made again.
     fn mark_replayed(
         &self,
         ids: &[String],
         at: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Forget what expired before `now_ms`; returns how many.
+    ///
+    /// Safe to call again: a deletion by expiry; what a failed call deleted is gone and not
+    /// counted again.
     fn prune_letters(&self, now_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }

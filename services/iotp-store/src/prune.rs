@@ -19,6 +19,9 @@ pub struct PruneReport {
 /// Retention enforcement for backends without server-side TTL (the embedded one).
 pub trait Pruning: Send + Sync + 'static {
     /// Remove what is older than its tier allows at `now_ms` (event time).
+    ///
+    /// Safe to call again: deletions by age, in one transaction on the embedded store (nothing
+    /// to do where the server expires data itself).
     fn prune(
         &self,
         now_ms: i64,

@@ -81,25 +81,35 @@ pub struct StoredMessage {
 }
 
 /// The readings part of the storage contract (raw tier).
+///
+/// No method retries by itself; each may be called again after a transient error
+/// ([`StoreError::is_transient`]), as its doc says why.
 pub trait ReadingStore: Send + Sync + 'static {
     /// Store each message exactly once, whatever the redeliveries; the whole batch is durable
     /// when this returns Ok.
+    ///
+    /// Safe to call again: the embedded store writes the batch in one transaction (all or
+    /// nothing). MongoDB keeps a key per message (`pending`, then `done`): called again, the
+    /// same store takes its own pending keys back at once and writes only the readings still
+    /// missing; keys another writer left pending are taken over after their lease expires
+    /// (before that the batch fails with [`StoreError::Conflict`]). Messages a failed call
+    /// completed are then reported as duplicates.
     fn write_messages(
         &self,
         messages: &[MessageRecord],
     ) -> impl Future<Output = Result<WriteReport, StoreError>> + Send;
-    /// Messages stored (for one tenant, or all).
+    /// Messages stored (for one tenant, or all). A read: safe to call again.
     fn message_count(
         &self,
         tenant: Option<&str>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Readings stored (for one tenant, or all).
+    /// Readings stored (for one tenant, or all). A read: safe to call again.
     fn reading_count(
         &self,
         tenant: Option<&str>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// A tenant's stored messages ordered by (deviceId, seqNo), the page after `after`
-    /// (exclusive), at most `limit`.
+    /// (exclusive), at most `limit`. A read: safe to call again.
     fn stored_messages(
         &self,
         tenant: &str,
@@ -110,6 +120,8 @@ pub trait ReadingStore: Send + Sync + 'static {
     /// stored that were never stored) into their twins; returns the total over them. The
     /// embedded store keeps each device's lowest, highest and count as it writes (so this is
     /// one row per device, and expiring old readings does not turn them into gaps).
+    ///
+    /// Safe to call again: each device's count is computed afresh and set, not added to.
     fn update_seq_gaps(
         &self,
         devices: &[(String, String)],

@@ -55,32 +55,43 @@ pub struct FoldReport {
     pub duplicates: u64,
 }
 
-/// The roll-up part of the storage contract.
+/// The roll-up part of the storage contract. No method retries by itself; each may be called
+/// again after a transient error ([`StoreError::is_transient`]), as its doc says why.
 pub trait RollupStore: Send + Sync + 'static {
     /// Fold each message not folded before into its hour and day buckets, in one transaction,
     /// and raise the watermark (newest event time seen) to `watermark` if higher.
     /// `cumulative(metric)` says which metrics are counters.
+    ///
+    /// Safe to call again: the fold is one transaction on both backends, and the keys of the
+    /// messages folded commit with the buckets, so a call made again after a failure folds
+    /// exactly the messages the failed one did not commit. If a commit did happen although
+    /// the call failed (MongoDB: outcome unknown), its messages are reported as duplicates the
+    /// next time. A bucket changed by another writer since it was read is a
+    /// [`StoreError::Conflict`].
     fn fold(
         &self,
         messages: &[MessageRecord],
         cumulative: &[String],
         watermark: i64,
     ) -> impl Future<Output = Result<FoldReport, StoreError>> + Send;
-    /// The watermark: newest event time folded.
+    /// The watermark: newest event time folded. A read: safe to call again.
     fn watermark(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
     /// Buckets changed since they were last published whose end plus `lateness` is at or
-    /// before the watermark.
+    /// before the watermark. A read: safe to call again.
     fn closed_unpublished(
         &self,
         lateness_ms: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Bucket>, StoreError>> + Send;
     /// Record these buckets (at these revisions) as published.
+    ///
+    /// Safe to call again: the published revision is raised to the bucket's with a maximum,
+    /// never added to, so recording it twice is recording it once.
     fn mark_published(
         &self,
         buckets: &[Bucket],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// All buckets of a device.
+    /// All buckets of a device. A read: safe to call again.
     fn buckets(
         &self,
         tenant: &str,

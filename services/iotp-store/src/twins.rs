@@ -72,15 +72,22 @@ pub struct Twin {
     pub seq_gaps: i64,
 }
 
-/// The twin part of the storage contract.
+/// The twin part of the storage contract. No method retries by itself; each may be called
+/// again after a transient error ([`StoreError::is_transient`]), as its doc says why.
 pub trait TwinStore: Send + Sync + 'static {
     /// Fold observations into twins, idempotently: applying the same observations again, or
     /// older ones later, changes nothing.
+    ///
+    /// Safe to call again: the embedded store applies the batch in one transaction (all or
+    /// nothing); MongoDB writes twin by twin, so a failed call may have written some twins of
+    /// the batch, but because the fold is idempotent those fold to themselves when the batch
+    /// is applied again (and are not written), while the rest are folded then. A twin changed
+    /// by another writer since it was read is a [`StoreError::Conflict`].
     fn apply(
         &self,
         observations: &[Observation],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// One twin.
+    /// One twin. A read: safe to call again.
     fn twin(
         &self,
         tenant: &str,
@@ -88,6 +95,10 @@ pub trait TwinStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Twin>, StoreError>> + Send;
     /// Mark online devices offline whose last sign of life (device time) is older than
     /// `missed` heartbeat intervals before `now_ms`; returns how many were marked.
+    ///
+    /// Safe to call again: a device already marked is no longer online, so it is neither
+    /// marked nor counted twice (after a partial MongoDB update the count of the call made
+    /// again covers only what that call marked).
     fn mark_offline(
         &self,
         now_ms: i64,

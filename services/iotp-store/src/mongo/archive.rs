@@ -152,6 +152,17 @@ pub(crate) fn letter_filter(f: &LetterFilter) -> Document {
     filter
 }
 
+/// The filter and update that record a replay of `ids` at `at`, once per `at`: a letter whose
+/// `replayedAt` is `at` already is not counted again (the same call made again after a chunk
+/// failed).
+pub(crate) fn replay_update(ids: &[String], at: i64) -> (Document, Document) {
+    let at = DateTime::from_millis(at);
+    (
+        doc! { "_id": { "$in": ids }, "replayedAt": { "$ne": at } },
+        doc! { "$set": { "replayedAt": at }, "$inc": { "replays": 1i64 } },
+    )
+}
+
 impl DeadLetterArchive for MongoStore {
     async fn archive(
         &self,
@@ -189,12 +200,10 @@ impl DeadLetterArchive for MongoStore {
     async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
         let coll = self.collection(DEAD_LETTERS);
         for chunk in ids.chunks(self.batch_size) {
-            coll.update_many(
-                doc! { "_id": { "$in": chunk } },
-                doc! { "$set": { "replayedAt": DateTime::from_millis(at) }, "$inc": { "replays": 1i64 } },
-            )
-            .await
-            .map_err(mongo_error)?;
+            let (filter, update) = replay_update(chunk, at);
+            coll.update_many(filter, update)
+                .await
+                .map_err(mongo_error)?;
         }
         Ok(())
     }
@@ -297,6 +306,19 @@ mod tests {
         assert_eq!(
             letter_filter(&f),
             doc! { "_id": { "$in": ["a"] }, "reason": "unknown_device", "deviceId": "m-1" }
+        );
+    }
+
+    #[test]
+    fn a_replay_is_counted_once_per_replay_time() {
+        let (filter, update) = replay_update(&["a".to_string()], 300);
+        assert_eq!(
+            filter,
+            doc! { "_id": { "$in": ["a"] }, "replayedAt": { "$ne": DateTime::from_millis(300) } }
+        );
+        assert_eq!(
+            update,
+            doc! { "$set": { "replayedAt": DateTime::from_millis(300) }, "$inc": { "replays": 1i64 } }
         );
     }
 }

@@ -124,11 +124,6 @@ pub(crate) fn error_code(e: &Error) -> Option<i32> {
     }
 }
 
-/// Whether a failed transaction may be run again from the start.
-pub(crate) fn is_transient(e: &Error) -> bool {
-    e.contains_label(TRANSIENT_TRANSACTION_ERROR)
-}
-
 /// The kind of a server error code, with `message`: a concurrent writer (write conflict,
 /// duplicate key: an upsert raced another writer's insert of the same `_id`, a transaction
 /// aborted under the operation), an unavailable deployment ([`UNAVAILABLE_CODES`]), or else a

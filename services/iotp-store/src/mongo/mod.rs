@@ -35,6 +35,7 @@ mod archive;
 mod command;
 mod readings;
 mod rollups;
+mod transaction;
 mod twins;
 
 pub use readings::reading_docs;
@@ -236,7 +237,7 @@ impl MongoStore {
             self.db.run_command(indexes).await.map_err(mongo_error)?;
         }
         let hello = self.db.run_command(doc! { "hello": 1 }).await;
-        if hello.is_ok_and(|h| !rollups::supports_transactions(&h)) {
+        if hello.is_ok_and(|h| !transaction::supports_transactions(&h)) {
             tracing::warn!(
                 "MongoDB is a standalone server: the raw tier, twins and the archive work, \
                  roll-ups need transactions (a replica set or sharded cluster; a single server \

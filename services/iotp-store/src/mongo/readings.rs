@@ -143,9 +143,11 @@ impl ReadingStore for MongoStore {
                 .map_err(mongo_error)?;
             match state.as_ref().and_then(|d| d.get_str("state").ok()) {
                 Some("done") | None => report.duplicates += 1,
-                Some(_) => return Err(StoreError::Conflict(format!(
+                Some(_) => {
+                    return Err(StoreError::Conflict(format!(
                     "message {id} is being written by another writer (its lease has not expired)"
-                ))),
+                )))
+                }
             }
         }
         // Repair: insert only readings not already there.

@@ -12,43 +12,29 @@
 //! of every document; it is also exactly the embedded store's rule (a bucket goes when its
 //! start is older than its tier).
 //!
-//! [`RollupStore::fold`] runs as one multi-document transaction (read concern `snapshot`,
-//! write concern `majority` with journaling): read which of the batch's messages are already
-//! in `rollup_keys`, insert the keys of the others, read their buckets, fold the readings in
-//! memory with the shared [`fold_reading`], write each bucket back on condition that its
-//! `revision` is still the one read (upsert for new buckets), and raise the watermark with
-//! `$max`. Either all of it commits or none: each message is folded exactly once, a replay
-//! finds its keys and does nothing, the watermark only rises. A transaction that failed with
-//! the `TransientTransactionError` label, or met a changed bucket, runs again from the start;
-//! a commit that failed with `UnknownTransactionCommitResult` is committed again.
-//!
-//! **Transactions need a replica set or a sharded cluster** (the normal production set-up); a
-//! single server must be started as a one-node replica set (`mongod --replSet rs0`, then
-//! `rs.initiate()`).
+//! [`RollupStore::fold`] runs as one multi-document transaction ([`super::transaction`]):
+//! read which of the batch's messages are already in `rollup_keys`, insert the keys of the
+//! others, read their buckets, fold the readings in memory with the shared [`fold_reading`],
+//! write each bucket back on condition that its `revision` is still the one read (upsert for
+//! new buckets), and raise the watermark with `$max`. Either all of it commits or none: each
+//! message is folded exactly once, a replay finds its keys and does nothing, the watermark only
+//! rises. A transaction the server aborted, or one that met a changed bucket, fails the fold
+//! with a transient error and the caller runs it again; so does a commit whose outcome is
+//! unknown, and the fold run again then finds the keys if that commit did happen.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{self, doc, DateTime, Document};
-use mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT;
-use mongodb::options::{ReadConcern, WriteConcern};
 use mongodb::ClientSession;
 use serde::{Deserialize, Serialize};
 
-use super::command::{
-    error_code, insert_command, is_transient, mongo_error, update_command, write_reply,
-};
+use super::command::{mongo_error, update_command, write_reply};
+use super::transaction::{find_in, write_all};
 use super::{key_id, MongoStore, ROLLUPS_DAILY, ROLLUPS_HOURLY, ROLLUP_KEYS, ROLLUP_STATE};
 use crate::fold::fold_reading;
 use crate::{Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES};
 
-/// Transactions tried per fold before the batch fails (the runtime then retries it).
-const ATTEMPTS: u32 = 10;
-/// Commits tried when the outcome of the previous one is unknown.
-const COMMITS: u32 = 5;
-/// The server's answer to a transaction on a standalone server.
-const ILLEGAL_OPERATION: i32 = 20;
 /// `_id` of the watermark document.
 const WATERMARK: &str = "watermark";
 
@@ -232,95 +218,15 @@ pub(crate) fn due_filter(cutoff: i64) -> Document {
     doc! { "pending": true, "bucketEnd": { "$lte": DateTime::from_millis(cutoff) } }
 }
 
-/// Whether a `hello` reply comes from a deployment that runs transactions: a replica-set
-/// member or a `mongos`.
-pub(crate) fn supports_transactions(hello: &Document) -> bool {
-    hello.contains_key("setName") || hello.get_str("msg") == Ok("isdbgrid")
-}
-
-/// Why a transaction did not commit.
-enum Attempt {
-    /// Run it again from the start.
-    Retry(String),
-    /// Give up.
-    Fail(StoreError),
-}
-
-impl From<mongodb::error::Error> for Attempt {
-    fn from(e: mongodb::error::Error) -> Self {
-        if is_transient(&e) {
-            Attempt::Retry(e.to_string())
-        } else if error_code(&e) == Some(ILLEGAL_OPERATION) {
-            Attempt::Fail(StoreError::Backend(format!(
-                "{e} (roll-ups need transactions: a replica set or sharded cluster)"
-            )))
-        } else {
-            Attempt::Fail(mongo_error(e))
-        }
-    }
-}
-
-impl From<StoreError> for Attempt {
-    fn from(e: StoreError) -> Self {
-        Attempt::Fail(e)
-    }
-}
-
-async fn find_in<T>(
-    coll: &mongodb::Collection<T>,
-    session: &mut ClientSession,
-    ids: &[String],
-    batch: usize,
-) -> Result<Vec<T>, Attempt>
-where
-    T: serde::de::DeserializeOwned + Send + Sync,
-{
-    let mut out = Vec::new();
-    for chunk in ids.chunks(batch) {
-        let mut cursor = coll
-            .find(doc! { "_id": { "$in": chunk } })
-            .session(&mut *session)
-            .await?;
-        let docs: Vec<T> = cursor.stream(&mut *session).try_collect().await?;
-        out.extend(docs);
-    }
-    Ok(out)
-}
-
-/// Run write statements in the transaction; any statement that met a changed document (or
-/// did not match) aborts the attempt.
-async fn write_all(
-    store: &MongoStore,
-    session: &mut ClientSession,
-    collection: &str,
-    statements: Vec<Document>,
-    insert: bool,
-) -> Result<(), Attempt> {
-    for chunk in statements.chunks(store.batch_size) {
-        let command = if insert {
-            insert_command(collection, chunk.to_vec(), true)
-        } else {
-            update_command(collection, chunk.to_vec(), true)
-        };
-        let reply = write_reply(&store.db.run_command(command).session(&mut *session).await?)?;
-        if !reply.conflicts.is_empty() || reply.n != chunk.len() as i64 {
-            return Err(Attempt::Retry(format!(
-                "{collection} changed under the transaction"
-            )));
-        }
-    }
-    Ok(())
-}
-
 impl MongoStore {
-    /// One attempt of the fold transaction (started by the caller).
+    /// The body of the fold transaction ([`MongoStore::in_transaction`]).
     async fn fold_in(
         &self,
         session: &mut ClientSession,
         messages: &[&MessageRecord],
         cumulative: &[String],
         watermark: i64,
-    ) -> Result<FoldReport, Attempt> {
+    ) -> Result<FoldReport, StoreError> {
         let ids: Vec<String> = messages
             .iter()
             .map(|m| key_id(&m.tenant, &m.device_id, m.seq_no))
@@ -432,22 +338,6 @@ impl MongoStore {
         Ok(report)
     }
 
-    async fn commit(session: &mut ClientSession) -> Result<(), Attempt> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match session.commit_transaction().await {
-                Ok(()) => return Ok(()),
-                Err(e)
-                    if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) && tries < COMMITS =>
-                {
-                    tracing::warn!(error = %e, "roll-up commit outcome unknown; committing again");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
     async fn bucket_docs(
         &self,
         collection: &str,
@@ -484,48 +374,13 @@ impl RollupStore for MongoStore {
             .filter(|m| in_batch.insert(key_id(&m.tenant, &m.device_id, m.seq_no)))
             .collect();
         let repeated = (messages.len() - unique.len()) as u64;
-        let mut session = self
-            .db
-            .client()
-            .start_session()
-            .await
-            .map_err(mongo_error)?;
-        let mut concern = WriteConcern::majority();
-        concern.journal = Some(true);
-        let mut why = String::new();
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(10 << attempt.min(6))).await;
-            }
-            session
-                .start_transaction()
-                .read_concern(ReadConcern::snapshot())
-                .write_concern(concern.clone())
-                .await
-                .map_err(mongo_error)?;
-            let outcome = match self
-                .fold_in(&mut session, &unique, cumulative, watermark)
-                .await
-            {
-                Ok(report) => Self::commit(&mut session).await.map(|()| report),
-                Err(e) => {
-                    // The server may have aborted it already; either way it is over.
-                    let _ = session.abort_transaction().await;
-                    Err(e)
-                }
-            };
-            match outcome {
-                Ok(mut report) => {
-                    report.duplicates += repeated;
-                    return Ok(report);
-                }
-                Err(Attempt::Retry(reason)) => why = reason,
-                Err(Attempt::Fail(e)) => return Err(e),
-            }
-        }
-        Err(StoreError::Conflict(format!(
-            "roll-up transaction did not commit after {ATTEMPTS} attempts: {why}"
-        )))
+        let mut report = self
+            .in_transaction(async |session| {
+                self.fold_in(session, &unique, cumulative, watermark).await
+            })
+            .await?;
+        report.duplicates += repeated;
+        Ok(report)
     }
 
     async fn watermark(&self) -> Result<i64, StoreError> {
@@ -609,17 +464,6 @@ impl RollupStore for MongoStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_replica_sets_and_mongos_run_transactions() {
-        assert!(supports_transactions(
-            &doc! { "isWritablePrimary": true, "setName": "rs0" }
-        ));
-        assert!(supports_transactions(
-            &doc! { "isWritablePrimary": true, "msg": "isdbgrid" }
-        ));
-        assert!(!supports_transactions(&doc! { "isWritablePrimary": true }));
-    }
 
     fn bucket(granularity: &str, start: i64) -> Bucket {
         let key = ("acme", "m-1", "energy", granularity, start);

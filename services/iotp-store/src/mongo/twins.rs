@@ -4,9 +4,11 @@
 //! shared [`fold`] (so the rules are the embedded store's), and writes each changed twin back
 //! with optimistic concurrency: an upserting update whose filter names the `version` read.
 //! If another writer (an enricher replica, `mark_offline`) changed the twin meanwhile, the
-//! filter misses, the upsert collides with the existing `_id` (duplicate key), and that twin is
-//! read and folded again. `seqGaps` belongs to the upserter (`update_seq_gaps`): a fold never
-//! writes it, so neither writer undoes the other.
+//! filter misses, the upsert collides with the existing `_id` (duplicate key): the other twins
+//! of the batch are written and the batch fails with [`StoreError::Conflict`]. Applying the
+//! batch again converges: a twin already written folds to itself (the fold is idempotent) and
+//! is not written again, a changed one is read and folded again. `seqGaps` belongs to the
+//! upserter (`update_seq_gaps`): a fold never writes it, so neither writer undoes the other.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,10 +21,6 @@ use super::command::{update_command, write_reply};
 use super::{MongoStore, TWINS};
 use crate::fold::fold;
 use crate::{LastValue, Observation, StoreError, Twin, TwinStore};
-
-/// How often one batch re-reads twins that changed under it before the batch fails (and the
-/// runtime retries it).
-const ATTEMPTS: usize = 10;
 
 /// The `_id` of a twin (the same the upserter's `update_seq_gaps` writes to).
 pub(crate) fn twin_id(tenant: &str, device_id: &str) -> String {
@@ -169,7 +167,8 @@ pub(crate) fn offline_filter(now_ms: i64, missed: u32) -> Document {
     }
 }
 
-/// The update `mark_offline` applies (and the version bump that makes concurrent folds retry).
+/// The update `mark_offline` applies (and the version bump that makes a concurrent fold's
+/// conditional write miss: a conflict for that fold).
 pub(crate) fn offline_update() -> Document {
     doc! { "$set": { "online": false }, "$addToSet": { "alarms": "offline" }, "$inc": { "version": 1i64 } }
 }
@@ -201,49 +200,43 @@ impl TwinStore for MongoStore {
                 .or_default()
                 .push(obs);
         }
-        let mut pending: Vec<String> = by_twin.keys().cloned().collect();
-        for _ in 0..ATTEMPTS {
-            if pending.is_empty() {
-                return Ok(());
-            }
-            let current = self.read_twins(&pending).await?;
-            let mut ids = Vec::new();
-            let mut statements = Vec::new();
-            for id in &pending {
-                let stored = current.get(id);
-                let before = stored.map(TwinDoc::twin);
-                let after = by_twin[id]
-                    .iter()
-                    .fold(before.clone(), |t, obs| Some(fold(t, obs)));
-                match after {
-                    Some(t) if Some(&t) != before.as_ref() => {
-                        ids.push(id.clone());
-                        statements.push(twin_update(&t, stored.map_or(0, |d| d.version))?);
-                    }
-                    // A replay or an older message: nothing to write.
-                    _ => {}
+        let ids: Vec<String> = by_twin.keys().cloned().collect();
+        let current = self.read_twins(&ids).await?;
+        let mut changed = Vec::new();
+        let mut statements = Vec::new();
+        for (id, batch) in &by_twin {
+            let stored = current.get(id);
+            let before = stored.map(TwinDoc::twin);
+            let after = batch
+                .iter()
+                .fold(before.clone(), |t, obs| Some(fold(t, obs)));
+            match after {
+                Some(t) if Some(&t) != before.as_ref() => {
+                    changed.push(id);
+                    statements.push(twin_update(&t, stored.map_or(0, |d| d.version))?);
                 }
+                // A replay or an older message: nothing to write.
+                _ => {}
             }
-            let mut conflicts = Vec::new();
-            for (chunk_no, chunk) in statements.chunks(self.batch_size).enumerate() {
-                let reply = self
-                    .db
-                    .run_command(update_command(TWINS, chunk.to_vec(), false))
-                    .await
-                    .map_err(mongo_error)?;
-                for i in write_reply(&reply)?.conflicts {
-                    conflicts.push(ids[chunk_no * self.batch_size + i].clone());
-                }
+        }
+        let mut conflicts = Vec::new();
+        for (chunk_no, chunk) in statements.chunks(self.batch_size).enumerate() {
+            let reply = self
+                .db
+                .run_command(update_command(TWINS, chunk.to_vec(), false))
+                .await
+                .map_err(mongo_error)?;
+            for i in write_reply(&reply)?.conflicts {
+                conflicts.push(changed[chunk_no * self.batch_size + i]);
             }
-            pending = conflicts;
         }
-        if pending.is_empty() {
-            return Ok(());
+        match conflicts.first() {
+            None => Ok(()),
+            Some(first) => Err(StoreError::Conflict(format!(
+                "{} twins changed since this batch read them (first {first}); the others were written",
+                conflicts.len()
+            ))),
         }
-        Err(StoreError::Conflict(format!(
-            "{} twins kept changing under this batch; retry later",
-            pending.len()
-        )))
     }
 
     async fn twin(&self, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {

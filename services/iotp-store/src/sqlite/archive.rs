@@ -98,9 +98,11 @@ impl DeadLetterArchive for SqliteStore {
         let ids = ids.to_vec();
         self.with(move |conn| {
             let tx = write_transaction(conn)?;
+            // Once per `at`: the same call made again after a failure counts nothing twice.
             for id in &ids {
                 tx.execute(
-                    "UPDATE dead_letters SET replayed_at = ?2, replays = replays + 1 WHERE id = ?1",
+                    "UPDATE dead_letters SET replayed_at = ?2, replays = replays + 1
+                     WHERE id = ?1 AND replayed_at IS NOT ?2",
                     params![id, at],
                 )
                 .map_err(sqlite_error)?;
