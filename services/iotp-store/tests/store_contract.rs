@@ -8,7 +8,7 @@
 use iotp_core::contract::DeadLetter;
 use iotp_store::{
     DeadLetterArchive, FoldReport, LetterFilter, MessageRecord, Observation, ReadingStore,
-    Retention, RollupStore, Store, StoreConfig, TwinStore, WriteReport,
+    RollupStore, Store, StoreConfig, TwinStore, WriteReport,
 };
 
 /// `prefix` plus 10 random hex digits: a tenant, file or database of this run only.
@@ -447,7 +447,7 @@ async fn embedded_store_keeps_the_contract() {
         path: path.clone(),
         ..StoreConfig::default()
     };
-    let store = config.open(Retention::default()).await.unwrap();
+    let store = config.open().await.unwrap();
     assert!(matches!(store, Store::Embedded(_)));
     keeps_the_contract(&store).await;
     let _ = std::fs::remove_file(path);
@@ -464,7 +464,7 @@ async fn mongodb_store_keeps_the_contract() {
         mongodb_database: unique("iotp_contract_"),
         ..StoreConfig::default()
     };
-    let store = config.open(Retention::default()).await.unwrap();
+    let store = config.open().await.unwrap();
     assert!(matches!(store, Store::Mongo(_)));
     keeps_the_contract(&store).await;
 }
