@@ -6,7 +6,7 @@
 //! `mongo::command::mongo_error`).
 
 /// A failed store operation, by what to do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot serve the operation right now: the connection was lost or timed out,
     /// no MongoDB server could be selected (election, network), the server is shutting down or

@@ -5,90 +5,45 @@
 //! runs about once a minute), so the contract's count holds on both backends.
 
 use futures::TryStreamExt;
+use iotp_core::contract::DeadLetter;
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{doc, Binary, Bson, DateTime, Document};
-use serde::{Deserialize, Serialize};
-
-use iotp_core::contract::DeadLetter;
 
 use super::command::mongo_error;
+use super::fields::Fields;
 use super::{MongoStore, DEAD_LETTERS};
 use crate::{Archived, DeadLetterArchive, LetterFilter, StoreError};
 
 /// Letters listed when the filter sets no limit.
 const DEFAULT_LIMIT: usize = 1000;
 
-/// An archived dead letter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct LetterDoc {
-    /// The dead letter's id.
-    #[serde(rename = "_id")]
-    pub id: String,
-    /// Stage.
-    pub stage: String,
-    /// Reason code.
-    pub reason: String,
-    /// Error text.
-    pub error: String,
-    /// Source topic.
-    pub source_topic: Option<String>,
-    /// Source partition.
-    pub source_partition: Option<i32>,
-    /// Source offset.
-    pub source_offset: Option<i64>,
-    /// Record key.
-    pub key: Option<Binary>,
-    /// Original bytes.
-    pub payload: Binary,
-    /// Tenant.
-    pub tenant: Option<String>,
-    /// Device.
-    pub device_id: Option<String>,
-    /// Attempts.
-    pub attempts: i32,
-    /// First failure.
-    pub first_failure_at: DateTime,
-    /// Last failure.
-    pub last_failure_at: DateTime,
-    /// Parked.
-    pub parked_at: DateTime,
-    /// When the archive may forget it (the TTL field).
-    pub expires_at: DateTime,
-    /// Last replay.
-    #[serde(default)]
-    pub replayed_at: Option<DateTime>,
-    /// Replays.
-    #[serde(default)]
-    pub replays: i64,
-}
-
-impl LetterDoc {
-    /// The archived letter.
-    pub(crate) fn archived(self) -> Archived {
-        Archived {
-            letter: DeadLetter {
-                id: self.id,
-                stage: self.stage,
-                reason_code: self.reason,
-                error: self.error,
-                source_topic: self.source_topic,
-                source_partition: self.source_partition,
-                source_offset: self.source_offset,
-                key: self.key.map(|k| k.bytes),
-                payload: self.payload.bytes,
-                tenant: self.tenant,
-                device_id: self.device_id,
-                attempts: self.attempts,
-                first_failure_at: self.first_failure_at.timestamp_millis(),
-                last_failure_at: self.last_failure_at.timestamp_millis(),
-            },
-            parked_at: self.parked_at.timestamp_millis(),
-            expires_at: self.expires_at.timestamp_millis(),
-            replayed_at: self.replayed_at.map(|d| d.timestamp_millis()),
-            replays: self.replays,
-        }
-    }
+/// The archived letter a stored document holds: the one mapping from the collection
+/// ([`archive_update`] writes it).
+pub(crate) fn archived_from(d: &Document) -> Result<Archived, StoreError> {
+    let what = format!("dead letter {}", d.get_str("_id").unwrap_or("without _id"));
+    let f = Fields::of(d, &what);
+    Ok(Archived {
+        letter: DeadLetter {
+            id: f.str("_id")?,
+            stage: f.str("stage")?,
+            reason_code: f.str("reason")?,
+            error: f.str("error")?,
+            source_topic: f.opt_str("sourceTopic")?,
+            source_partition: f.opt_i32("sourcePartition")?,
+            source_offset: f.opt_i64("sourceOffset")?,
+            key: f.opt_bytes("key")?,
+            payload: f.bytes("payload")?,
+            tenant: f.opt_str("tenant")?,
+            device_id: f.opt_str("deviceId")?,
+            attempts: f.i32("attempts")?,
+            first_failure_at: f.millis("firstFailureAt")?,
+            last_failure_at: f.millis("lastFailureAt")?,
+        },
+        parked_at: f.millis("parkedAt")?,
+        expires_at: f.millis("expiresAt")?,
+        replayed_at: f.opt_millis("replayedAt")?,
+        replays: f.opt_i64("replays")?.unwrap_or(0),
+    })
 }
 
 fn binary(bytes: &[u8]) -> Bson {
@@ -183,9 +138,9 @@ impl DeadLetterArchive for MongoStore {
 
     async fn letters(&self, f: &LetterFilter) -> Result<Vec<Archived>, StoreError> {
         let limit = if f.limit == 0 { DEFAULT_LIMIT } else { f.limit };
-        let docs: Vec<LetterDoc> = self
+        let docs: Vec<Document> = self
             .db
-            .collection::<LetterDoc>(DEAD_LETTERS)
+            .collection::<Document>(DEAD_LETTERS)
             .find(letter_filter(f))
             .sort(doc! { "parkedAt": 1, "_id": 1 })
             .limit(limit as i64)
@@ -194,7 +149,7 @@ impl DeadLetterArchive for MongoStore {
             .try_collect()
             .await
             .map_err(mongo_error)?;
-        Ok(docs.into_iter().map(LetterDoc::archived).collect())
+        docs.iter().map(archived_from).collect()
     }
 
     async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
@@ -281,13 +236,21 @@ mod tests {
             );
         }
         stored.insert("_id", "enricher/iotp.validated/3/1042");
-        let back: LetterDoc = mongodb::bson::from_document(stored).expect("read");
-        let a = back.archived();
+        let a = archived_from(&stored).expect("read");
         assert_eq!(a.letter, letter());
         assert_eq!(
             (a.parked_at, a.expires_at, a.replayed_at, a.replays),
             (100, 200, None, 0)
         );
+        stored.insert("replayedAt", DateTime::from_millis(300));
+        stored.insert("replays", 2i32);
+        let a = archived_from(&stored).expect("read");
+        assert_eq!((a.replayed_at, a.replays), (Some(300), 2));
+        stored.remove("payload");
+        assert!(matches!(
+            archived_from(&stored),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -33,6 +33,7 @@ use command::mongo_error;
 
 mod archive;
 mod command;
+mod fields;
 mod readings;
 mod rollups;
 mod transaction;

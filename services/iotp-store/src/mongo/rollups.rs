@@ -25,11 +25,11 @@
 use std::collections::{HashMap, HashSet};
 
 use futures::TryStreamExt;
-use mongodb::bson::{self, doc, DateTime, Document};
+use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::ClientSession;
-use serde::{Deserialize, Serialize};
 
 use super::command::{mongo_error, update_command, write_reply};
+use super::fields::Fields;
 use super::transaction::{find_in, write_all};
 use super::{key_id, MongoStore, ROLLUPS_DAILY, ROLLUPS_HOURLY, ROLLUP_KEYS, ROLLUP_STATE};
 use crate::fold::fold_reading;
@@ -66,125 +66,77 @@ pub(crate) fn bucket_id(
     format!("{tenant}/{device}/{metric}/{granularity}/{start}")
 }
 
-/// A bucket document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct BucketDoc {
-    /// See [`bucket_id`].
-    #[serde(rename = "_id")]
-    pub id: String,
-    /// Tenant.
-    pub tenant: String,
-    /// Device id.
-    pub device_id: String,
-    /// Metric.
-    pub metric: String,
-    /// `hour` or `day`.
-    pub granularity: String,
-    /// Bucket start (the TTL field).
-    pub bucket_start: DateTime,
-    /// Bucket end.
-    pub bucket_end: DateTime,
-    /// Readings.
-    pub count: i64,
-    /// Sum.
-    pub sum: f64,
-    /// Minimum.
-    pub min: f64,
-    /// Maximum.
-    pub max: f64,
-    /// Value with the earliest event time.
-    pub first: f64,
-    /// Its time.
-    pub first_at: DateTime,
-    /// Value with the latest event time.
-    pub last: f64,
-    /// Its time.
-    pub last_at: DateTime,
-    /// Unit.
-    pub unit: Option<String>,
-    /// Cumulative counter.
-    pub cumulative: bool,
-    /// Grows with every change.
-    pub revision: i64,
-    /// Highest revision published.
-    #[serde(default)]
-    pub published_revision: i64,
-    /// `revision > publishedRevision` (what the partial index of due buckets holds).
-    #[serde(default)]
-    pub pending: bool,
+/// The document of a bucket that changed since it was last published (so `pending`): the one
+/// mapping to the collections; [`bucket_from`] reads it back. Field names are those stored
+/// since the first release; `publishedRevision` is set on insert only ([`bucket_update`]).
+pub(crate) fn bucket_doc(b: &Bucket) -> Document {
+    doc! {
+        "_id": bucket_id(&b.tenant, &b.device_id, &b.metric, &b.granularity, b.bucket_start),
+        "tenant": &b.tenant,
+        "deviceId": &b.device_id,
+        "metric": &b.metric,
+        "granularity": &b.granularity,
+        // The TTL field.
+        "bucketStart": DateTime::from_millis(b.bucket_start),
+        // Due-ness is by the end.
+        "bucketEnd": DateTime::from_millis(b.bucket_start + length(&b.granularity)),
+        "count": b.count,
+        "sum": b.sum,
+        "min": b.min,
+        "max": b.max,
+        "first": b.first,
+        "firstAt": DateTime::from_millis(b.first_at),
+        "last": b.last,
+        "lastAt": DateTime::from_millis(b.last_at),
+        "unit": b.unit.as_deref().map_or(Bson::Null, Bson::from),
+        "cumulative": b.cumulative,
+        "revision": b.revision,
+        // `revision > publishedRevision`: what the partial index of due buckets holds.
+        "pending": true,
+    }
 }
 
-impl BucketDoc {
-    /// The document of a bucket that changed since it was published.
-    pub(crate) fn new(b: &Bucket) -> Self {
-        Self {
-            id: bucket_id(
-                &b.tenant,
-                &b.device_id,
-                &b.metric,
-                &b.granularity,
-                b.bucket_start,
-            ),
-            tenant: b.tenant.clone(),
-            device_id: b.device_id.clone(),
-            metric: b.metric.clone(),
-            granularity: b.granularity.clone(),
-            bucket_start: DateTime::from_millis(b.bucket_start),
-            bucket_end: DateTime::from_millis(b.bucket_start + length(&b.granularity)),
-            count: b.count,
-            sum: b.sum,
-            min: b.min,
-            max: b.max,
-            first: b.first,
-            first_at: DateTime::from_millis(b.first_at),
-            last: b.last,
-            last_at: DateTime::from_millis(b.last_at),
-            unit: b.unit.clone(),
-            cumulative: b.cumulative,
-            revision: b.revision,
-            published_revision: 0,
-            pending: true,
-        }
-    }
-
-    /// The bucket.
-    pub(crate) fn bucket(&self) -> Bucket {
-        Bucket {
-            tenant: self.tenant.clone(),
-            device_id: self.device_id.clone(),
-            metric: self.metric.clone(),
-            granularity: self.granularity.clone(),
-            bucket_start: self.bucket_start.timestamp_millis(),
-            count: self.count,
-            sum: self.sum,
-            min: self.min,
-            max: self.max,
-            first: self.first,
-            first_at: self.first_at.timestamp_millis(),
-            last: self.last,
-            last_at: self.last_at.timestamp_millis(),
-            unit: self.unit.clone(),
-            cumulative: self.cumulative,
-            revision: self.revision,
-        }
-    }
+/// The bucket a stored document holds.
+pub(crate) fn bucket_from(d: &Document) -> Result<Bucket, StoreError> {
+    let what = format!("bucket {}", d.get_str("_id").unwrap_or("without _id"));
+    let f = Fields::of(d, &what);
+    Ok(Bucket {
+        tenant: f.str("tenant")?,
+        device_id: f.str("deviceId")?,
+        metric: f.str("metric")?,
+        granularity: f.str("granularity")?,
+        bucket_start: f.millis("bucketStart")?,
+        count: f.i64("count")?,
+        sum: f.f64("sum")?,
+        min: f.f64("min")?,
+        max: f.f64("max")?,
+        first: f.f64("first")?,
+        first_at: f.millis("firstAt")?,
+        last: f.f64("last")?,
+        last_at: f.millis("lastAt")?,
+        unit: f.opt_str("unit")?,
+        cumulative: f.bool("cumulative")?,
+        revision: f.i64("revision")?,
+    })
 }
 
 /// The statement writing a folded bucket if its stored revision is still `read_revision`
 /// (0: none stored, then it is inserted; a bucket stored meanwhile collides on `_id`).
-pub(crate) fn bucket_update(b: &Bucket, read_revision: i64) -> Result<Document, StoreError> {
-    let mut set = bson::to_document(&BucketDoc::new(b))
-        .map_err(|e| StoreError::Backend(format!("bucket as BSON: {e}")))?;
-    let id = set
-        .remove("_id")
-        .ok_or_else(|| StoreError::Backend("bucket without _id".into()))?;
-    set.remove("publishedRevision");
-    Ok(doc! {
+pub(crate) fn bucket_update(b: &Bucket, read_revision: i64) -> Document {
+    let mut set = bucket_doc(b);
+    set.remove("_id");
+    let id = bucket_id(
+        &b.tenant,
+        &b.device_id,
+        &b.metric,
+        &b.granularity,
+        b.bucket_start,
+    );
+    doc! {
         "q": { "_id": id, "revision": read_revision },
         "u": { "$set": set, "$setOnInsert": { "publishedRevision": 0i64 } },
         "upsert": true,
-    })
+    }
 }
 
 /// The document recording that a message was folded.
@@ -268,10 +220,18 @@ impl MongoStore {
         let mut read_revision: HashMap<String, i64> = HashMap::new();
         for (collection, ids) in &wanted {
             let ids: Vec<String> = ids.iter().cloned().collect();
-            let coll = self.db.collection::<BucketDoc>(collection);
+            let coll = self.db.collection::<Document>(collection);
             for d in find_in(&coll, session, &ids, self.batch_size).await? {
-                read_revision.insert(d.id.clone(), d.revision);
-                buckets.insert(d.id.clone(), d.bucket());
+                let b = bucket_from(&d)?;
+                let id = bucket_id(
+                    &b.tenant,
+                    &b.device_id,
+                    &b.metric,
+                    &b.granularity,
+                    b.bucket_start,
+                );
+                read_revision.insert(id.clone(), b.revision);
+                buckets.insert(id, b);
             }
         }
         // Each touched bucket once, in first-touched order.
@@ -322,7 +282,7 @@ impl MongoStore {
                 .push(bucket_update(
                     b,
                     read_revision.get(id).copied().unwrap_or(0),
-                )?);
+                ));
         }
         for (collection, statements) in statements {
             write_all(self, session, collection, statements, false).await?;
@@ -345,9 +305,9 @@ impl MongoStore {
         sort: Document,
         limit: i64,
     ) -> Result<Vec<Bucket>, StoreError> {
-        let docs: Vec<BucketDoc> = self
+        let docs: Vec<Document> = self
             .db
-            .collection::<BucketDoc>(collection)
+            .collection::<Document>(collection)
             .find(filter)
             .sort(sort)
             .limit(limit)
@@ -356,7 +316,7 @@ impl MongoStore {
             .try_collect()
             .await
             .map_err(mongo_error)?;
-        Ok(docs.iter().map(BucketDoc::bucket).collect())
+        docs.iter().map(bucket_from).collect()
     }
 }
 
@@ -479,26 +439,30 @@ mod tests {
         );
         assert_eq!(rollup_collection("hour"), "rollups_hourly");
         assert_eq!(rollup_collection("day"), "rollups_daily");
-        let d = BucketDoc::new(&bucket("day", 86_400_000));
-        assert_eq!(d.id, "acme/m-1/energy/day/86400000");
+        let b = bucket("day", 86_400_000);
+        let d = bucket_doc(&b);
+        assert_eq!(d.get_str("_id"), Ok("acme/m-1/energy/day/86400000"));
         assert_eq!(
+            (d.get_datetime("bucketStart"), d.get_datetime("bucketEnd")),
             (
-                d.bucket_start.timestamp_millis(),
-                d.bucket_end.timestamp_millis()
+                Ok(&DateTime::from_millis(86_400_000)),
+                Ok(&DateTime::from_millis(2 * 86_400_000))
             ),
-            (86_400_000, 2 * 86_400_000),
             "the TTL field is the start; due-ness is by the end"
         );
-        let stored = bson::to_document(&d).expect("bson");
-        let back: BucketDoc = bson::from_document(stored).expect("read");
-        assert_eq!(back.bucket(), bucket("day", 86_400_000));
+        // As stored: with the revision published so far.
+        let mut stored = d.clone();
+        stored.insert("publishedRevision", 1i64);
+        assert_eq!(bucket_from(&stored), Ok(b.clone()));
+        stored.insert("count", "two");
+        assert!(matches!(bucket_from(&stored), Err(StoreError::Corrupt(_))));
     }
 
     #[test]
     fn a_bucket_is_written_only_over_the_revision_read() {
         let b = bucket("hour", 0);
         assert_eq!((b.count, b.first, b.last, b.revision), (2, 3.0, 1.0, 2));
-        let s = bucket_update(&b, 0).expect("statement");
+        let s = bucket_update(&b, 0);
         assert_eq!(
             s.get_document("q").expect("q"),
             &doc! { "_id": "acme/m-1/energy/hour/0", "revision": 0i64 }
@@ -513,6 +477,29 @@ mod tests {
         assert_eq!(
             u.get_document("$setOnInsert").expect("insert"),
             &doc! { "publishedRevision": 0i64 }
+        );
+        // The statement in full, as sent since the first release: stored buckets stay readable.
+        let day = Bucket {
+            unit: None,
+            ..bucket("day", 86_400_000)
+        };
+        let at = DateTime::from_millis;
+        assert_eq!(
+            bucket_update(&day, 3),
+            doc! {
+                "q": { "_id": "acme/m-1/energy/day/86400000", "revision": 3i64 },
+                "u": {
+                    "$set": {
+                        "tenant": "acme", "deviceId": "m-1", "metric": "energy", "granularity": "day",
+                        "bucketStart": at(86_400_000), "bucketEnd": at(2 * 86_400_000),
+                        "count": 2i64, "sum": 4.0, "min": 1.0, "max": 3.0,
+                        "first": 3.0, "firstAt": at(86_400_005), "last": 1.0, "lastAt": at(86_400_010),
+                        "unit": null, "cumulative": true, "revision": 2i64, "pending": true,
+                    },
+                    "$setOnInsert": { "publishedRevision": 0i64 },
+                },
+                "upsert": true,
+            }
         );
     }
 
@@ -544,7 +531,7 @@ mod tests {
         let p = published_update(&bucket("hour", 0));
         assert_eq!(
             p.get_array("u").expect("pipeline")[0],
-            bson::Bson::from(
+            Bson::from(
                 doc! { "$set": { "publishedRevision": { "$max": [ "$publishedRevision", 2i64 ] } } }
             ),
             "published revision never goes down"

@@ -13,11 +13,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use futures::TryStreamExt;
-use mongodb::bson::{self, doc, DateTime, Document};
-use serde::{Deserialize, Serialize};
+use mongodb::bson::{doc, Bson, DateTime, Document};
 
-use super::command::mongo_error;
-use super::command::{update_command, write_reply};
+use super::command::{mongo_error, update_command, write_reply};
+use super::fields::Fields;
 use super::{MongoStore, TWINS};
 use crate::fold::fold;
 use crate::{LastValue, Observation, StoreError, Twin, TwinStore};
@@ -27,131 +26,88 @@ pub(crate) fn twin_id(tenant: &str, device_id: &str) -> String {
     format!("{tenant}/{device_id}")
 }
 
-/// A twin document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct TwinDoc {
-    /// `tenant/deviceId`.
-    #[serde(rename = "_id")]
-    pub id: String,
-    /// Tenant.
-    pub tenant: String,
-    /// Device id.
-    pub device_id: String,
-    /// Highest sequence number seen.
-    pub last_seq_no: i64,
-    /// Newest device time seen.
-    pub last_seen_at: DateTime,
-    /// Newest value of each metric (an array: metric names are data, not field names).
-    pub last_values: Vec<LastValueDoc>,
-    /// Firmware.
-    pub firmware: Option<String>,
-    /// Configuration version.
-    pub config_version: Option<String>,
-    /// Expected heartbeat interval, seconds.
-    pub heartbeat_secs: Option<i64>,
-    /// Online.
-    pub online: bool,
-    /// Active alarms.
-    pub alarms: Vec<String>,
-    /// Written by the upserter only.
-    #[serde(default)]
-    pub seq_gaps: i64,
-    /// Grows with every write; the optimistic-concurrency check.
-    #[serde(default)]
-    pub version: i64,
+/// The document of `t` at `version` (`version` grows with every write: the
+/// optimistic-concurrency check). The one mapping to the collection; [`twin_from`] reads it
+/// back. Field names are those stored since the first release.
+pub(crate) fn twin_doc(t: &Twin, version: i64) -> Document {
+    // An array: metric names are data, not field names.
+    let last_values: Vec<Document> = t
+        .last_values
+        .iter()
+        .map(|(metric, v)| {
+            doc! {
+                "metric": metric,
+                "value": v.value,
+                "unit": optional(v.unit.as_deref()),
+                "at": DateTime::from_millis(v.at),
+                "seqNo": v.seq_no,
+            }
+        })
+        .collect();
+    doc! {
+        "_id": twin_id(&t.tenant, &t.device_id),
+        "tenant": &t.tenant,
+        "deviceId": &t.device_id,
+        "lastSeqNo": t.last_seq_no,
+        "lastSeenAt": DateTime::from_millis(t.last_seen_at),
+        "lastValues": last_values,
+        "firmware": optional(t.firmware.as_deref()),
+        "configVersion": optional(t.config_version.as_deref()),
+        "heartbeatSecs": optional(t.heartbeat_secs.map(|h| h as i64)),
+        "online": t.online,
+        "alarms": &t.alarms,
+        // Written by the upserter only (`update_seq_gaps`).
+        "seqGaps": t.seq_gaps,
+        "version": version,
+    }
 }
 
-/// The newest value of one metric.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct LastValueDoc {
-    /// Metric.
-    pub metric: String,
-    /// Value.
-    pub value: f64,
-    /// Unit.
-    pub unit: Option<String>,
-    /// Device time.
-    pub at: DateTime,
-    /// Sequence number of the message that carried it.
-    pub seq_no: i64,
+/// The twin a document holds, and the document's `version` (0 if it has none yet).
+pub(crate) fn twin_from(d: &Document) -> Result<(Twin, i64), StoreError> {
+    let what = format!("twin {}", d.get_str("_id").unwrap_or("without _id"));
+    let f = Fields::of(d, &what);
+    let mut last_values = BTreeMap::new();
+    for v in f.documents("lastValues")? {
+        let v = Fields::of(v, &what);
+        let value = LastValue {
+            value: v.f64("value")?,
+            unit: v.opt_str("unit")?,
+            at: v.millis("at")?,
+            seq_no: v.i64("seqNo")?,
+        };
+        last_values.insert(v.str("metric")?, value);
+    }
+    let twin = Twin {
+        tenant: f.str("tenant")?,
+        device_id: f.str("deviceId")?,
+        last_seq_no: f.i64("lastSeqNo")?,
+        last_seen_at: f.millis("lastSeenAt")?,
+        last_values,
+        firmware: f.opt_str("firmware")?,
+        config_version: f.opt_str("configVersion")?,
+        heartbeat_secs: f.opt_i64("heartbeatSecs")?.map(|h| h.max(0) as u64),
+        online: f.bool("online")?,
+        alarms: f.strings("alarms")?,
+        seq_gaps: f.opt_i64("seqGaps")?.unwrap_or(0),
+    };
+    Ok((twin, f.opt_i64("version")?.unwrap_or(0)))
 }
 
-impl TwinDoc {
-    /// The document of `twin` at `version`.
-    pub(crate) fn new(t: &Twin, version: i64) -> Self {
-        Self {
-            id: twin_id(&t.tenant, &t.device_id),
-            tenant: t.tenant.clone(),
-            device_id: t.device_id.clone(),
-            last_seq_no: t.last_seq_no,
-            last_seen_at: DateTime::from_millis(t.last_seen_at),
-            last_values: t
-                .last_values
-                .iter()
-                .map(|(metric, v)| LastValueDoc {
-                    metric: metric.clone(),
-                    value: v.value,
-                    unit: v.unit.clone(),
-                    at: DateTime::from_millis(v.at),
-                    seq_no: v.seq_no,
-                })
-                .collect(),
-            firmware: t.firmware.clone(),
-            config_version: t.config_version.clone(),
-            heartbeat_secs: t.heartbeat_secs.map(|h| h as i64),
-            online: t.online,
-            alarms: t.alarms.clone(),
-            seq_gaps: t.seq_gaps,
-            version,
-        }
-    }
-
-    /// The twin this document holds.
-    pub(crate) fn twin(&self) -> Twin {
-        Twin {
-            tenant: self.tenant.clone(),
-            device_id: self.device_id.clone(),
-            last_seq_no: self.last_seq_no,
-            last_seen_at: self.last_seen_at.timestamp_millis(),
-            last_values: self
-                .last_values
-                .iter()
-                .map(|v| {
-                    let value = LastValue {
-                        value: v.value,
-                        unit: v.unit.clone(),
-                        at: v.at.timestamp_millis(),
-                        seq_no: v.seq_no,
-                    };
-                    (v.metric.clone(), value)
-                })
-                .collect::<BTreeMap<_, _>>(),
-            firmware: self.firmware.clone(),
-            config_version: self.config_version.clone(),
-            heartbeat_secs: self.heartbeat_secs.map(|h| h.max(0) as u64),
-            online: self.online,
-            alarms: self.alarms.clone(),
-            seq_gaps: self.seq_gaps,
-        }
-    }
+fn optional<T: Into<Bson>>(v: Option<T>) -> Bson {
+    v.map_or(Bson::Null, Into::into)
 }
 
 /// The update statement that writes `twin` if the stored twin is still at `version` (0: none
 /// stored yet, then it is inserted). Everything the fold owns is set; `seqGaps` only on insert.
-pub(crate) fn twin_update(twin: &Twin, version: i64) -> Result<Document, StoreError> {
-    let mut set = bson::to_document(&TwinDoc::new(twin, version + 1))
-        .map_err(|e| StoreError::Backend(format!("twin as BSON: {e}")))?;
-    let id = set
-        .remove("_id")
-        .ok_or_else(|| StoreError::Backend("twin without _id".into()))?;
+pub(crate) fn twin_update(twin: &Twin, version: i64) -> Document {
+    let mut set = twin_doc(twin, version + 1);
+    set.remove("_id");
     set.remove("seqGaps");
-    Ok(doc! {
-        "q": { "_id": id, "version": version },
+    doc! {
+        "q": { "_id": twin_id(&twin.tenant, &twin.device_id), "version": version },
         "u": { "$set": set, "$setOnInsert": { "seqGaps": 0i64 } },
         "upsert": true,
-    })
+    }
 }
 
 /// The filter of twins that missed `missed` heartbeats by `now_ms`: online, with a known
@@ -174,18 +130,22 @@ pub(crate) fn offline_update() -> Document {
 }
 
 impl MongoStore {
-    async fn read_twins(&self, ids: &[String]) -> Result<HashMap<String, TwinDoc>, StoreError> {
-        let coll = self.db.collection::<TwinDoc>(TWINS);
+    /// The stored twins with these ids, with their versions, by id.
+    async fn read_twins(&self, ids: &[String]) -> Result<HashMap<String, (Twin, i64)>, StoreError> {
+        let coll = self.db.collection::<Document>(TWINS);
         let mut out = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(self.batch_size) {
-            let docs: Vec<TwinDoc> = coll
+            let docs: Vec<Document> = coll
                 .find(doc! { "_id": { "$in": chunk } })
                 .await
                 .map_err(mongo_error)?
                 .try_collect()
                 .await
                 .map_err(mongo_error)?;
-            out.extend(docs.into_iter().map(|d| (d.id.clone(), d)));
+            for d in &docs {
+                let (twin, version) = twin_from(d)?;
+                out.insert(twin_id(&twin.tenant, &twin.device_id), (twin, version));
+            }
         }
         Ok(out)
     }
@@ -206,14 +166,14 @@ impl TwinStore for MongoStore {
         let mut statements = Vec::new();
         for (id, batch) in &by_twin {
             let stored = current.get(id);
-            let before = stored.map(TwinDoc::twin);
+            let before = stored.map(|(twin, _)| twin.clone());
             let after = batch
                 .iter()
                 .fold(before.clone(), |t, obs| Some(fold(t, obs)));
             match after {
                 Some(t) if Some(&t) != before.as_ref() => {
                     changed.push(id);
-                    statements.push(twin_update(&t, stored.map_or(0, |d| d.version))?);
+                    statements.push(twin_update(&t, stored.map_or(0, |(_, version)| *version)));
                 }
                 // A replay or an older message: nothing to write.
                 _ => {}
@@ -242,11 +202,14 @@ impl TwinStore for MongoStore {
     async fn twin(&self, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
         let found = self
             .db
-            .collection::<TwinDoc>(TWINS)
+            .collection::<Document>(TWINS)
             .find_one(doc! { "_id": twin_id(tenant, device_id) })
             .await
             .map_err(mongo_error)?;
-        Ok(found.as_ref().map(TwinDoc::twin))
+        found
+            .as_ref()
+            .map(|d| twin_from(d).map(|(twin, _)| twin))
+            .transpose()
     }
 
     async fn mark_offline(&self, now_ms: i64, missed: u32) -> Result<u64, StoreError> {
@@ -277,28 +240,42 @@ mod tests {
     }
 
     #[test]
-    fn a_twin_survives_its_document() {
+    fn a_twin_survives_its_document_whose_shape_is_the_stored_one() {
         let mut t = twin();
         t.seq_gaps = 3;
-        let d = TwinDoc::new(&t, 4);
-        assert_eq!(d.id, "acme/m-1");
-        assert_eq!(d.last_values[0].metric, "a.b", "metric names are values");
-        let stored = bson::to_document(&d).expect("bson");
-        assert_eq!(stored.get_i64("version").expect("version"), 4);
+        let at = DateTime::from_millis(1_700_000_000_000);
+        let d = twin_doc(&t, 4);
+        // The documents twins have had since the first release: existing ones stay readable.
         assert_eq!(
-            stored
-                .get_datetime("lastSeenAt")
-                .expect("date")
-                .timestamp_millis(),
-            1_700_000_000_000
+            d,
+            doc! {
+                "_id": "acme/m-1", "tenant": "acme", "deviceId": "m-1", "lastSeqNo": 7i64,
+                "lastSeenAt": at,
+                "lastValues": [
+                    { "metric": "a.b", "value": 1.5, "unit": "Wh", "at": at, "seqNo": 7i64 },
+                ],
+                "firmware": "1.2", "configVersion": null, "heartbeatSecs": 60i64,
+                "online": true, "alarms": [], "seqGaps": 3i64, "version": 4i64,
+            }
         );
-        let back: TwinDoc = bson::from_document(stored).expect("read");
-        assert_eq!(back.twin(), t);
+        assert_eq!(twin_from(&d), Ok((t.clone(), 4)));
+        // Written before `seqGaps` and `version` existed, or by another driver's integers.
+        let mut old = d.clone();
+        old.remove("seqGaps");
+        old.remove("version");
+        old.insert("lastSeqNo", 7i32);
+        assert_eq!(
+            twin_from(&old),
+            Ok((Twin { seq_gaps: 0, ..t }, 0)),
+            "missing counters are 0"
+        );
+        old.insert("lastSeenAt", "yesterday");
+        assert!(matches!(twin_from(&old), Err(StoreError::Corrupt(_))));
     }
 
     #[test]
     fn writes_are_conditional_on_the_version_read_and_leave_seq_gaps_alone() {
-        let s = twin_update(&twin(), 4).expect("statement");
+        let s = twin_update(&twin(), 4);
         assert_eq!(
             s.get_document("q").expect("q"),
             &doc! { "_id": "acme/m-1", "version": 4i64 }
@@ -313,7 +290,7 @@ mod tests {
             u.get_document("$setOnInsert").expect("insert only"),
             &doc! { "seqGaps": 0i64 }
         );
-        let new = twin_update(&twin(), 0).expect("statement");
+        let new = twin_update(&twin(), 0);
         assert_eq!(
             new.get_document("q").expect("q"),
             &doc! { "_id": "acme/m-1", "version": 0i64 },

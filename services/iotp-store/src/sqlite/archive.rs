@@ -2,10 +2,42 @@
 //! expiry by each letter's own `expires_at` (deleted by `prune_letters`).
 
 use iotp_core::contract::DeadLetter;
-use rusqlite::params;
+use rusqlite::{params, Row};
 
 use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::{Archived, DeadLetterArchive, LetterFilter, StoreError};
+
+/// The columns [`archived_row`] reads, in its order.
+const ARCHIVED_COLUMNS: &str = "id, stage, reason, error, source_topic, source_partition, \
+     source_offset, key, payload, tenant, device_id, attempts, first_failure_at, last_failure_at, \
+     parked_at, expires_at, replayed_at, replays";
+
+/// A `dead_letters` row as an [`Archived`] letter: the one mapping from the table (columns
+/// [`ARCHIVED_COLUMNS`]).
+fn archived_row(r: &Row<'_>) -> rusqlite::Result<Archived> {
+    Ok(Archived {
+        letter: DeadLetter {
+            id: r.get(0)?,
+            stage: r.get(1)?,
+            reason_code: r.get(2)?,
+            error: r.get(3)?,
+            source_topic: r.get(4)?,
+            source_partition: r.get(5)?,
+            source_offset: r.get(6)?,
+            key: r.get(7)?,
+            payload: r.get(8)?,
+            tenant: r.get(9)?,
+            device_id: r.get(10)?,
+            attempts: r.get(11)?,
+            first_failure_at: r.get(12)?,
+            last_failure_at: r.get(13)?,
+        },
+        parked_at: r.get(14)?,
+        expires_at: r.get(15)?,
+        replayed_at: r.get(16)?,
+        replays: r.get(17)?,
+    })
+}
 
 impl DeadLetterArchive for SqliteStore {
     async fn archive(
@@ -37,13 +69,14 @@ impl DeadLetterArchive for SqliteStore {
     async fn letters(&self, f: &LetterFilter) -> Result<Vec<Archived>, StoreError> {
         let f = f.clone();
         self.with(move |conn| {
-            let mut sql = String::from(
-                "SELECT id, stage, reason, error, source_topic, source_partition, source_offset, key, payload, tenant, device_id,
-                        attempts, first_failure_at, last_failure_at, parked_at, expires_at, replayed_at, replays
-                 FROM dead_letters WHERE 1 = 1",
-            );
+            let mut sql = format!("SELECT {ARCHIVED_COLUMNS} FROM dead_letters WHERE 1 = 1");
             let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            for (column, value) in [("reason", &f.reason), ("stage", &f.stage), ("tenant", &f.tenant), ("device_id", &f.device_id)] {
+            for (column, value) in [
+                ("reason", &f.reason),
+                ("stage", &f.stage),
+                ("tenant", &f.tenant),
+                ("device_id", &f.device_id),
+            ] {
                 if let Some(v) = value {
                     args.push(v.clone().into());
                     sql.push_str(&format!(" AND {column} = ?{}", args.len()));
@@ -64,30 +97,7 @@ impl DeadLetterArchive for SqliteStore {
             sql.push_str(&format!(" ORDER BY parked_at, id LIMIT {limit}"));
             let mut stmt = conn.prepare(&sql).map_err(sqlite_error)?;
             let rows = stmt
-                .query_map(rusqlite::params_from_iter(args), |r| {
-                    Ok(Archived {
-                        letter: DeadLetter {
-                            id: r.get(0)?,
-                            stage: r.get(1)?,
-                            reason_code: r.get(2)?,
-                            error: r.get(3)?,
-                            source_topic: r.get(4)?,
-                            source_partition: r.get(5)?,
-                            source_offset: r.get(6)?,
-                            key: r.get(7)?,
-                            payload: r.get(8)?,
-                            tenant: r.get(9)?,
-                            device_id: r.get(10)?,
-                            attempts: r.get(11)?,
-                            first_failure_at: r.get(12)?,
-                            last_failure_at: r.get(13)?,
-                        },
-                        parked_at: r.get(14)?,
-                        expires_at: r.get(15)?,
-                        replayed_at: r.get(16)?,
-                        replays: r.get(17)?,
-                    })
-                })
+                .query_map(rusqlite::params_from_iter(args), archived_row)
                 .map_err(sqlite_error)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
         })

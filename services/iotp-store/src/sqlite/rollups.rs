@@ -13,9 +13,12 @@ use crate::{Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULAR
 /// (tenant, deviceId, metric, granularity, bucket start).
 type BucketKey<'a> = (&'a str, &'a str, &'a str, &'a str, i64);
 
+/// The columns [`bucket_row`] reads, in its order (and the first 16 the fold writes).
 const BUCKET_COLUMNS: &str = "tenant, device_id, metric, granularity, bucket_start, count, sum, min, max, first, first_at, last, last_at, unit, cumulative, revision";
 
-fn read_bucket(r: &rusqlite::Row<'_>) -> rusqlite::Result<Bucket> {
+/// A `rollups` row as a [`Bucket`]: the one mapping from the table (columns
+/// [`BUCKET_COLUMNS`]).
+fn bucket_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Bucket> {
     Ok(Bucket {
         tenant: r.get(0)?,
         device_id: r.get(1)?,
@@ -82,7 +85,7 @@ impl RollupStore for SqliteStore {
                                 Entry::Occupied(e) => e.into_mut(),
                                 Entry::Vacant(e) => {
                                     let current = read
-                                        .query_row(params![m.tenant, m.device_id, metric, granularity, start], read_bucket)
+                                        .query_row(params![m.tenant, m.device_id, metric, granularity, start], bucket_row)
                                         .optional()
                                         .map_err(sqlite_error)?;
                                     e.insert((current, start + len))
@@ -141,7 +144,7 @@ impl RollupStore for SqliteStore {
                      ORDER BY bucket_end LIMIT ?2"
                 ))
                 .map_err(sqlite_error)?;
-            let rows = stmt.query_map(params![lateness_ms, limit as i64], read_bucket).map_err(sqlite_error)?;
+            let rows = stmt.query_map(params![lateness_ms, limit as i64], bucket_row).map_err(sqlite_error)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
         })
         .await
@@ -172,7 +175,7 @@ impl RollupStore for SqliteStore {
                     "SELECT {BUCKET_COLUMNS} FROM rollups WHERE tenant = ?1 AND device_id = ?2 ORDER BY granularity, metric, bucket_start"
                 ))
                 .map_err(sqlite_error)?;
-            let rows = stmt.query_map(params![tenant, device_id], read_bucket).map_err(sqlite_error)?;
+            let rows = stmt.query_map(params![tenant, device_id], bucket_row).map_err(sqlite_error)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
         })
         .await
