@@ -4,21 +4,24 @@
 //! | --- | --- | --- |
 //! | `readings` | time series (timeField `t`, metaField `meta` = tenant/deviceId/metric, granularity `minutes`) | `expireAfterSeconds` = raw tier |
 //! | `message_keys` | `_id` = `tenant/deviceId/seqNo`: the uniqueness time series lack | TTL on `expireAt` (raw tier) |
-//! | `twins` | `_id` = `tenant/deviceId`, optimistic concurrency on `version` ([`twins`]) | none |
-//! | `rollups_hourly`, `rollups_daily` | one document per bucket ([`rollups`]) | TTL on `bucketStart`: `retention.hourly`, `retention.daily` |
+//! | `twins` | `_id` = `tenant/deviceId`, optimistic concurrency on `version` (`twins.rs`) | none |
+//! | `rollups_hourly`, `rollups_daily` | one document per bucket (`rollups.rs`) | TTL on `bucketStart`: `retention.hourly`, `retention.daily` |
 //! | `rollup_keys` | `_id` = `tenant/deviceId/seqNo`: messages folded into roll-ups | TTL on `producedAt` (raw tier) |
 //! | `rollup_state` | the watermark | none |
-//! | `dead_letters` | `_id` = dead-letter id ([`archive`]) | TTL on `expiresAt` (`expireAfterSeconds: 0`: each letter's own expiry) |
+//! | `dead_letters` | `_id` = dead-letter id (`archive.rs`) | TTL on `expiresAt` (`expireAfterSeconds: 0`: each letter's own expiry) |
 //!
 //! Time-series collections cannot enforce a unique key, so exactly-once goes through
-//! `message_keys` (see [`readings`]). Writes use write concern
+//! `message_keys` (see `readings.rs`). Writes use write concern
 //! `majority` with journaling, unordered batches of at most `batch_size` documents.
 //! Roll-ups are folded in multi-document transactions, which need a replica set or a sharded
-//! cluster (see [`rollups`]).
+//! cluster (see `rollups.rs`).
 //!
-//! `MongoStore::connect` creates every collection and index if missing and applies the
+//! `MongoStore::connect` (here) creates every collection and index if missing and applies the
 //! given [`Retention`] to the existing ones (`collMod`), so every service that opens the store
-//! must be given the same retention.
+//! must be given the same retention. The contract is implemented per concern in `twins.rs`,
+//! `readings.rs`, `rollups.rs` (with its documents in `buckets.rs`) and `archive.rs`;
+//! `transaction.rs` runs multi-document transactions, `command.rs` builds batched write commands
+//! and classifies every error, `fields.rs` reads stored documents.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -32,6 +35,7 @@ use crate::{PruneReport, Pruning, Retention, StoreError};
 use command::mongo_error;
 
 mod archive;
+mod buckets;
 mod command;
 mod fields;
 mod readings;
@@ -41,7 +45,7 @@ mod twins;
 
 pub use readings::reading_docs;
 
-/// Collection names.
+/// Collection of raw readings (time series).
 pub(crate) const READINGS: &str = "readings";
 /// Collection of dedup keys.
 pub(crate) const MESSAGE_KEYS: &str = "message_keys";
@@ -161,16 +165,22 @@ fn indexed_collections(retention: &Retention) -> Vec<(&'static str, Document, Op
     ]
 }
 
+/// The `_id` of a message's key in `message_keys` and `rollup_keys`.
 fn key_id(tenant: &str, device: &str, seq_no: i64) -> String {
     format!("{tenant}/{device}/{seq_no}")
 }
 
-/// A MongoDB store.
+/// The MongoDB backend of the store: a connected database whose collections and indexes
+/// exist. Cheap to clone (the driver's client is shared).
 #[derive(Clone)]
 pub struct MongoStore {
     db: Database,
+    /// The tiers the TTLs were set from; message keys expire with the raw tier.
     retention: Retention,
+    /// This store's name on the message keys it leases (`pid-startMillis`): a call made again
+    /// takes its own pending keys back at once.
     owner: String,
+    /// Statements or documents per command.
     batch_size: usize,
 }
 

@@ -1,7 +1,7 @@
 //! The embedded store: SQLite in WAL mode, one file, no server. The default for `make demo`
 //! and for machines without MongoDB. This module opens the file (pragmas, schema, upgrades of
 //! files from older versions) and runs each operation on the blocking pool; the contract is
-//! implemented per concern in [`twins`], [`readings`], [`rollups`], [`archive`] and [`prune`].
+//! implemented per concern in `twins.rs`, `readings.rs`, `rollups.rs`, `archive.rs` and `prune.rs`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
