@@ -11,15 +11,15 @@ use crate::StoreError;
 /// A parked dead letter in the archive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Archived {
-    /// The dead letter.
+    /// The dead letter as the failing stage produced it (original bytes included).
     pub letter: DeadLetter,
     /// When it was parked, epoch ms.
     pub parked_at: i64,
     /// When the archive may forget it, epoch ms.
     pub expires_at: i64,
-    /// When it was last replayed, if ever.
+    /// When it was last replayed, epoch ms, if it was since it was last parked.
     pub replayed_at: Option<i64>,
-    /// How often it was replayed.
+    /// How often it was replayed, over all its parkings.
     pub replays: i64,
 }
 
@@ -29,13 +29,13 @@ pub struct Archived {
 pub struct LetterFilter {
     /// Exactly these ids (empty: any).
     pub ids: Vec<String>,
-    /// Reason code.
+    /// Only this reason code (`unknown_device`, …).
     pub reason: Option<String>,
-    /// Stage.
+    /// Only letters of this stage (`enricher`, …).
     pub stage: Option<String>,
-    /// Tenant.
+    /// Only this tenant's letters.
     pub tenant: Option<String>,
-    /// Device.
+    /// Only this device's letters.
     pub device_id: Option<String>,
     /// Also those already replayed.
     pub include_replayed: bool,

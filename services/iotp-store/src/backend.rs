@@ -11,12 +11,13 @@ use crate::{
     TwinStore, WriteReport,
 };
 
-/// The configured store.
+/// The configured store: whichever backend [`crate::StoreConfig::open`] picked, keeping the
+/// whole contract. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub enum Store {
-    /// SQLite, one file.
+    /// The embedded store: SQLite, one file shared by the services of one machine.
     Embedded(SqliteStore),
-    /// MongoDB.
+    /// MongoDB (production): a replica set or sharded cluster.
     Mongo(MongoStore),
 }
 

@@ -10,23 +10,23 @@ use crate::StoreError;
 /// One message's readings: the unit of idempotency is (tenant, deviceId, seqNo).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageRecord {
-    /// Tenant.
+    /// Tenant (an MQTT topic level: no `/`).
     pub tenant: String,
-    /// Device id.
+    /// Device id, unique within the tenant (no `/`).
     pub device_id: String,
-    /// Device sequence number.
+    /// The device's own sequence number: with tenant and device, the idempotency key.
     pub seq_no: i64,
-    /// Device message id.
+    /// Message id the device gave it (kept for audits; not a key).
     pub msg_id: String,
     /// Device time, epoch ms.
     pub produced_at: i64,
     /// Bridge time, epoch ms.
     pub received_at: i64,
-    /// Site tag.
+    /// Site tag from the registry, if the device has one.
     pub site: Option<String>,
-    /// Asset tag.
+    /// Asset tag from the registry, if the device has one.
     pub asset: Option<String>,
-    /// Profile.
+    /// Device profile name from the registry (which metrics, units, heartbeat).
     pub profile: String,
     /// `(metric, value, unit)` in canonical units.
     pub readings: Vec<(String, f64, Option<String>)>,
@@ -66,15 +66,15 @@ pub struct WriteReport {
 /// One stored message as an audit sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredMessage {
-    /// Device id.
+    /// Device id (the tenant is the query's).
     pub device_id: String,
-    /// Device sequence number.
+    /// The device's sequence number.
     pub seq_no: i64,
-    /// Device message id.
+    /// Message id the device gave it.
     pub msg_id: String,
     /// Device time, epoch ms.
     pub produced_at: i64,
-    /// When the store took it, epoch ms.
+    /// When the store took it (store clock), epoch ms.
     pub stored_at: i64,
     /// Readings stored for it (more than the device sent means a duplicate).
     pub readings: i64,

@@ -9,37 +9,38 @@ use crate::{MessageRecord, StoreError};
 /// A roll-up bucket of one metric of one device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bucket {
-    /// Tenant.
+    /// Tenant; with device, metric, granularity and start, the bucket's key.
     pub tenant: String,
     /// Device id.
     pub device_id: String,
-    /// Metric.
+    /// Metric name, as in the readings.
     pub metric: String,
-    /// `hour` or `day`.
+    /// `hour` or `day` (see [`GRANULARITIES`]).
     pub granularity: String,
-    /// Bucket start, epoch ms (UTC).
+    /// Bucket start, epoch ms (UTC), a multiple of the granularity's length.
     pub bucket_start: i64,
-    /// Readings.
+    /// Readings folded in.
     pub count: i64,
-    /// Sum.
+    /// Sum of the values (the mean is `sum / count`).
     pub sum: f64,
-    /// Minimum.
+    /// Smallest value.
     pub min: f64,
-    /// Maximum.
+    /// Largest value.
     pub max: f64,
     /// Value with the earliest event time.
     pub first: f64,
-    /// Its time.
+    /// Event time of `first`, epoch ms.
     pub first_at: i64,
     /// Value with the latest event time.
     pub last: f64,
-    /// Its time.
+    /// Event time of `last`, epoch ms.
     pub last_at: i64,
-    /// Unit.
+    /// Canonical unit of the metric, from the first reading folded in.
     pub unit: Option<String>,
-    /// Cumulative counter: roll-ups carry last - first.
+    /// Cumulative counter: published roll-ups carry `last - first`.
     pub cumulative: bool,
-    /// Grows with every change.
+    /// Starts at 1 and grows with every change: a bucket published at one revision is due
+    /// again when late data raises it.
     pub revision: i64,
 }
 

@@ -14,11 +14,11 @@ use crate::StoreError;
 /// What one message tells about its device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
-    /// Tenant.
+    /// Tenant (an MQTT topic level: no `/`); with `device_id`, the twin's key.
     pub tenant: String,
-    /// Device id.
+    /// Device id, unique within the tenant (an MQTT topic level: no `/`).
     pub device_id: String,
-    /// Device sequence number.
+    /// The device's own sequence number of the message: orders the twin's state.
     pub seq_no: i64,
     /// Device time, epoch ms.
     pub produced_at: i64,
@@ -35,11 +35,11 @@ pub struct Observation {
 /// The last value of one metric.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastValue {
-    /// Value.
+    /// Value, in the metric's canonical unit.
     pub value: f64,
-    /// Unit.
+    /// Canonical unit (UCUM-style code such as `Cel`, `Wh`), if the metric has one.
     pub unit: Option<String>,
-    /// Device time, epoch ms.
+    /// Device time of the message that carried it, epoch ms.
     pub at: i64,
     /// Sequence number of the message that carried it.
     pub seq_no: i64,
@@ -48,21 +48,22 @@ pub struct LastValue {
 /// A device's digital twin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Twin {
-    /// Tenant.
+    /// Tenant; with `device_id`, the twin's key.
     pub tenant: String,
-    /// Device id.
+    /// Device id, unique within the tenant.
     pub device_id: String,
-    /// Highest sequence number seen.
+    /// Highest sequence number seen (-1 before the first message with one).
     pub last_seq_no: i64,
     /// Newest device time seen, epoch ms.
     pub last_seen_at: i64,
-    /// Newest value of each metric.
+    /// Newest value of each metric (by sequence number), by metric name.
     pub last_values: BTreeMap<String, LastValue>,
     /// Firmware, from the newest message that reported one.
     pub firmware: Option<String>,
-    /// Configuration version.
+    /// Configuration version the registry held, from the newest message that carried one.
     pub config_version: Option<String>,
-    /// Expected heartbeat interval, seconds.
+    /// Expected heartbeat interval, seconds, from the device profile; without one a device is
+    /// never marked offline.
     pub heartbeat_secs: Option<u64>,
     /// Online: seen within the allowed number of heartbeat intervals.
     pub online: bool,

@@ -16,7 +16,8 @@ use crate::{MessageRecord, ReadingStore, StoreError, StoredMessage, WriteReport}
 /// How long a writer may hold a pending key before another may take it over.
 const LEASE: Duration = Duration::from_secs(60);
 
-/// The time-series documents of one message: one per reading.
+/// The time-series documents of one message: one per reading. Public for the store's benchmark
+/// (`benches/store.rs`) only; the store builds them itself in `write_messages`.
 pub fn reading_docs(m: &MessageRecord) -> Vec<Document> {
     m.readings
         .iter()

@@ -1,7 +1,8 @@
 //! The embedded store: SQLite in WAL mode, one file, no server. The default for `make demo`
 //! and for machines without MongoDB. This module opens the file (pragmas, schema, upgrades of
-//! files from older versions) and runs each operation on the blocking pool; the contract is
-//! implemented per concern in `twins.rs`, `readings.rs`, `rollups.rs`, `archive.rs` and `prune.rs`.
+//! files from older versions), classifies SQLite's errors and runs each operation on the
+//! blocking pool; the contract is implemented per concern in `twins.rs`, `readings.rs`,
+//! `rollups.rs`, `archive.rs` and `prune.rs`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,8 @@ mod readings;
 mod rollups;
 mod twins;
 
-/// A SQLite-backed store.
+/// The embedded store: one connection to the file, used by one operation at a time on the
+/// blocking pool. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -193,6 +195,7 @@ impl SqliteStore {
         Self::open(path)
     }
 
+    /// Run `f` on the connection, on the blocking pool (SQLite calls block).
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -227,6 +230,7 @@ fn write_transaction(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>,
         .map_err(sqlite_error)
 }
 
+/// Add `column` to `table` unless the file has it already (a file from an older version).
 fn add_column_if_missing(
     conn: &Connection,
     table: &str,

@@ -10,6 +10,7 @@ use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::{MessageRecord, ReadingStore, StoreError, StoredMessage, WriteReport};
 
 impl SqliteStore {
+    /// Rows of `table` (for one tenant, or all).
     async fn count_rows(
         &self,
         table: &'static str,
