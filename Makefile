@@ -29,7 +29,7 @@ lint: setup
 test: up lint     ## everything CI runs
 	$(CARGO) test --locked --workspace
 	@if [ -n "$$MONGODB_URI" ]; then \
-	  $(CARGO) test --locked -p iotp-core --test store_contract -- --ignored; \
+	  $(CARGO) test --locked -p iotp-store --test store_contract -- --ignored; \
 	else \
 	  echo "SKIPPED MongoDB store contract: MONGODB_URI is not set (no MongoDB server here); the embedded backend ran it"; \
 	fi

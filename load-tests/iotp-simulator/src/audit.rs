@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use iotp_core::store::{Archived, StoredMessage, Twin};
+use iotp_store::{Archived, StoredMessage, Twin};
 use serde::Serialize;
 
 use crate::device::FIRMWARE;

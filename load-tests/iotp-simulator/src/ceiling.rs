@@ -13,8 +13,9 @@ use iotp_contract::topology::{topic_name, topology, TopicSpec};
 use iotp_core::admin::Health;
 use iotp_core::consume::{self, StageIo};
 use iotp_core::kafka::{count_records, ensure_topics, KafkaConfig};
+use iotp_core::retry::Backoff;
 use iotp_core::service::Context;
-use iotp_core::stage::{Input, Output, Stage, Verdict};
+use iotp_core::stage::{Input, Output, Stage, StageError, Verdict};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -48,18 +49,17 @@ struct Forward(Option<Arc<OnceLock<Instant>>>);
 impl Stage for Forward {
     const NAME: &'static str = "ceiling-forward";
 
-    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
         if let Some(first) = &self.0 {
             first.get_or_init(Instant::now);
         }
         Ok(batch
             .iter()
             .map(|i| {
-                Verdict::Emit(vec![Output {
-                    topic: None,
-                    key: i.key.unwrap_or_default().to_vec(),
-                    value: i.payload.to_vec(),
-                }])
+                Verdict::Emit(vec![Output::new(
+                    i.key.unwrap_or_default(),
+                    i.payload.to_vec(),
+                )])
             })
             .collect())
     }
@@ -71,7 +71,7 @@ struct Count(Arc<AtomicU64>);
 impl Stage for Count {
     const NAME: &'static str = "ceiling-count";
 
-    async fn process(&mut self, batch: &[Input<'_>]) -> anyhow::Result<Vec<Verdict>> {
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
         self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
         Ok(batch.iter().map(|_| Verdict::Emit(Vec::new())).collect())
     }
@@ -127,6 +127,7 @@ pub async fn measure(
             replica: format!("ceiling-{run}-{hop}"),
             shutdown: shutdown.clone(),
             health: Health::default(),
+            backoff: Backoff::default(),
         };
         let kafka = kafka.clone();
         let counted = counted.clone();

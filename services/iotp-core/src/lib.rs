@@ -19,10 +19,5 @@ pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod stage;
-pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
-
-// Transitional: the store still names the contract through this crate until it moves out.
-pub use iotp_contract as contract;
-pub use iotp_contract::now_millis;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use iotp_contract::{Codec, DeadLetter, EnrichedTelemetry, RawEnvelope, Telemetry};
-use iotp_core::store::{Archived, DeadLetterArchive, LetterFilter, Store};
+use iotp_store::{Archived, DeadLetterArchive, LetterFilter, Store};
 
 /// What the handlers share.
 pub struct Api {

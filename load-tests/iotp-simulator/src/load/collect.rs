@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use iotp_contract::topology::topic_name;
 use iotp_core::kafka::{count_records, KafkaConfig};
 use iotp_core::probe::{histogram_quantile, label_values, sample_sum};
-use iotp_core::store::{ReadingStore, StoredMessage, TwinStore};
+use iotp_store::{ReadingStore, StoredMessage, TwinStore};
 
 use super::{Run, Settled};
 use crate::audit::audit;

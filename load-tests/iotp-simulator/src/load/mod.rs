@@ -16,8 +16,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use iotp_core::kafka::KafkaConfig;
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::{Archived, DeadLetterArchive, LetterFilter};
+use iotp_store::sqlite::SqliteStore;
+use iotp_store::{Archived, DeadLetterArchive, LetterFilter};
 
 use crate::fleet::Target;
 use crate::scenario::Scenario;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use iotp_core::kafka::KafkaConfig;
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::ReadingStore;
+use iotp_store::sqlite::SqliteStore;
+use iotp_store::ReadingStore;
 
 use super::{Options, Run};
 use crate::fleet::{self, Target};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use iotp_contract::topology::topology;
 use iotp_core::kafka::{consumer_lag, KafkaConfig};
-use iotp_core::store::ReadingStore;
+use iotp_store::ReadingStore;
 
 use super::{Driven, Run};
 use crate::fleet::{now_millis, FleetRun, Progress};

@@ -5,88 +5,45 @@
 //! runs about once a minute), so the contract's count holds on both backends.
 
 use futures::TryStreamExt;
+use iotp_contract::DeadLetter;
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{doc, Binary, Bson, DateTime, Document};
-use serde::{Deserialize, Serialize};
 
-use super::{backend, MongoStore, DEAD_LETTERS};
-use crate::contract::DeadLetter;
-use crate::store::{Archived, DeadLetterArchive, LetterFilter, StoreError};
+use super::command::mongo_error;
+use super::fields::Fields;
+use super::{MongoStore, DEAD_LETTERS};
+use crate::{Archived, DeadLetterArchive, LetterFilter, StoreError};
 
 /// Letters listed when the filter sets no limit.
 const DEFAULT_LIMIT: usize = 1000;
 
-/// An archived dead letter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LetterDoc {
-    /// The dead letter's id.
-    #[serde(rename = "_id")]
-    pub id: String,
-    /// Stage.
-    pub stage: String,
-    /// Reason code.
-    pub reason: String,
-    /// Error text.
-    pub error: String,
-    /// Source topic.
-    pub source_topic: Option<String>,
-    /// Source partition.
-    pub source_partition: Option<i32>,
-    /// Source offset.
-    pub source_offset: Option<i64>,
-    /// Record key.
-    pub key: Option<Binary>,
-    /// Original bytes.
-    pub payload: Binary,
-    /// Tenant.
-    pub tenant: Option<String>,
-    /// Device.
-    pub device_id: Option<String>,
-    /// Attempts.
-    pub attempts: i32,
-    /// First failure.
-    pub first_failure_at: DateTime,
-    /// Last failure.
-    pub last_failure_at: DateTime,
-    /// Parked.
-    pub parked_at: DateTime,
-    /// When the archive may forget it (the TTL field).
-    pub expires_at: DateTime,
-    /// Last replay.
-    #[serde(default)]
-    pub replayed_at: Option<DateTime>,
-    /// Replays.
-    #[serde(default)]
-    pub replays: i64,
-}
-
-impl LetterDoc {
-    /// The archived letter.
-    pub fn archived(self) -> Archived {
-        Archived {
-            letter: DeadLetter {
-                id: self.id,
-                stage: self.stage,
-                reason_code: self.reason,
-                error: self.error,
-                source_topic: self.source_topic,
-                source_partition: self.source_partition,
-                source_offset: self.source_offset,
-                key: self.key.map(|k| k.bytes),
-                payload: self.payload.bytes,
-                tenant: self.tenant,
-                device_id: self.device_id,
-                attempts: self.attempts,
-                first_failure_at: self.first_failure_at.timestamp_millis(),
-                last_failure_at: self.last_failure_at.timestamp_millis(),
-            },
-            parked_at: self.parked_at.timestamp_millis(),
-            expires_at: self.expires_at.timestamp_millis(),
-            replayed_at: self.replayed_at.map(|d| d.timestamp_millis()),
-            replays: self.replays,
-        }
-    }
+/// The archived letter a stored document holds: the one mapping from the collection
+/// ([`archive_update`] writes it).
+pub(crate) fn archived_from(d: &Document) -> Result<Archived, StoreError> {
+    let what = format!("dead letter {}", d.get_str("_id").unwrap_or("without _id"));
+    let f = Fields::of(d, &what);
+    Ok(Archived {
+        letter: DeadLetter {
+            id: f.str("_id")?,
+            stage: f.str("stage")?,
+            reason_code: f.str("reason")?,
+            error: f.str("error")?,
+            source_topic: f.opt_str("sourceTopic")?,
+            source_partition: f.opt_i32("sourcePartition")?,
+            source_offset: f.opt_i64("sourceOffset")?,
+            key: f.opt_bytes("key")?,
+            payload: f.bytes("payload")?,
+            tenant: f.opt_str("tenant")?,
+            device_id: f.opt_str("deviceId")?,
+            attempts: f.i32("attempts")?,
+            first_failure_at: f.millis("firstFailureAt")?,
+            last_failure_at: f.millis("lastFailureAt")?,
+        },
+        parked_at: f.millis("parkedAt")?,
+        expires_at: f.millis("expiresAt")?,
+        replayed_at: f.opt_millis("replayedAt")?,
+        replays: f.opt_i64("replays")?.unwrap_or(0),
+    })
 }
 
 fn binary(bytes: &[u8]) -> Bson {
@@ -103,7 +60,7 @@ fn optional<T: Into<Bson>>(v: Option<T>) -> Bson {
 /// The upsert that archives `l`, or refreshes it when the same id is parked again (as the
 /// embedded store: reason, error, parked and expiry times are replaced, attempts and the last
 /// failure only grow, a refreshed letter is replayable again; the rest is kept from the first).
-pub fn archive_update(l: &DeadLetter, parked_at: i64, expires_at: i64) -> Document {
+pub(crate) fn archive_update(l: &DeadLetter, parked_at: i64, expires_at: i64) -> Document {
     doc! {
         "$set": {
             "reason": &l.reason_code,
@@ -129,7 +86,7 @@ pub fn archive_update(l: &DeadLetter, parked_at: i64, expires_at: i64) -> Docume
 }
 
 /// The `find` filter of a [`LetterFilter`].
-pub fn letter_filter(f: &LetterFilter) -> Document {
+pub(crate) fn letter_filter(f: &LetterFilter) -> Document {
     let mut filter = Document::new();
     if !f.ids.is_empty() {
         filter.insert("_id", doc! { "$in": &f.ids });
@@ -150,6 +107,17 @@ pub fn letter_filter(f: &LetterFilter) -> Document {
     filter
 }
 
+/// The filter and update that record a replay of `ids` at `at`, once per `at`: a letter whose
+/// `replayedAt` is `at` already is not counted again (the same call made again after a chunk
+/// failed).
+pub(crate) fn replay_update(ids: &[String], at: i64) -> (Document, Document) {
+    let at = DateTime::from_millis(at);
+    (
+        doc! { "_id": { "$in": ids }, "replayedAt": { "$ne": at } },
+        doc! { "$set": { "replayedAt": at }, "$inc": { "replays": 1i64 } },
+    )
+}
+
 impl DeadLetterArchive for MongoStore {
     async fn archive(
         &self,
@@ -164,35 +132,33 @@ impl DeadLetterArchive for MongoStore {
             )
             .upsert(true)
             .await
-            .map_err(backend)?;
+            .map_err(mongo_error)?;
         Ok(())
     }
 
     async fn letters(&self, f: &LetterFilter) -> Result<Vec<Archived>, StoreError> {
         let limit = if f.limit == 0 { DEFAULT_LIMIT } else { f.limit };
-        let docs: Vec<LetterDoc> = self
+        let docs: Vec<Document> = self
             .db
-            .collection::<LetterDoc>(DEAD_LETTERS)
+            .collection::<Document>(DEAD_LETTERS)
             .find(letter_filter(f))
             .sort(doc! { "parkedAt": 1, "_id": 1 })
             .limit(limit as i64)
             .await
-            .map_err(backend)?
+            .map_err(mongo_error)?
             .try_collect()
             .await
-            .map_err(backend)?;
-        Ok(docs.into_iter().map(LetterDoc::archived).collect())
+            .map_err(mongo_error)?;
+        docs.iter().map(archived_from).collect()
     }
 
     async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
         let coll = self.collection(DEAD_LETTERS);
         for chunk in ids.chunks(self.batch_size) {
-            coll.update_many(
-                doc! { "_id": { "$in": chunk } },
-                doc! { "$set": { "replayedAt": DateTime::from_millis(at) }, "$inc": { "replays": 1i64 } },
-            )
-            .await
-            .map_err(backend)?;
+            let (filter, update) = replay_update(chunk, at);
+            coll.update_many(filter, update)
+                .await
+                .map_err(mongo_error)?;
         }
         Ok(())
     }
@@ -202,7 +168,7 @@ impl DeadLetterArchive for MongoStore {
             .delete_many(doc! { "expiresAt": { "$lt": DateTime::from_millis(now_ms) } })
             .await
             .map(|r| r.deleted_count)
-            .map_err(backend)
+            .map_err(mongo_error)
     }
 }
 
@@ -270,13 +236,21 @@ mod tests {
             );
         }
         stored.insert("_id", "enricher/iotp.validated/3/1042");
-        let back: LetterDoc = mongodb::bson::from_document(stored).expect("read");
-        let a = back.archived();
+        let a = archived_from(&stored).expect("read");
         assert_eq!(a.letter, letter());
         assert_eq!(
             (a.parked_at, a.expires_at, a.replayed_at, a.replays),
             (100, 200, None, 0)
         );
+        stored.insert("replayedAt", DateTime::from_millis(300));
+        stored.insert("replays", 2i32);
+        let a = archived_from(&stored).expect("read");
+        assert_eq!((a.replayed_at, a.replays), (Some(300), 2));
+        stored.remove("payload");
+        assert!(matches!(
+            archived_from(&stored),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]
@@ -295,6 +269,19 @@ mod tests {
         assert_eq!(
             letter_filter(&f),
             doc! { "_id": { "$in": ["a"] }, "reason": "unknown_device", "deviceId": "m-1" }
+        );
+    }
+
+    #[test]
+    fn a_replay_is_counted_once_per_replay_time() {
+        let (filter, update) = replay_update(&["a".to_string()], 300);
+        assert_eq!(
+            filter,
+            doc! { "_id": { "$in": ["a"] }, "replayedAt": { "$ne": DateTime::from_millis(300) } }
+        );
+        assert_eq!(
+            update,
+            doc! { "$set": { "replayedAt": DateTime::from_millis(300) }, "$inc": { "replays": 1i64 } }
         );
     }
 }

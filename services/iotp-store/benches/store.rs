@@ -10,10 +10,10 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use iotp_core::contract::{EnrichedTelemetry, Header, Reading};
-use iotp_core::store::mongo::reading_docs;
-use iotp_core::store::sqlite::SqliteStore;
-use iotp_core::store::{MessageRecord, ReadingStore};
+use iotp_contract::{EnrichedTelemetry, Header, Reading};
+use iotp_store::mongo::reading_docs;
+use iotp_store::sqlite::SqliteStore;
+use iotp_store::{MessageRecord, ReadingStore};
 
 /// Messages per upserter batch.
 const BATCH: usize = 500;

@@ -1,0 +1,132 @@
+//! The configured store: [`Store`] holds whichever backend [`crate::StoreConfig::open`]
+//! picked and keeps the whole contract by delegating to it.
+
+use iotp_contract::DeadLetter;
+
+use crate::mongo::MongoStore;
+use crate::sqlite::SqliteStore;
+use crate::{
+    Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter, MessageRecord, Observation,
+    PruneReport, Pruning, ReadingStore, Retention, RollupStore, StoreError, StoredMessage, Twin,
+    TwinStore, WriteReport,
+};
+
+/// The configured store: whichever backend [`crate::StoreConfig::open`] picked, keeping the
+/// whole contract. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub enum Store {
+    /// The embedded store: SQLite, one file shared by the services of one machine.
+    Embedded(SqliteStore),
+    /// MongoDB (production): a replica set or sharded cluster.
+    Mongo(MongoStore),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Embedded($s) => $call.await,
+            Store::Mongo($s) => $call.await,
+        }
+    };
+}
+
+impl TwinStore for Store {
+    async fn apply(&self, observations: &[Observation]) -> Result<(), StoreError> {
+        delegate!(self, s => s.apply(observations))
+    }
+
+    async fn twin(&self, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
+        delegate!(self, s => s.twin(tenant, device_id))
+    }
+
+    async fn mark_offline(&self, now_ms: i64, missed: u32) -> Result<u64, StoreError> {
+        delegate!(self, s => s.mark_offline(now_ms, missed))
+    }
+}
+
+impl ReadingStore for Store {
+    async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
+        delegate!(self, s => s.write_messages(messages))
+    }
+
+    async fn message_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+        delegate!(self, s => s.message_count(tenant))
+    }
+
+    async fn reading_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+        delegate!(self, s => s.reading_count(tenant))
+    }
+
+    async fn stored_messages(
+        &self,
+        tenant: &str,
+        after: Option<(String, i64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        delegate!(self, s => s.stored_messages(tenant, after, limit))
+    }
+
+    async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {
+        delegate!(self, s => s.update_seq_gaps(devices))
+    }
+}
+
+impl RollupStore for Store {
+    async fn fold(
+        &self,
+        messages: &[MessageRecord],
+        cumulative: &[String],
+        watermark: i64,
+    ) -> Result<FoldReport, StoreError> {
+        delegate!(self, s => s.fold(messages, cumulative, watermark))
+    }
+
+    async fn watermark(&self) -> Result<i64, StoreError> {
+        delegate!(self, s => s.watermark())
+    }
+
+    async fn closed_unpublished(
+        &self,
+        lateness_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Bucket>, StoreError> {
+        delegate!(self, s => s.closed_unpublished(lateness_ms, limit))
+    }
+
+    async fn mark_published(&self, buckets: &[Bucket]) -> Result<(), StoreError> {
+        delegate!(self, s => s.mark_published(buckets))
+    }
+
+    async fn buckets(&self, tenant: &str, device_id: &str) -> Result<Vec<Bucket>, StoreError> {
+        delegate!(self, s => s.buckets(tenant, device_id))
+    }
+}
+
+impl DeadLetterArchive for Store {
+    async fn archive(
+        &self,
+        letter: &DeadLetter,
+        parked_at: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        delegate!(self, s => s.archive(letter, parked_at, expires_at))
+    }
+
+    async fn letters(&self, filter: &LetterFilter) -> Result<Vec<Archived>, StoreError> {
+        delegate!(self, s => s.letters(filter))
+    }
+
+    async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
+        delegate!(self, s => s.mark_replayed(ids, at))
+    }
+
+    async fn prune_letters(&self, now_ms: i64) -> Result<u64, StoreError> {
+        delegate!(self, s => s.prune_letters(now_ms))
+    }
+}
+
+impl Pruning for Store {
+    async fn prune(&self, now_ms: i64, retention: &Retention) -> Result<PruneReport, StoreError> {
+        delegate!(self, s => s.prune(now_ms, retention))
+    }
+}

@@ -1,0 +1,237 @@
+//! The store section of every service's configuration, `[store]`: which store and where (the
+//! embedded file unless a MongoDB connection string is set), and how long each tier keeps its
+//! data (`[store.retention]`). [`StoreConfig::open`] opens what it names.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mongo::MongoStore;
+use crate::sqlite::SqliteStore;
+use crate::{Store, StoreError};
+
+/// Which store, where, and its retention: a service's `[store]` section.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Embedded store (SQLite) file, used unless `mongodb_uri` is set; its directory is created
+    /// if missing. The services of one machine share it.
+    pub path: PathBuf,
+    /// MongoDB connection string: use MongoDB instead (a replica set or sharded cluster:
+    /// roll-ups use transactions). Never logged.
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database holding every collection of the store.
+    pub mongodb_database: String,
+    /// How long each tier keeps its data. On MongoDB every service that opens the store sets
+    /// the server-side TTLs from it, so give every service the same values.
+    pub retention: Retention,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from(".run/iotp.sqlite"),
+            mongodb_uri: None,
+            mongodb_database: "iotp".into(),
+            retention: Retention::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("path", &self.path)
+            .field(
+                "mongodb_uri",
+                &self.mongodb_uri.as_ref().map(|_| "<redacted>"),
+            )
+            .field("mongodb_database", &self.mongodb_database)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    /// Broken rules, for a service's `validate()`, each naming its key in the `[store]`
+    /// section: the chosen backend's settings, and the retention tiers.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match &self.mongodb_uri {
+            Some(uri) if uri.trim().is_empty() => {
+                out.push("store.mongodb_uri must not be empty when set".into());
+            }
+            Some(_) if self.mongodb_database.trim().is_empty() => {
+                out.push("store.mongodb_database must not be empty".into());
+            }
+            Some(_) => {}
+            None if self.path.as_os_str().is_empty() => {
+                out.push("store.path must not be empty".into());
+            }
+            None => {}
+        }
+        out.extend(self.retention.problems());
+        out
+    }
+
+    /// Open the configured store: connect to MongoDB and create or retune its collections
+    /// (TTLs follow `retention`), or open the embedded file, creating its directory.
+    pub async fn open(&self) -> Result<Store, StoreError> {
+        match &self.mongodb_uri {
+            Some(uri) => {
+                let store =
+                    MongoStore::connect(uri, &self.mongodb_database, self.retention).await?;
+                tracing::info!(backend = "mongodb", database = %self.mongodb_database, "store opened");
+                Ok(Store::Mongo(store))
+            }
+            None => {
+                let store = SqliteStore::create(&self.path)?;
+                tracing::info!(backend = "embedded", path = %self.path.display(), "store opened");
+                Ok(Store::Embedded(store))
+            }
+        }
+    }
+}
+
+/// How long each tier keeps its data (the hot/warm/cold tiers), by event time: `[store.retention]`.
+/// Durations are human-readable (`"180days"`, `"3years"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Raw readings and the exactly-once keys that guard them (and the keys of messages folded
+    /// into roll-ups); the parser rejects older messages as `too_old`. Default 180 days.
+    #[serde(with = "humantime_serde")]
+    pub raw: Duration,
+    /// Hourly roll-up buckets, by bucket start; at least `raw`. Default 3 years.
+    #[serde(with = "humantime_serde")]
+    pub hourly: Duration,
+    /// Daily roll-up buckets, by bucket start; at least `hourly`. Default 10 years.
+    #[serde(with = "humantime_serde")]
+    pub daily: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            raw: Duration::from_secs(180 * DAY),
+            hourly: Duration::from_secs(3 * 365 * DAY),
+            daily: Duration::from_secs(10 * 365 * DAY),
+        }
+    }
+}
+
+impl Retention {
+    /// Broken rules, named by their keys under `[store]`: each tier outlives the finer one.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.raw.is_zero() {
+            out.push("store.retention.raw must be > 0".into());
+        }
+        if self.hourly < self.raw {
+            out.push("store.retention.hourly must not be shorter than store.retention.raw".into());
+        }
+        if self.daily < self.hourly {
+            out.push(
+                "store.retention.daily must not be shorter than store.retention.hourly".into(),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RollupStore;
+
+    #[test]
+    fn defaults_keep_the_embedded_store_and_the_uri_stays_out_of_logs() {
+        let c = StoreConfig::default();
+        assert_eq!(c.path, PathBuf::from(".run/iotp.sqlite"));
+        assert_eq!(c.mongodb_database, "iotp");
+        assert!(c.problems().is_empty());
+        let secret = StoreConfig {
+            mongodb_uri: Some("mongodb://user:secret@db/?replicaSet=rs0".into()),
+            ..StoreConfig::default()
+        };
+        assert!(!format!("{secret:?}").contains("secret@"));
+        let broken = StoreConfig {
+            mongodb_uri: Some(" ".into()),
+            ..StoreConfig::default()
+        };
+        assert_eq!(broken.problems().len(), 1);
+        let unknown: Result<StoreConfig, _> = toml::from_str("paht = \"x\"");
+        assert!(unknown.is_err(), "unknown keys are errors");
+        let unknown: Result<StoreConfig, _> = toml::from_str("[retention]\nhot = \"1d\"");
+        assert!(unknown.is_err(), "in the retention table too");
+    }
+
+    #[test]
+    fn one_store_section_with_its_retention_table_and_all_problems_at_once() {
+        #[derive(Deserialize)]
+        struct Service {
+            store: StoreConfig,
+        }
+        let s: Service = toml::from_str(
+            r#"
+            [store]
+            path = "/var/lib/iotp/store.sqlite"
+            mongodb_database = "telemetry"
+            [store.retention]
+            raw = "30days"
+            hourly = "1year"
+            "#,
+        )
+        .expect("parse");
+        assert_eq!(s.store.path, PathBuf::from("/var/lib/iotp/store.sqlite"));
+        assert_eq!(s.store.mongodb_database, "telemetry");
+        assert_eq!(s.store.retention.raw, Duration::from_secs(30 * 86_400));
+        assert_eq!(
+            s.store.retention.daily,
+            Retention::default().daily,
+            "a key left out keeps its default"
+        );
+        assert!(s.store.problems().is_empty());
+        let broken = StoreConfig {
+            path: PathBuf::new(),
+            retention: Retention {
+                raw: Duration::ZERO,
+                hourly: Duration::from_secs(7200),
+                daily: Duration::from_secs(3600),
+            },
+            ..StoreConfig::default()
+        };
+        assert_eq!(
+            broken.problems(),
+            [
+                "store.path must not be empty",
+                "store.retention.raw must be > 0",
+                "store.retention.daily must not be shorter than store.retention.hourly",
+            ]
+        );
+        let mongo = StoreConfig {
+            mongodb_uri: Some("mongodb://db/?replicaSet=rs0".into()),
+            mongodb_database: " ".into(),
+            ..broken
+        };
+        assert_eq!(
+            mongo.problems()[0],
+            "store.mongodb_database must not be empty"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_uri_the_embedded_store_opens() {
+        let path = std::env::temp_dir().join(format!("iotp-select-{}.sqlite", std::process::id()));
+        let config = StoreConfig {
+            path: path.clone(),
+            ..StoreConfig::default()
+        };
+        let store = config.open().await.expect("open");
+        assert!(matches!(store, Store::Embedded(_)));
+        assert_eq!(store.watermark().await.expect("watermark"), i64::MIN);
+        let _ = std::fs::remove_file(path);
+    }
+}
