@@ -138,29 +138,6 @@ impl<S: RollupStore> Aggregator<S> {
     }
 }
 
-/// The published form of a bucket.
-pub fn aggregate(b: &Bucket) -> Aggregate {
-    Aggregate {
-        tenant: b.tenant.clone(),
-        device_id: b.device_id.clone(),
-        metric: b.metric.clone(),
-        granularity: b.granularity.clone(),
-        bucket_start: b.bucket_start,
-        count: b.count,
-        sum: b.sum,
-        min: b.min,
-        max: b.max,
-        avg: b.sum / b.count.max(1) as f64,
-        first: b.first,
-        first_at: b.first_at,
-        last: b.last,
-        last_at: b.last_at,
-        delta: b.cumulative.then_some(b.last - b.first),
-        unit: b.unit.clone(),
-        revision: b.revision,
-    }
-}
-
 impl<S: RollupStore> Stage for Aggregator<S> {
     const NAME: &'static str = "aggregator";
 
@@ -220,7 +197,7 @@ impl<S: RollupStore> Stage for Aggregator<S> {
         for b in &due {
             outputs.push(Output::new(
                 format!("{}/{}/{}", b.tenant, b.device_id, b.metric),
-                self.output.encode(&aggregate(b))?,
+                self.output.encode(&Aggregate::from(b))?,
             ));
         }
         self.emitted = due;

@@ -4,6 +4,8 @@
 
 use std::future::Future;
 
+use iotp_contract::Aggregate;
+
 use crate::{MessageRecord, StoreError};
 
 /// A roll-up bucket of one metric of one device.
@@ -42,6 +44,32 @@ pub struct Bucket {
     /// Starts at 1 and grows with every change: a bucket published at one revision is due
     /// again when late data raises it.
     pub revision: i64,
+}
+
+/// The published form of a bucket: the mean and, for a cumulative counter, the delta over the
+/// bucket are derived here, not stored.
+impl From<&Bucket> for Aggregate {
+    fn from(b: &Bucket) -> Self {
+        Aggregate {
+            tenant: b.tenant.clone(),
+            device_id: b.device_id.clone(),
+            metric: b.metric.clone(),
+            granularity: b.granularity.clone(),
+            bucket_start: b.bucket_start,
+            count: b.count,
+            sum: b.sum,
+            min: b.min,
+            max: b.max,
+            avg: b.sum / b.count.max(1) as f64,
+            first: b.first,
+            first_at: b.first_at,
+            last: b.last,
+            last_at: b.last_at,
+            delta: b.cumulative.then_some(b.last - b.first),
+            unit: b.unit.clone(),
+            revision: b.revision,
+        }
+    }
 }
 
 /// Roll-up granularities and their lengths.

@@ -257,6 +257,27 @@ fn add_column_if_missing(
     Ok(())
 }
 
+/// A message of device `device` in tenant `acme` with an energy and a power reading, for the
+/// backend's unit tests.
+#[cfg(test)]
+fn test_message(device: &str, seq_no: i64) -> crate::MessageRecord {
+    crate::MessageRecord {
+        tenant: "acme".into(),
+        device_id: device.into(),
+        seq_no,
+        msg_id: format!("m{seq_no}"),
+        produced_at: 1000 + seq_no,
+        received_at: 1001 + seq_no,
+        site: None,
+        asset: None,
+        profile: "meter".into(),
+        readings: vec![
+            ("energy".into(), seq_no as f64, Some("Wh".into())),
+            ("power".into(), 1.0, Some("W".into())),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! What only the embedded store has: file upgrades, pruning by a moving clock. The rest of

@@ -60,23 +60,7 @@ mod tests {
     use super::*;
     use crate::{MessageRecord, ReadingStore, RollupStore};
 
-    fn message(device: &str, seq_no: i64) -> MessageRecord {
-        MessageRecord {
-            tenant: "acme".into(),
-            device_id: device.into(),
-            seq_no,
-            msg_id: format!("m{seq_no}"),
-            produced_at: 1000 + seq_no,
-            received_at: 1001 + seq_no,
-            site: None,
-            asset: None,
-            profile: "meter".into(),
-            readings: vec![
-                ("energy".into(), seq_no as f64, Some("Wh".into())),
-                ("power".into(), 1.0, Some("W".into())),
-            ],
-        }
-    }
+    use super::super::test_message as message;
 
     #[tokio::test]
     async fn each_tier_expires_on_its_own_schedule() {
