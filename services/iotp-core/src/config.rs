@@ -41,6 +41,9 @@ pub struct Common {
     pub log_level: String,
     /// How every failed piece of work is retried, and when the service gives up on it.
     pub backoff: crate::retry::Backoff,
+    /// Async worker threads: 1 runs everything on the main thread (blocking store calls still
+    /// get their own threads).
+    pub worker_threads: usize,
 }
 
 impl Default for Common {
@@ -52,6 +55,7 @@ impl Default for Common {
             log_format: LogFormat::Auto,
             log_level: "info".into(),
             backoff: crate::retry::Backoff::default(),
+            worker_threads: 1,
         }
     }
 }
@@ -111,6 +115,9 @@ fn load_from<C: ServiceConfig>(file: Option<&Path>, env: Env) -> Result<C, Confi
 
 fn validate_common(common: &Common) -> Vec<String> {
     let mut problems = common.backoff.problems();
+    if common.worker_threads == 0 {
+        problems.push("common.worker_threads must be at least 1".into());
+    }
     if common.replica.is_empty() {
         problems.push("common.replica must not be empty".into());
     }

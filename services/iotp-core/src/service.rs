@@ -69,10 +69,7 @@ where
         };
     }
     logging::init(config.common());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(config.common().worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{service}: cannot start runtime: {e}");
@@ -82,6 +79,23 @@ where
     let code = runtime.block_on(supervise(service, config, body));
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
+}
+
+/// One thread unless configured otherwise: a stage is one sequential loop, and on a
+/// multi-threaded runtime the handoffs between workers (and to librdkafka's threads) cost more
+/// than the work at these rates (futex wake-ups and context switches were the largest item in
+/// the parser's profile).
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .build()
+    }
 }
 
 async fn supervise<C, F, Fut>(service: &'static str, config: C, body: F) -> u8

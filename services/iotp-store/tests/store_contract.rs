@@ -3,6 +3,9 @@
 //! opened through `StoreConfig`, as the services open them. Every part uses its own tenant, so
 //! the parts can share a database; event times are recent where MongoDB's TTLs (which follow
 //! the real clock) could otherwise remove data mid-test.
+//!
+//! Over 450 lines on purpose: the contract is one list of parts, each generic over the
+//! backend; split into files it would be read in pieces.
 #![allow(clippy::unwrap_used)]
 
 use iotp_contract::DeadLetter;

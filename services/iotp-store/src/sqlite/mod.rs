@@ -153,13 +153,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_expiry ON dead_letters (expires_at);
 ";
 
+/// Page cache of each connection, KiB.
+const CACHE_KIB: u32 = 24 * 1024;
+
 impl SqliteStore {
     /// Open (creating if needed) the store at `path`; `:memory:` for a private in-memory one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(sqlite_error)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sqlite_error)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        // FULL: offsets are committed after the store's commit, so a committed transaction
+        // must survive power loss; in WAL mode NORMAL can lose the last ones.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sqlite_error)?;
+        // The hot set of a writer is one leaf page per device in each table it inserts into
+        // (about 3,000 pages for 1,000 devices); SQLite's 2 MiB default re-read them from the
+        // OS on every batch (half the upserter's CPU was the kernel copying pages, perf).
+        conn.pragma_update(None, "cache_size", -(CACHE_KIB as i64))
             .map_err(sqlite_error)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(sqlite_error)?;
