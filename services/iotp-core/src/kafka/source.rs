@@ -140,7 +140,9 @@ fn next_offsets(inputs: &[Input<'_>]) -> TopicPartitionList {
 /// what showed records skipped under load: the runtime itself dropped half-gathered batches.)
 struct Continuity {
     stage: &'static str,
-    next: HashMap<(String, i32), i64>,
+    /// Per topic, per partition: the offset expected next. Keyed by topic first so a record
+    /// is looked up without allocating its topic name.
+    next: HashMap<String, HashMap<i32, i64>>,
     /// Partitions sought back: the offset expected next, and the offset of the jump.
     reread: HashMap<(String, i32), (i64, i64)>,
 }
@@ -170,51 +172,68 @@ impl Continuity {
         );
     }
 
+    /// The offset expected next on `m`'s partition, if one was seen.
+    fn expected(&self, m: &BorrowedMessage<'_>) -> Option<i64> {
+        self.next.get(m.topic())?.get(&m.partition()).copied()
+    }
+
+    fn advance(&mut self, m: &BorrowedMessage<'_>) {
+        let partitions = match self.next.get_mut(m.topic()) {
+            Some(p) => p,
+            None => self.next.entry(m.topic().to_string()).or_default(),
+        };
+        partitions.insert(m.partition(), m.offset() + 1);
+    }
+
     /// Take this record (true), or drop it because its partition is being read again.
     fn accept(&mut self, consumer: &StreamConsumer, m: &BorrowedMessage<'_>) -> bool {
-        let key = (m.topic().to_string(), m.partition());
         let offset = m.offset();
-        if let Some(&(expected, jumped_to)) = self.reread.get(&key) {
-            if offset > expected && offset != jumped_to {
-                // Fetched before the seek took effect: it comes again.
-                return false;
+        if !self.reread.is_empty() {
+            let key = (m.topic().to_string(), m.partition());
+            if let Some(&(expected, jumped_to)) = self.reread.get(&key) {
+                if offset > expected && offset != jumped_to {
+                    // Fetched before the seek took effect: it comes again.
+                    return false;
+                }
+                self.reread.remove(&key);
+                if offset > expected {
+                    self.gap(m, expected, "offsets missing twice: a real gap");
+                }
+                self.advance(m);
+                return true;
             }
-            self.reread.remove(&key);
-            if offset > expected {
-                self.gap(m, expected, "offsets missing twice: a real gap");
-            }
-        } else if let Some(&expected) = self.next.get(&key) {
-            if offset > expected {
-                tracing::warn!(
-                    topic = m.topic(),
-                    partition = m.partition(),
-                    expected,
-                    next = offset,
-                    "broker skipped offsets: reading the partition again"
-                );
-                metrics()
-                    .consumer_rereads_total
-                    .with_label_values(&[self.stage])
-                    .inc();
-                let sought = consumer.seek(
-                    m.topic(),
-                    m.partition(),
-                    Offset::Offset(expected),
-                    Duration::from_secs(10),
-                );
-                match sought {
-                    Ok(()) => {
-                        self.reread.insert(key, (expected, offset));
-                        return false;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "seek failed");
-                        self.gap(m, expected, "seek failed");
-                    }
+        }
+        if let Some(expected) = self.expected(m).filter(|&e| offset > e) {
+            tracing::warn!(
+                topic = m.topic(),
+                partition = m.partition(),
+                expected,
+                next = offset,
+                "broker skipped offsets: reading the partition again"
+            );
+            metrics()
+                .consumer_rereads_total
+                .with_label_values(&[self.stage])
+                .inc();
+            let sought = consumer.seek(
+                m.topic(),
+                m.partition(),
+                Offset::Offset(expected),
+                Duration::from_secs(10),
+            );
+            match sought {
+                Ok(()) => {
+                    self.reread
+                        .insert((m.topic().to_string(), m.partition()), (expected, offset));
+                    return false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "seek failed");
+                    self.gap(m, expected, "seek failed");
                 }
             }
         }
-        self.next.insert(key, offset + 1);
+        self.advance(m);
         true
     }
 }
