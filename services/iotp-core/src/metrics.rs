@@ -36,7 +36,7 @@ pub struct Metrics {
     pub messages_stored_total: IntCounter,
     /// Redelivered or replayed messages the upserter found already stored.
     pub duplicates_removed_total: IntCounter,
-    /// seqNo gaps of the devices in the upserter's last batch.
+    /// seqNo gaps of the devices the upserter wrote since its last recount (each tick).
     pub batch_device_seq_gaps: IntGauge,
     /// Messages that arrived after their hour window closed, by what was done (corrected, rejected).
     pub late_messages_total: IntCounterVec,
@@ -118,7 +118,7 @@ impl Metrics {
             )?,
             batch_device_seq_gaps: IntGauge::new(
                 "iotp_batch_device_seq_gaps",
-                "seqNo gaps (numbers never stored) of the devices in the last stored batch",
+                "seqNo gaps (numbers never stored) of the devices written since the last recount (every io.tick_interval)",
             )?,
             late_messages_total: IntCounterVec::new(
                 Opts::new(

@@ -10,7 +10,7 @@ use iotp_contract::devices::{unit_conversion, Registry};
 use iotp_contract::{Header, RawEnvelope, Reading, Telemetry};
 use iotp_core::stage::Rejection;
 
-use crate::payload::{self, Fields};
+use crate::payload::{self, Element, Readings};
 
 /// Validation limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,8 +94,8 @@ fn check(
     let format = payload::detect(env.content_type.as_deref(), &env.payload)?;
     let fields = payload::decode(format, &env.payload)?;
 
-    let msg_id = string(&fields, "msgId")?;
-    let device_id = string(&fields, "deviceId")?;
+    let msg_id = string(fields.msg_id.as_ref(), "msgId")?;
+    let device_id = string(fields.device_id.as_ref(), "deviceId")?;
     if device_id != env.device_id {
         return Err(Rejection::permanent(
             "device_mismatch",
@@ -105,7 +105,7 @@ fn check(
             ),
         ));
     }
-    let seq_no = match fields.get("seqNo") {
+    let seq_no = match &fields.seq_no {
         None => return Err(missing("seqNo")),
         Some(v) => v.as_i64().filter(|n| *n >= 0).ok_or_else(|| {
             Rejection::permanent(
@@ -114,7 +114,7 @@ fn check(
             )
         })?,
     };
-    let produced_at = integer(&fields, "producedAt")?;
+    let produced_at = integer(fields.produced_at.as_ref(), "producedAt")?;
     // The device clock is judged against the bridge's receive time, so a replay later is
     // judged the same way.
     if produced_at > env.received_at + rules.clock_skew.as_millis() as i64 {
@@ -136,14 +136,14 @@ fn check(
             ),
         ));
     }
-    let schema_version = integer(&fields, "schemaVersion")?;
+    let schema_version = integer(fields.schema_version.as_ref(), "schemaVersion")?;
     if schema_version != 1 {
         return Err(Rejection::permanent(
             "unsupported_payload_version",
             format!("payload schemaVersion {schema_version} is not supported (1)"),
         ));
     }
-    let readings = readings(&fields, env.kind == "heartbeat", rules)?;
+    let readings = readings(fields.readings, env.kind == "heartbeat", rules)?;
     if let Some((_, profile)) = registry.and_then(|r| r.device(&env.tenant, &env.device_id)) {
         for r in &readings {
             let Some(spec) = profile.metrics.get(&r.metric) else {
@@ -174,9 +174,9 @@ fn check(
             }
         }
     }
-    let firmware_version = match fields.get("firmware") {
+    let firmware_version = match fields.firmware {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::String(s)) => Some(s),
         Some(_) => return Err(bad_type("firmware", "a string")),
     };
     Ok(Telemetry {
@@ -203,27 +203,31 @@ fn bad_type(field: &str, expected: &str) -> Rejection {
     Rejection::permanent("bad_field_type", format!("{field} is not {expected}"))
 }
 
-fn string(fields: &Fields, name: &str) -> Result<String, Rejection> {
-    match fields.get(name) {
+fn string(field: Option<&Value>, name: &str) -> Result<String, Rejection> {
+    match field {
         None | Some(Value::Null) => Err(missing(name)),
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         Some(_) => Err(bad_type(name, "a non-empty string")),
     }
 }
 
-fn integer(fields: &Fields, name: &str) -> Result<i64, Rejection> {
-    match fields.get(name) {
+fn integer(field: Option<&Value>, name: &str) -> Result<i64, Rejection> {
+    match field {
         None | Some(Value::Null) => Err(missing(name)),
         Some(v) => v.as_i64().ok_or_else(|| bad_type(name, "an integer")),
     }
 }
 
-fn readings(fields: &Fields, heartbeat: bool, rules: &Rules) -> Result<Vec<Reading>, Rejection> {
-    let list = match fields.get("readings") {
-        None | Some(Value::Null) if heartbeat => return Ok(Vec::new()),
-        None | Some(Value::Null) => return Err(missing("readings")),
-        Some(Value::Array(list)) => list,
-        Some(_) => return Err(bad_type("readings", "an array")),
+fn readings(
+    field: Option<Readings>,
+    heartbeat: bool,
+    rules: &Rules,
+) -> Result<Vec<Reading>, Rejection> {
+    let list = match field {
+        None if heartbeat => return Ok(Vec::new()),
+        None => return Err(missing("readings")),
+        Some(Readings::List(list)) => list,
+        Some(Readings::NotArray) => return Err(bad_type("readings", "an array")),
     };
     if list.len() > rules.max_readings {
         return Err(Rejection::permanent(
@@ -231,26 +235,26 @@ fn readings(fields: &Fields, heartbeat: bool, rules: &Rules) -> Result<Vec<Readi
             format!("{} readings, limit {}", list.len(), rules.max_readings),
         ));
     }
-    list.iter()
+    list.into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let obj = r
-                .as_object()
-                .ok_or_else(|| bad_type(&format!("readings[{i}]"), "an object"))?;
-            let metric = string(obj, "metric").map_err(|mut e| {
+            let Element::Reading(obj) = r else {
+                return Err(bad_type(&format!("readings[{i}]"), "an object"));
+            };
+            let metric = string(obj.metric.as_ref(), "metric").map_err(|mut e| {
                 e.error = format!("readings[{i}].{}", e.error);
                 e
             })?;
-            let value = match obj.get("value") {
+            let value = match &obj.value {
                 None | Some(Value::Null) => return Err(missing(&format!("readings[{i}].value"))),
                 Some(v) => v
                     .as_f64()
                     .filter(|f| f.is_finite())
                     .ok_or_else(|| bad_type(&format!("readings[{i}].value"), "a finite number"))?,
             };
-            let unit = match obj.get("unit") {
+            let unit = match obj.unit {
                 None | Some(Value::Null) => None,
-                Some(Value::String(u)) => Some(u.clone()),
+                Some(Value::String(u)) => Some(u),
                 Some(_) => return Err(bad_type(&format!("readings[{i}].unit"), "a string")),
             };
             Ok(Reading {
