@@ -42,6 +42,9 @@ pub enum Readings {
 }
 
 /// One element of `readings`.
+// The large variant is the usual one: boxing it would add an allocation per reading, which
+// this type exists to avoid.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Element {
     /// An object: its fields.
