@@ -190,7 +190,18 @@ mod tests {
             names.push(s.name);
         }
         names.sort();
-        assert_eq!(names, ["faults", "latency", "smoke", "soak", "standard"]);
+        assert_eq!(
+            names,
+            [
+                "faults",
+                "latency",
+                "mid",
+                "smoke",
+                "soak",
+                "standard",
+                "standard-unthrottled"
+            ]
+        );
     }
 
     #[test]
