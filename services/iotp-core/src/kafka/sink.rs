@@ -42,11 +42,6 @@ impl KafkaSink {
         })
     }
 
-    /// The default topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     fn record<'a>(&'a self, out: &'a Output) -> FutureRecord<'a, [u8], [u8]> {
         let topic = out.topic.as_deref().unwrap_or(&self.topic);
         let record = FutureRecord::to(topic)
