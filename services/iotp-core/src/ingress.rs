@@ -251,6 +251,8 @@ async fn confirm_in_order(
                 if client.try_ack(&stub).is_err() {
                     break;
                 }
+            } else {
+                metrics().mqtt_superseded_acks_total.inc();
             }
             acks.pop_front();
         }

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub mqtt_received_messages_total: IntCounter,
     /// MQTT PUBACKs sent after Kafka confirmed.
     pub mqtt_acked_messages_total: IntCounter,
+    /// PUBACKs not sent because the broker had reused the packet id for a newer message before
+    /// the older one was acknowledged (only the newest receipt of a packet id is acknowledged).
+    pub mqtt_superseded_acks_total: IntCounter,
     /// MQTT connection errors, by kind.
     pub mqtt_connection_errors_total: IntCounterVec,
     /// Messages Mosquitto reports it dropped (`$SYS/broker/publish/messages/dropped`).
@@ -70,6 +73,10 @@ impl Metrics {
             mqtt_acked_messages_total: IntCounter::new(
                 "iotp_mqtt_acked_messages_total",
                 "MQTT PUBACKs sent after Kafka confirmed the record",
+            )?,
+            mqtt_superseded_acks_total: IntCounter::new(
+                "iotp_mqtt_superseded_acks_total",
+                "PUBACKs not sent because the broker reused the packet id before the message was acknowledged",
             )?,
             mqtt_connection_errors_total: IntCounterVec::new(
                 Opts::new(
@@ -178,6 +185,8 @@ impl Metrics {
             .register(Box::new(m.mqtt_acked_messages_total.clone()))?;
         m.registry
             .register(Box::new(m.mqtt_connection_errors_total.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_superseded_acks_total.clone()))?;
         m.registry
             .register(Box::new(m.mqtt_broker_dropped_messages.clone()))?;
         m.registry
