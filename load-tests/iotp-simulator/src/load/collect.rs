@@ -17,9 +17,10 @@ use crate::stack::{scrape, Stack};
 
 /// The counters read per hop, by service: duplicates between hops show here (they are removed
 /// at the store).
-const HOP_COUNTERS: [(&str, &str); 13] = [
+const HOP_COUNTERS: [(&str, &str); 14] = [
     ("mqtt-bridge", "iotp_mqtt_received_messages_total"),
     ("mqtt-bridge", "iotp_mqtt_acked_messages_total"),
+    ("mqtt-bridge", "iotp_mqtt_superseded_acks_total"),
     ("mqtt-bridge", "iotp_kafka_produced_messages_total"),
     ("parser", "iotp_kafka_produced_messages_total"),
     ("enricher", "iotp_kafka_produced_messages_total"),
