@@ -14,7 +14,6 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use rumqttc::Outgoing;
 use tokio::sync::mpsc;
-
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;

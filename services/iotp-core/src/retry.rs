@@ -76,15 +76,6 @@ pub enum Halt {
     Failed(anyhow::Error),
 }
 
-impl From<Halt> for anyhow::Error {
-    fn from(h: Halt) -> Self {
-        match h {
-            Halt::Shutdown => anyhow::anyhow!("interrupted by shutdown"),
-            Halt::Failed(e) => e,
-        }
-    }
-}
-
 /// The state of retrying one piece of work.
 #[derive(Debug)]
 pub struct Retrying {

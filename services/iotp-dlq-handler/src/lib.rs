@@ -246,9 +246,9 @@ impl Handler {
             Route::Retry { attempt } => {
                 let mut headers = FieldTable::default();
                 headers.insert(ShortString::from(AMQP_RETRY_DUE), AMQPValue::Boolean(true));
-                let exchange = self.config.rabbitmq.retry_exchange.clone();
+                let exchange = &self.config.rabbitmq.retry_exchange;
                 self.publisher
-                    .publish_to(&exchange, &attempt.to_string(), &letter, headers)
+                    .publish_to(exchange, &attempt.to_string(), &letter, headers)
                     .await?;
                 tracing::info!(id = %letter.id, reason = %letter.reason_code, attempt, "dead letter waits for retry");
             }
@@ -258,9 +258,9 @@ impl Handler {
     }
 
     async fn park(&mut self, letter: &DeadLetter) -> Result<(), StageError> {
-        let queue = self.config.rabbitmq.parking_queue.clone();
+        let queue = &self.config.rabbitmq.parking_queue;
         self.publisher
-            .publish_to("", &queue, letter, FieldTable::default())
+            .publish_to("", queue, letter, FieldTable::default())
             .await?;
         metrics()
             .dead_letters_total

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -22,6 +23,9 @@ pub struct KafkaSink {
     producer: FutureProducer,
     topic: String,
     backoff: Backoff,
+    /// The produced counter of the default topic, looked up once (not per record); none for
+    /// a sink whose records all name their topic (the DLQ replay).
+    produced: Option<IntCounter>,
 }
 
 /// A record handed to librdkafka; its delivery report is still to come.
@@ -35,9 +39,15 @@ impl KafkaSink {
         topic: impl Into<String>,
         backoff: Backoff,
     ) -> Result<Self, KafkaError> {
+        let topic = topic.into();
         Ok(Self {
             producer: kafka.producer(client_id)?,
-            topic: topic.into(),
+            produced: (!topic.is_empty()).then(|| {
+                metrics()
+                    .kafka_produced_messages_total
+                    .with_label_values(&[&topic])
+            }),
+            topic,
             backoff,
         })
     }
@@ -157,14 +167,14 @@ impl KafkaSink {
 
     fn count_produced(&self, outputs: &[&Output]) {
         let default = outputs.iter().filter(|o| o.topic.is_none()).count();
-        let produced = &metrics().kafka_produced_messages_total;
-        if default > 0 {
-            produced
-                .with_label_values(&[&self.topic])
-                .inc_by(default as u64);
+        if let (Some(produced), true) = (&self.produced, default > 0) {
+            produced.inc_by(default as u64);
         }
         for topic in outputs.iter().filter_map(|o| o.topic.as_deref()) {
-            produced.with_label_values(&[topic]).inc();
+            metrics()
+                .kafka_produced_messages_total
+                .with_label_values(&[topic])
+                .inc();
         }
     }
 }
