@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::load::ServiceEnv;
 use anyhow::Context as _;
 use iotp_contract::topology::{topology, RabbitTopology};
 use iotp_core::probe;
@@ -40,8 +41,8 @@ pub struct StackConfig {
     pub admin_port: u16,
     /// Dead-letter API port of the DLQ handler.
     pub api_port: u16,
-    /// Extra environment for every service (`IOTP__…`).
-    pub env: Vec<(String, String)>,
+    /// Extra environment, per service or for all (`--service-env`).
+    pub env: Vec<ServiceEnv>,
     /// Tenants the run's bridge subscribes to (its own shared group and client id, so a run
     /// never takes, nor leaves behind for, another run's or the demo's bridge).
     pub tenants: Vec<String>,
@@ -201,8 +202,10 @@ impl Stack {
                     }
                 }
             }
-            for (k, v) in &cfg.env {
-                cmd.env(k, v);
+            for e in &cfg.env {
+                if e.service.as_deref().is_none_or(|s| s == name) {
+                    cmd.env(&e.key, &e.value);
+                }
             }
             let child = cmd.spawn().with_context(|| {
                 format!("cannot start iotp-{name} from {}", cfg.bin_dir.display())

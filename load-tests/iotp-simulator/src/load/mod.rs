@@ -84,6 +84,49 @@ pub struct Options {
     /// No progress bar (CI logs).
     #[arg(long)]
     pub quiet: bool,
+    /// Extra setting for one service, `SERVICE:IOTP__KEY=value` (`*:` for every service), e.g.
+    /// `upserter:IOTP__IO__BATCH_MAX=5000`: tuning compared without a rebuild. Repeatable;
+    /// the report's command line shows it.
+    #[arg(long = "service-env", value_parser = parse_service_env)]
+    pub service_env: Vec<ServiceEnv>,
+}
+
+/// One `--service-env`: for `service` (`None`: every service), `key=value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceEnv {
+    /// The service's short name (`upserter`), or `None` for all.
+    pub service: Option<String>,
+    /// Environment variable.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+}
+
+fn parse_service_env(s: &str) -> Result<ServiceEnv, String> {
+    let (service, setting) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: expected SERVICE:KEY=value"))?;
+    let (key, value) = setting
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected SERVICE:KEY=value"))?;
+    let service = match service {
+        "*" => None,
+        name if crate::stack::SERVICES.contains(&name) => Some(name.to_string()),
+        other => {
+            return Err(format!(
+                "`{other}` is not a service: one of {} or `*`",
+                crate::stack::SERVICES.join(", ")
+            ))
+        }
+    };
+    if !key.starts_with("IOTP__") {
+        return Err(format!("`{key}`: service settings start with IOTP__"));
+    }
+    Ok(ServiceEnv {
+        service,
+        key: key.into(),
+        value: value.into(),
+    })
 }
 
 impl Options {
@@ -146,4 +189,30 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let settled = settle(&run, driven).await?;
     let outcome = collect(&mut run, settled).await?;
     report(run, outcome).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_env_names_one_service_or_all_and_refuses_the_rest() {
+        assert_eq!(
+            parse_service_env("upserter:IOTP__IO__BATCH_MAX=5000=x"),
+            Ok(ServiceEnv {
+                service: Some("upserter".into()),
+                key: "IOTP__IO__BATCH_MAX".into(),
+                value: "5000=x".into(),
+            })
+        );
+        assert_eq!(
+            parse_service_env("*:IOTP__COMMON__WORKER_THREADS=2").map(|e| e.service),
+            Ok(None)
+        );
+        assert!(parse_service_env("upsertr:IOTP__IO__BATCH_MAX=1")
+            .expect_err("a misspelt service is refused")
+            .contains("not a service"));
+        assert!(parse_service_env("upserter:BATCH_MAX=1").is_err());
+        assert!(parse_service_env("IOTP__IO__BATCH_MAX=1").is_err());
+    }
 }

@@ -107,7 +107,7 @@ fn stack_config(
         engine: opts.kafka_engine.clone(),
         admin_port: opts.admin_port,
         api_port: opts.admin_port + 100,
-        env: Vec::new(),
+        env: opts.service_env.clone(),
         tenants,
         amqp_uri: opts.amqp.clone(),
     })

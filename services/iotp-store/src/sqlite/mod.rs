@@ -74,19 +74,9 @@ CREATE TABLE IF NOT EXISTS messages (
     asset TEXT,
     profile TEXT NOT NULL,
     stored_at INTEGER NOT NULL,
+    readings TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (tenant, device_id, seq_no)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS readings (
-    tenant TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    seq_no INTEGER NOT NULL,
-    metric TEXT NOT NULL,
-    value REAL NOT NULL,
-    unit TEXT,
-    produced_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant, device_id, seq_no, metric)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS readings_time ON readings (produced_at);
 CREATE TABLE IF NOT EXISTS seq_stats (
     tenant TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -159,7 +149,7 @@ const CACHE_KIB: u32 = 24 * 1024;
 impl SqliteStore {
     /// Open (creating if needed) the store at `path`; `:memory:` for a private in-memory one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(sqlite_error)?;
+        let mut conn = Connection::open(path).map_err(sqlite_error)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sqlite_error)?;
         // FULL: offsets are committed after the store's commit, so a committed transaction
@@ -182,6 +172,8 @@ impl SqliteStore {
             "produced_at",
             "INTEGER NOT NULL DEFAULT 0",
         )?;
+        add_column_if_missing(&conn, "messages", "readings", "TEXT NOT NULL DEFAULT '[]'")?;
+        readings::inline_readings_table(&mut conn)?;
         // A file from before `seq_stats` (kept by `write_messages`) gets it from the messages.
         conn.execute(
             "INSERT OR IGNORE INTO seq_stats (tenant, device_id, min_seq, max_seq, stored)

@@ -18,11 +18,6 @@ impl Pruning for SqliteStore {
                     params![cutoff(r.raw)],
                 )
                 .map_err(sqlite_error)?;
-            tx.execute(
-                "DELETE FROM readings WHERE produced_at < ?1",
-                params![cutoff(r.raw)],
-            )
-            .map_err(sqlite_error)?;
             // A message older than the raw tier is rejected as too_old before it reaches the
             // store, so its dedup key may go with it.
             tx.execute(
