@@ -3,6 +3,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 VENV ?= $(HOME)/.cache/iotp/venv
+# The Mosquitto dev/brokers.sh installs (tests start their own instances of it).
+export IOTP_MOSQUITTO ?= $(HOME)/.cache/iotp/mosquitto-2.0.21/usr/sbin/mosquitto
 
 .PHONY: setup up down status build test lint demo clean-run bench load-test
 

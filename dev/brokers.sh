@@ -11,6 +11,10 @@ RUN="${IOTP_RUN_DIR:-$ROOT/.run}"
 TANSU_VERSION=0.6.0
 TANSU_HOME="${TANSU_HOME:-$HOME/.cache/iotp/tansu-$TANSU_VERSION}"
 TANSU="$TANSU_HOME/bin/tansu"
+MOSQUITTO_VERSION=2.0.21
+MOSQUITTO_HOME="${MOSQUITTO_HOME:-$HOME/.cache/iotp/mosquitto-$MOSQUITTO_VERSION}"
+MOSQUITTO="$MOSQUITTO_HOME/usr/sbin/mosquitto"
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 MQTT_PORT="${IOTP_MQTT_PORT:-1884}"
 KAFKA_PORT="${IOTP_KAFKA_PORT:-9092}"
 TANSU_STORAGE="${TANSU_STORAGE:-sqlite}"
@@ -38,12 +42,54 @@ ensure_tansu() {
     --root "$TANSU_HOME" >"$RUN/tansu-build.log" 2>&1 || { tail -30 "$RUN/tansu-build.log"; exit 1; }
 }
 
+# Mosquitto 2.0.11 (Debian 12's) moves up to a whole receive maximum of queued messages into
+# flight on every PUBACK (db__message_delete_outgoing counts only the in-flight messages ahead
+# of the acknowledged one), so under a flood it sends hundreds of thousands unacknowledged,
+# reuses packet ids, and leaves most of them in the session to be sent again at the next
+# connect (docs/performance.md). Fixed in 2.0.13; the project runs Debian's backport.
+# `mosquitto -h` exits non-zero; its first line names the version.
+mosquitto_is_pinned() { [ -x "$MOSQUITTO" ] && { "$MOSQUITTO" -h 2>&1 || true; } | grep -q "^mosquitto version $MOSQUITTO_VERSION\$"; }
+
+ensure_mosquitto() {
+  if mosquitto_is_pinned; then return; fi
+  log "installing mosquitto $MOSQUITTO_VERSION from Debian bookworm-backports into $MOSQUITTO_HOME"
+  command -v curl >/dev/null || apt_install curl
+  command -v xz >/dev/null || apt_install xz-utils
+  local index entry file sum tmp
+  tmp=$(mktemp -d)
+  curl -fsSL "$DEBIAN_MIRROR/dists/bookworm-backports/main/binary-amd64/Packages.xz" -o "$tmp/Packages.xz"
+  entry=$(xz -dc "$tmp/Packages.xz" | awk 'BEGIN { RS = "" } /^Package: mosquitto\n/')
+  echo "$entry" | grep -q "^Version: $MOSQUITTO_VERSION-" || { log "bookworm-backports has no mosquitto $MOSQUITTO_VERSION:"; echo "$entry" | grep ^Version >&2; exit 1; }
+  file=$(echo "$entry" | awk '/^Filename:/{print $2}')
+  sum=$(echo "$entry" | awk '/^SHA256:/{print $2}')
+  curl -fsSL "$DEBIAN_MIRROR/$file" -o "$tmp/mosquitto.deb"
+  echo "$sum  $tmp/mosquitto.deb" | sha256sum -c --quiet - || { log "checksum mismatch for $file"; exit 1; }
+  rm -rf "$MOSQUITTO_HOME" && mkdir -p "$MOSQUITTO_HOME"
+  dpkg-deb -x "$tmp/mosquitto.deb" "$MOSQUITTO_HOME"
+  rm -rf "$tmp"
+  # Its shared libraries are Debian 12's own packages.
+  local missing
+  missing=$(ldd "$MOSQUITTO" | awk '/not found/{print $1}')
+  if [ -n "$missing" ]; then apt_install libcjson1 libdlt2 libwebsockets17 libwrap0 libssl3; fi
+  mosquitto_is_pinned || { log "mosquitto $MOSQUITTO_VERSION does not start"; "$MOSQUITTO" -h 2>&1 | head -3 >&2; exit 1; }
+}
+
 up_mosquitto() {
-  if listening "$MQTT_PORT"; then log "mosquitto on :$MQTT_PORT already running"; return; fi
-  command -v mosquitto >/dev/null || apt_install mosquitto
+  ensure_mosquitto
+  if listening "$MQTT_PORT"; then
+    local pid=""
+    [ -f "$RUN/mosquitto/mosquitto.pid" ] && pid=$(cat "$RUN/mosquitto/mosquitto.pid")
+    if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" != "$(readlink -f "$MOSQUITTO")" ] \
+       && readlink "/proc/$pid/exe" 2>/dev/null | grep -q mosquitto; then
+      log "mosquitto on :$MQTT_PORT is not $MOSQUITTO_VERSION; restarting it"
+      stop_pidfile "$RUN/mosquitto/mosquitto.pid" mosquitto
+    else
+      log "mosquitto on :$MQTT_PORT already running"; return
+    fi
+  fi
   mkdir -p "$RUN/mosquitto"
   sed -e "s|@PORT@|$MQTT_PORT|" -e "s|@BIND@|127.0.0.1|" -e "s|@USER@|$(id -un)|" -e "s|@DIR@|$RUN/mosquitto|" "$ROOT/dev/mosquitto.conf" >"$RUN/mosquitto/mosquitto.conf"
-  mosquitto -d -c "$RUN/mosquitto/mosquitto.conf"
+  "$MOSQUITTO" -d -c "$RUN/mosquitto/mosquitto.conf"
   wait_port "$MQTT_PORT" mosquitto
   log "mosquitto on :$MQTT_PORT (config $RUN/mosquitto/mosquitto.conf)"
 }

@@ -73,13 +73,16 @@ impl Mosquitto {
             .replace("@DIR@", dir.to_str().unwrap());
         let path = dir.join("mosquitto.conf");
         std::fs::write(&path, conf).unwrap();
-        let child = Command::new("mosquitto")
+        // The project's Mosquitto (`IOTP_MOSQUITTO`, set by the Makefile to the version
+        // dev/brokers.sh installs); Debian 12's 2.0.11 overshoots the receive maximum.
+        let binary = std::env::var("IOTP_MOSQUITTO").unwrap_or_else(|_| "mosquitto".into());
+        let child = Command::new(&binary)
             .arg("-c")
             .arg(&path)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("mosquitto must be installed (dev/brokers.sh up installs it)");
+            .unwrap_or_else(|e| panic!("cannot start {binary} (dev/brokers.sh up installs it): {e}"));
         if let Err(e) = probe::blocking::wait_for_port(port, Duration::from_secs(20)) {
             panic!("mosquitto did not start: {e}");
         }
