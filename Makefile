@@ -40,9 +40,10 @@ demo: up build    ## run the pipeline end to end with a burst of simulated devic
 	dev/demo.sh
 
 SCENARIO ?= standard
-load-test: up     ## a load-tests/scenarios/$(SCENARIO).toml run through the whole pipeline (release build), audited; report in load-tests/reports/
+REPEAT ?= 1
+load-test: up     ## a load-tests/scenarios/$(SCENARIO).toml run (REPEAT=n: n runs and their spread) through the whole pipeline (release build), audited; report in load-tests/reports/
 	$(CARGO) build --locked --release --workspace --bins
-	$${CARGO_TARGET_DIR:-target}/release/iotp-load --scenario load-tests/scenarios/$(SCENARIO).toml --bin-dir $${CARGO_TARGET_DIR:-target}/release
+	$${CARGO_TARGET_DIR:-target}/release/iotp-load --scenario load-tests/scenarios/$(SCENARIO).toml --bin-dir $${CARGO_TARGET_DIR:-target}/release --repeat $(REPEAT)
 
 bench:            ## criterion benchmarks of the hot paths, per-message times (no brokers needed; docs/benchmarks.md)
 	$(CARGO) bench --locked --workspace --bench '*'

@@ -97,6 +97,8 @@ pub struct Stack {
     pub store_path: PathBuf,
     /// The run's own dead-letter topology, deleted when the services stop.
     dead_letters: (String, RabbitTopology),
+    /// The bridge's MQTT client id (its persistent session on the broker) and the port.
+    pub bridge_session: (String, u16),
 }
 
 impl Stack {
@@ -223,6 +225,7 @@ impl Stack {
             tansu,
             store_path,
             dead_letters: (cfg.amqp_uri.clone(), dead),
+            bridge_session: (cfg.bridge_client_id(), cfg.mqtt_port),
         };
         for s in &stack.services {
             let deadline = Instant::now() + Duration::from_secs(60);

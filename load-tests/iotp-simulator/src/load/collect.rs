@@ -58,6 +58,8 @@ pub async fn collect(run: &mut Run, settled: Settled) -> anyhow::Result<Outcome>
     }
     let audit = audit(&fleet, &stored, &letters, &twins);
     let exit_codes = run.stack.stop_services().await;
+    let (client_id, port) = &run.stack.bridge_session;
+    let session_leftovers = super::leftovers::bridge_session_leftovers(client_id, *port).await?;
     let acks_per_second = progress
         .acks_per_second
         .lock()
@@ -73,6 +75,7 @@ pub async fn collect(run: &mut Run, settled: Settled) -> anyhow::Result<Outcome>
         hops,
         audit,
         exit_codes,
+        session_leftovers,
     })
 }
 

@@ -25,6 +25,7 @@ use crate::stack::Stack;
 
 mod collect;
 mod drive;
+mod leftovers;
 mod monitor;
 mod prepare;
 mod report;
@@ -37,7 +38,7 @@ pub use report::report;
 pub use settle::{settle, Settled};
 
 /// `iotp-load`'s command line.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     about = "Run a load-test scenario through the whole pipeline, audit it, report",
     long_about = None
@@ -89,6 +90,10 @@ pub struct Options {
     /// the report's command line shows it.
     #[arg(long = "service-env", value_parser = parse_service_env)]
     pub service_env: Vec<ServiceEnv>,
+    /// Run the scenario this many times, one after the other (each into `<out>/run-<n>`, each
+    /// with a fresh broker and tenant), and write their spread to `<out>/spread.md`.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
 }
 
 /// One `--service-env`: for `service` (`None`: every service), `key=value`.
@@ -181,9 +186,45 @@ impl Run {
     }
 }
 
-/// Run a load test through every phase; whether it passed (the audit, and every service
-/// stopped cleanly). An error means the test could not be run to the end.
+/// Run a load test through every phase (`--repeat` times); whether every run passed (the
+/// audit, and every service stopped cleanly). An error means a run could not be run to the end.
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    if opts.repeat <= 1 {
+        return Ok(run_once(opts).await?.passed);
+    }
+    let base = opts.out.clone().unwrap_or_else(|| {
+        let name = opts
+            .scenario
+            .file_stem()
+            .map_or("scenario".into(), |s| s.to_string_lossy().into_owned());
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        PathBuf::from(format!(
+            "load-tests/reports/{name}-x{}-{}",
+            opts.repeat,
+            now.replace(':', "")
+        ))
+    });
+    let mut reports = Vec::new();
+    for i in 1..=opts.repeat {
+        println!("iotp-load: run {i} of {}", opts.repeat);
+        let once = Options {
+            out: Some(base.join(format!("run-{i}"))),
+            repeat: 1,
+            ..opts.clone()
+        };
+        reports.push(run_once(once).await?);
+    }
+    let md = crate::report::spread::markdown(&reports);
+    std::fs::write(base.join("spread.md"), &md)?;
+    println!(
+        "\n{md}\niotp-load: spread in {}",
+        base.join("spread.md").display()
+    );
+    Ok(reports.iter().all(|r| r.passed))
+}
+
+/// One run through every phase: its report.
+async fn run_once(opts: Options) -> anyhow::Result<crate::report::Report> {
     let mut run = prepare(opts).await?;
     let driven = drive(&run).await?;
     let settled = settle(&run, driven).await?;

@@ -15,8 +15,8 @@ const CEILING_HOPS: usize = 3;
 const CEILING_WITHIN: Duration = Duration::from_secs(300);
 
 /// Write the report of `outcome`, measure the ceiling if the scenario asks for it, stop the
-/// broker; whether the run passed.
-pub async fn report(run: Run, outcome: Outcome) -> anyhow::Result<bool> {
+/// broker; the report (`passed` says whether the run passed).
+pub async fn report(run: Run, outcome: Outcome) -> anyhow::Result<Report> {
     let setting = Setting {
         scenario: run.scenario.clone(),
         tenant: run.tenant.clone(),
@@ -39,5 +39,5 @@ pub async fn report(run: Run, outcome: Outcome) -> anyhow::Result<bool> {
         "iotp-load: report in {}",
         run.out.join("report.md").display()
     );
-    Ok(report.passed)
+    Ok(report)
 }

@@ -64,6 +64,8 @@ pub struct Outcome {
     pub audit: Audit,
     /// Each service's exit code after SIGTERM, `None` when a signal ended it (collect).
     pub exit_codes: Vec<(String, Option<i32>)>,
+    /// PUBLISHes the broker still held in the bridge's session after it stopped (collect).
+    pub session_leftovers: u64,
 }
 
 impl Report {
@@ -79,6 +81,7 @@ impl Report {
         let sustained_rate = audit.expected_stored as f64
             / ((audit.last_stored_at - fleet.started_at).max(1) as f64 / 1000.0);
         let passed = audit.passed()
+            && outcome.session_leftovers == 0
             && outcome.exit_codes.iter().all(|(_, c)| *c == Some(0))
             && outcome.drained.lag.iter().all(|(_, lag)| *lag == 0);
         Report {
@@ -112,6 +115,7 @@ impl Report {
             hops: outcome.hops,
             stages: outcome.stages,
             exit_codes: outcome.exit_codes,
+            session_leftovers: outcome.session_leftovers,
             audit: outcome.audit,
         }
     }

@@ -68,6 +68,10 @@ impl Report {
             ("… of which stored anyway", a.unacknowledged_but_stored),
             ("twins checked", a.twins_checked),
             ("twins wrong", a.twins_wrong.count),
+            (
+                "**left in the bridge's MQTT session** after it stopped",
+                self.session_leftovers,
+            ),
         ] {
             row(md, &[what.to_string(), n.to_string()]);
         }

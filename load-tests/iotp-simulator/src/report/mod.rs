@@ -14,6 +14,7 @@ use crate::scenario::Scenario;
 mod build;
 mod chart;
 mod markdown;
+pub mod spread;
 
 pub use build::{Drained, Outcome, PerProcess, Setting, Usage};
 pub use chart::{svg_chart, Series};
@@ -163,6 +164,8 @@ pub struct Report {
     pub stages: Vec<StageLatency>,
     /// Exit code of each service after SIGTERM.
     pub exit_codes: Vec<(String, Option<i32>)>,
+    /// PUBLISHes the broker still held in the bridge's session after it stopped: must be 0.
+    pub session_leftovers: u64,
     /// Audit passed and every service exited 0.
     pub passed: bool,
 }

@@ -82,7 +82,9 @@ impl Mosquitto {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary} (dev/brokers.sh up installs it): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary} (dev/brokers.sh up installs it): {e}")
+            });
         if let Err(e) = probe::blocking::wait_for_port(port, Duration::from_secs(20)) {
             panic!("mosquitto did not start: {e}");
         }
