@@ -56,6 +56,15 @@ pub fn launch_problems(launches: &[Launch]) -> Vec<String> {
                 ));
             }
         }
+        if let Some(registry) = l.env.get("IOTP__REGISTRY_FILE") {
+            if l.frozen.iter().any(|f| f == Path::new(registry)) {
+                out.push(format!(
+                    "{}: the registry {registry} is mounted with subPath, which the kubelet never \
+                     updates: registry changes would not reach the running service",
+                    l.source
+                ));
+            }
+        }
         match (&l.readiness, admin_port(l)) {
             (Some((path, port)), Some(admin)) if path == "/readyz" && *port == admin => {}
             (r, admin) => out.push(format!(

@@ -31,6 +31,8 @@ pub struct Launch {
     pub readiness: Option<(String, u16)>,
     /// References that point at nothing in the manifest (a missing ConfigMap, Secret or key).
     pub unresolved: Vec<String>,
+    /// Files mounted with `subPath`: the kubelet never updates them after the pod starts.
+    pub frozen: Vec<PathBuf>,
 }
 
 impl Launch {
@@ -232,6 +234,7 @@ fn container(label: &str, w: &Workload<'_>, c: &Container, lookup: &Lookup<'_>) 
                         // One key mounted as the file itself.
                         if let Some(b) = data.get(sub) {
                             l.files.insert(mount.clone(), b.clone());
+                            l.frozen.push(mount.clone());
                         }
                         continue;
                     }

@@ -147,3 +147,15 @@ fn a_field_the_typed_object_does_not_have_is_refused() {
     );
     assert!(err.contains(".spec.selectr"), "{err}");
 }
+
+#[test]
+fn a_registry_mounted_with_sub_path_which_never_reloads_is_found() {
+    let p = dev_problems_after(|y| {
+        y.replacen(
+            "        - mountPath: /etc/iotp/registry\n          name: registry\n",
+            "        - mountPath: /etc/iotp/registry/registry.toml\n          name: registry\n          subPath: registry.toml\n",
+            1,
+        )
+    });
+    assert!(p.iter().any(|p| p.contains("subPath")), "{p:?}");
+}
