@@ -93,7 +93,10 @@ pub struct ConfigError(pub Vec<String>);
 
 /// Load `C` from defaults, `file` (if given) and the environment.
 pub fn load<C: ServiceConfig>(file: Option<&Path>) -> Result<C, ConfigError> {
-    let files = from_files(std::env::vars(), FILE_ENV_PREFIX)?;
+    // vars() would panic on a variable that is not Unicode; such a one names no setting.
+    let vars = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let files = from_files(vars, FILE_ENV_PREFIX)?;
     load_from(file, Env::prefixed(ENV_PREFIX).split("__"), files)
 }
 
