@@ -56,6 +56,8 @@ impl Local {
 pub struct Prepared {
     /// Where the manifest declares it.
     pub source: String,
+    /// The workload or Compose service name.
+    pub name: String,
     /// `iotp-parser`, …
     pub binary: String,
     /// The manifest's environment, container paths rewritten to the scratch directory.
@@ -97,6 +99,7 @@ pub fn prepare(launches: &[Launch], dir: &Path) -> anyhow::Result<Vec<Prepared>>
             .collect();
         out.push(Prepared {
             source: l.source.clone(),
+            name: l.name.clone(),
             binary: l.binary().to_string(),
             env,
             volumes,
@@ -192,12 +195,16 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// The environment a prepared service starts with here: the manifest's, with its endpoints
 /// mapped to `local`, a MongoDB store replaced by the embedded store at `store`, and its
-/// listeners on free local ports. Returns it and the settings changed.
+/// listeners on free local ports. The bridge's MQTT session is the run's own (`run`): a
+/// client id, a share group limited to tenant `demo` and a short expiry, so the shared
+/// broker keeps no queue for it afterwards and other runs' traffic does not reach it.
+/// Returns the environment and the settings changed.
 pub fn mapped_env(
     p: &Prepared,
     config: &toml::Table,
     local: &Local,
     store: &Path,
+    run: &str,
 ) -> anyhow::Result<(BTreeMap<String, String>, Vec<String>)> {
     let mut env = p.env.clone();
     let mut changed = Vec::new();
@@ -221,6 +228,13 @@ pub fn mapped_env(
     if get(config, "mqtt.host").is_some() {
         set(&mut env, "IOTP__MQTT__HOST", local.mqtt_host.clone());
         set(&mut env, "IOTP__MQTT__PORT", local.mqtt_port.to_string());
+        set(&mut env, "IOTP__MQTT__CLIENT_ID", run.to_string());
+        set(&mut env, "IOTP__MQTT__SESSION_EXPIRY", "30s".to_string());
+        set(
+            &mut env,
+            "IOTP__MQTT__SUBSCRIPTIONS",
+            format!("[\"$share/{run}/iot/demo/+/+\"]"),
+        );
     }
     if get(config, "store.mongodb_uri").is_some() {
         env.remove("IOTP_FILE__STORE__MONGODB_URI");

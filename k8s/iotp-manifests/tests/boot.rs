@@ -12,7 +12,7 @@ use iotp_manifests::boot::{
     effective_config, endpoint_problems, mapped_env, prepare, Local, Running,
 };
 use iotp_manifests::launch::{from_overlay, Launch};
-use iotp_manifests::objects::render;
+use iotp_manifests::objects::{render, Object};
 use iotp_manifests::{compose, root};
 
 fn bin_dir() -> PathBuf {
@@ -70,7 +70,7 @@ fn check(
 
 /// Publish one telemetry message per registered device (they hash to different partitions).
 fn publish(local: &Local, devices: &[(&str, &str)]) {
-    let id = format!("iotp-boot-{}", std::process::id());
+    let id = format!("iotp-boot-{}-publisher", std::process::id());
     let mut opts = rumqttc::MqttOptions::new(id, &local.mqtt_host, local.mqtt_port);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut connection) = rumqttc::Client::new(opts, 64);
@@ -113,7 +113,9 @@ fn boot(label: &str, launches: &[Launch]) {
     std::fs::create_dir_all(&store).unwrap();
     let mut running = Vec::new();
     for (p, config) in &services {
-        let (env, mapped) = mapped_env(p, config, &local, &store.join("iotp.sqlite")).unwrap();
+        let run = format!("iotp-boot-{}-{label}", std::process::id()).replace('+', "-");
+        let (env, mapped) =
+            mapped_env(p, config, &local, &store.join("iotp.sqlite"), &run).unwrap();
         eprintln!("{label}: {} mapped here: {}", p.binary, mapped.join(" "));
         running.push(Running::start(&bins, p, &env, &dir.join("logs")).unwrap());
     }
@@ -133,13 +135,19 @@ fn boot(label: &str, launches: &[Launch]) {
         })
         .collect();
     let devices: Vec<(&str, &str)> = devices.iter().map(|(d, r)| (d.as_str(), *r)).collect();
-    publish(&local, &devices);
     let upserter = running
         .iter()
         .find(|r| r.binary == "iotp-upserter")
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Ready means connected; the bridge's subscription may still be on its way, and a message
+    // published before it is for nobody: publish again every 10 s until something is stored.
+    let mut published: Option<Instant> = None;
     let stored = loop {
+        if published.is_none_or(|p| p.elapsed() >= Duration::from_secs(10)) {
+            publish(&local, &devices);
+            published = Some(Instant::now());
+        }
         let stored = upserter.metric("iotp_messages_stored_total");
         if stored >= 1.0 || Instant::now() > deadline {
             break stored;
@@ -197,5 +205,69 @@ fn every_service_boots_with_its_manifest_configuration_and_the_pipeline_stores_a
         &compose_launches(&["docker-compose.yml", "docker-compose.embedded.yml"]),
     );
     let dev = render(&root().join("k8s/overlays/dev")).unwrap();
-    boot("k8s-dev", &from_overlay("dev", &dev, &[]));
+    let launches = from_overlay("dev", &dev, &[]);
+    scaling_follows_what_the_services_consume(
+        &dev,
+        &check("k8s-dev", &launches, &scratch("k8s-dev-check")),
+    );
+    boot("k8s-dev", &launches);
+}
+
+/// KEDA must scale each service on the group and topic (or queue) its effective configuration
+/// consumes, as the binary itself prints it.
+fn scaling_follows_what_the_services_consume(
+    objects: &[Object],
+    services: &[(iotp_manifests::boot::Prepared, toml::Table)],
+) {
+    let mut checked = 0;
+    for o in objects {
+        let Object::ScaledObject(so) = o else {
+            continue;
+        };
+        let (_, config) = services
+            .iter()
+            .find(|(p, _)| p.name == so.spec.scale_target_ref.name)
+            .unwrap_or_else(|| panic!("{}: its target runs no service", o.id()));
+        for t in &so.spec.triggers {
+            let (want, got) = match t.kind.as_str() {
+                "kafka" => (
+                    (
+                        t.metadata["consumerGroup"].clone(),
+                        vec![t.metadata["topic"].clone()],
+                    ),
+                    (
+                        config["io"]["group"].as_str().unwrap().to_string(),
+                        config["io"]["input_topics"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.as_str().unwrap().to_string())
+                            .collect(),
+                    ),
+                ),
+                "rabbitmq" => (
+                    (t.metadata["queueName"].clone(), vec![]),
+                    (
+                        config["rabbitmq"]["incoming_queue"]
+                            .as_str()
+                            .unwrap()
+                            .to_string(),
+                        vec![],
+                    ),
+                ),
+                other => panic!("{}: trigger {other}", o.id()),
+            };
+            assert_eq!(
+                want,
+                got,
+                "{}: KEDA's trigger and what the service consumes differ",
+                o.id()
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked, 5,
+        "parser, enricher, upserter, aggregator on lag; dlq-handler on its queue"
+    );
 }
