@@ -9,8 +9,10 @@
 //! container itself), and an embedded store must be on a mounted volume (else it lands in the
 //! container's own layer, or on a read-only root filesystem). Then the endpoints are mapped to
 //! the local brokers ([`Local`]); a MongoDB store becomes the embedded store on one shared
-//! directory, as `docker-compose.embedded.yml` does. The settings mapped are listed in the
-//! report, so a reader sees what the boot did not take from the manifest.
+//! directory, as `docker-compose.embedded.yml` does; and because the local brokers are shared,
+//! the run's topics, groups, dead-letter queues and MQTT session get names of its own (the
+//! manifest's names are checked before that). The settings mapped are printed, so a reader
+//! sees what the boot did not take from the manifest.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -195,9 +197,11 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// The environment a prepared service starts with here: the manifest's, with its endpoints
 /// mapped to `local`, a MongoDB store replaced by the embedded store at `store`, and its
-/// listeners on free local ports. The bridge's MQTT session is the run's own (`run`): a
-/// client id, a share group limited to tenant `demo` and a short expiry, so the shared
-/// broker keeps no queue for it afterwards and other runs' traffic does not reach it.
+/// listeners on free local ports. The brokers are shared (other tests, `make demo`), so the
+/// run's names are its own, prefixed with `run` ([`run_names`]): topics, consumer groups,
+/// dead-letter exchange and queues, and the bridge's MQTT session (client id, a share group
+/// limited to tenant `demo`, a short expiry, so the broker keeps no queue for it afterwards).
+/// The names the manifest gives are checked before (KEDA's triggers against them).
 /// Returns the environment and the settings changed.
 pub fn mapped_env(
     p: &Prepared,
@@ -214,6 +218,16 @@ pub fn mapped_env(
         changed.push(format!("{key}={value}"));
         env.insert(key.to_string(), value);
     };
+    let named = |name: &str| format!("{run}.{name}");
+    let list = |v: Option<&toml::Value>| -> String {
+        let items = v.and_then(toml::Value::as_array).into_iter().flatten();
+        let items: Vec<String> = items
+            .filter_map(toml::Value::as_str)
+            .map(|t| format!("\"{}\"", named(t)))
+            .collect();
+        format!("[{}]", items.join(","))
+    };
+    let text = |key: &str| get(config, key).and_then(toml::Value::as_str).unwrap_or("");
     set(&mut env, "IOTP__KAFKA__BROKERS", local.kafka.clone());
     if get(config, "io.dead_letter.amqp_uri").is_some() {
         set(
@@ -221,9 +235,43 @@ pub fn mapped_env(
             "IOTP__IO__DEAD_LETTER__AMQP_URI",
             local.amqp.clone(),
         );
+        set(
+            &mut env,
+            "IOTP__IO__DEAD_LETTER__EXCHANGE",
+            named(text("io.dead_letter.exchange")),
+        );
+        set(
+            &mut env,
+            "IOTP__IO__INPUT_TOPICS",
+            list(get(config, "io.input_topics")),
+        );
+        set(&mut env, "IOTP__IO__GROUP", named(text("io.group")));
+        if !text("io.output_topic").is_empty() {
+            set(
+                &mut env,
+                "IOTP__IO__OUTPUT_TOPIC",
+                named(text("io.output_topic")),
+            );
+        }
+    }
+    if !text("raw_topic").is_empty() {
+        set(&mut env, "IOTP__RAW_TOPIC", named(text("raw_topic")));
     }
     if get(config, "amqp_uri").is_some() {
         set(&mut env, "IOTP__AMQP_URI", local.amqp.clone());
+        for key in [
+            "dead_letter_exchange",
+            "incoming_queue",
+            "retry_exchange",
+            "parking_queue",
+        ] {
+            let value = named(text(&format!("rabbitmq.{key}")));
+            set(
+                &mut env,
+                &format!("IOTP__RABBITMQ__{}", key.to_uppercase()),
+                value,
+            );
+        }
     }
     if get(config, "mqtt.host").is_some() {
         set(&mut env, "IOTP__MQTT__HOST", local.mqtt_host.clone());
@@ -367,4 +415,36 @@ impl Drop for Running {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The run's own Kafka topics (the topology's, prefixed with `run`; 2 partitions, 1 hour
+/// retention) and dead-letter topology (exchanges and queues), to create before a run.
+pub fn run_names(
+    run: &str,
+) -> (
+    Vec<iotp_contract::topology::TopicSpec>,
+    iotp_contract::topology::RabbitTopology,
+) {
+    let t = iotp_contract::topology::topology();
+    let topics = t
+        .kafka
+        .topics
+        .iter()
+        .map(|spec| iotp_contract::topology::TopicSpec {
+            name: format!("{run}.{}", spec.name),
+            partitions: 2,
+            schema: spec.schema.clone(),
+            retention_hours: 1,
+            about: format!("boot test: {}", spec.about),
+        })
+        .collect();
+    let r = &t.rabbitmq;
+    let dead = iotp_contract::topology::RabbitTopology {
+        dead_letter_exchange: format!("{run}.{}", r.dead_letter_exchange),
+        incoming_queue: format!("{run}.{}", r.incoming_queue),
+        retry_exchange: format!("{run}.{}", r.retry_exchange),
+        retry_delays: r.retry_delays().into_iter().map(Into::into).collect(),
+        parking_queue: format!("{run}.{}", r.parking_queue),
+    };
+    (topics, dead)
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use iotp_manifests::boot::{
-    effective_config, endpoint_problems, mapped_env, prepare, Local, Running,
+    effective_config, endpoint_problems, mapped_env, prepare, run_names, Local, Running,
 };
 use iotp_manifests::launch::{from_overlay, Launch};
 use iotp_manifests::objects::{render, Object};
@@ -111,9 +111,28 @@ fn boot(label: &str, launches: &[Launch]) {
     let bins = bin_dir();
     let store = dir.join("volumes").join("embedded-override");
     std::fs::create_dir_all(&store).unwrap();
+    let run = format!("iotp-boot-{}-{label}", std::process::id()).replace('+', "-");
+    let (topics, dead) = run_names(&run);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let kafka = iotp_core::kafka::KafkaConfig {
+            brokers: local.kafka.clone(),
+            ..Default::default()
+        };
+        iotp_core::kafka::ensure_topics(&kafka.admin("iotp-boot").unwrap(), &topics, 1)
+            .await
+            .unwrap();
+        let conn = iotp_core::amqp::connect(&local.amqp).await.unwrap();
+        iotp_core::amqp::declare_topology(&conn.create_channel().await.unwrap(), &dead)
+            .await
+            .unwrap();
+        let _ = conn.close(200, "declared".into()).await;
+    });
     let mut running = Vec::new();
     for (p, config) in &services {
-        let run = format!("iotp-boot-{}-{label}", std::process::id()).replace('+', "-");
         let (env, mapped) =
             mapped_env(p, config, &local, &store.join("iotp.sqlite"), &run).unwrap();
         eprintln!("{label}: {} mapped here: {}", p.binary, mapped.join(" "));
@@ -178,6 +197,13 @@ fn boot(label: &str, launches: &[Launch]) {
             r.log_tail()
         );
     }
+    runtime.block_on(async {
+        let conn = iotp_core::amqp::connect(&local.amqp).await.unwrap();
+        iotp_core::amqp::delete_topology(&conn.create_channel().await.unwrap(), &dead)
+            .await
+            .unwrap();
+        let _ = conn.close(200, "deleted".into()).await;
+    });
     eprintln!(
         "{label}: booted, processed and stopped in {:.1?}",
         started.elapsed()
@@ -193,8 +219,8 @@ fn compose_launches(files: &[&str]) -> Vec<Launch> {
     compose::launches(&files.join("+"), &model, &vars, &root).unwrap()
 }
 
-/// One test: the runs share the pipeline's real consumer groups and replica names on the
-/// local Kafka, so they must not overlap.
+/// Compose (MongoDB: checked; embedded: booted) and the dev overlay (booted), one after the
+/// other: both runs would print their mapped settings into one interleaved log otherwise.
 #[test]
 fn every_service_boots_with_its_manifest_configuration_and_the_pipeline_stores_a_message() {
     // MongoDB-backed compose: configuration and endpoints (no MongoDB server here to boot on).
