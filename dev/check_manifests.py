@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Checks the deployment files against what they must agree with.
 
-docker-compose.yml and k8s/ are compared with schemas/topology.toml (topics, partitions,
+docker-compose.yml (and its embedded-store override) and the k8s/ overlays, rendered with
+`kubectl kustomize`, are compared with schemas/topology.toml (topics, partitions,
 consumer groups, queues), dev/mosquitto.conf (the broker's sizing and persistence), the
 configuration keys the binaries read, and the upstream schemas in
 ../shared/external-schemas beside the repository (Compose specification, KEDA CRDs), which are
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -38,6 +40,11 @@ COMMON_KEYS = {
     "IOTP__COMMON__SHUTDOWN_DEADLINE",
 }
 KAFKA_KEYS = {"IOTP__KAFKA__BROKERS"}
+# Secrets as files: IOTP_FILE__SECTION__KEY names the file holding section.key
+# (services/iotp-core/src/config.rs).
+DEAD_LETTER_FILE_KEY = "IOTP_FILE__IO__DEAD_LETTER__AMQP_URI"
+STORE_KEYS = {"IOTP_FILE__STORE__MONGODB_URI", "IOTP__STORE__PATH"}
+REGISTRY_KEY = "IOTP__REGISTRY_FILE"
 BRIDGE_KEYS = {
     "IOTP__MQTT__HOST",
     "IOTP__MQTT__PORT",
@@ -50,13 +57,15 @@ BRIDGE_KEYS = {
 }
 # The parser runs on the Kafka stage runtime, which publishes dead letters to RabbitMQ.
 DEAD_LETTER_KEY = "IOTP__IO__DEAD_LETTER__AMQP_URI"
+DEAD_LETTERING = COMMON_KEYS | KAFKA_KEYS | {DEAD_LETTER_KEY, DEAD_LETTER_FILE_KEY}
 ALLOWED_ENV = {
     "iotp-mqtt-bridge": COMMON_KEYS | KAFKA_KEYS | BRIDGE_KEYS,
-    "iotp-parser": COMMON_KEYS | KAFKA_KEYS | {DEAD_LETTER_KEY},
-    "iotp-enricher": COMMON_KEYS | KAFKA_KEYS,
-    "iotp-upserter": COMMON_KEYS | KAFKA_KEYS,
-    "iotp-aggregator": COMMON_KEYS | KAFKA_KEYS,
-    "iotp-dlq-handler": COMMON_KEYS | KAFKA_KEYS,
+    "iotp-parser": DEAD_LETTERING | {REGISTRY_KEY},
+    "iotp-enricher": DEAD_LETTERING | STORE_KEYS | {REGISTRY_KEY},
+    "iotp-upserter": DEAD_LETTERING | STORE_KEYS,
+    "iotp-aggregator": DEAD_LETTERING | STORE_KEYS | {REGISTRY_KEY},
+    "iotp-dlq-handler": COMMON_KEYS | KAFKA_KEYS | STORE_KEYS
+    | {"IOTP_FILE__AMQP_URI", "IOTP__API_LISTEN"},
     "iotp-topology": {"IOTP__KAFKA__BROKERS", "IOTP_AMQP_URI"},
 }
 SERVICES = [b for b in ALLOWED_ENV if b != "iotp-topology"]
@@ -192,15 +201,57 @@ def compose_containers(compose: dict[str, Any]) -> list[Container]:
     return out
 
 
-class K8s:
-    """The objects in k8s/*.yaml, and the containers of their workloads."""
+class ComposeTag(str):
+    """`!reset` / `!override` in a Compose override file (the merge rules of the spec)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.objects: list[tuple[str, dict[str, Any]]] = []
-        for path in sorted(directory.glob("*.yaml")):
-            if path.name != "kustomization.yaml":
-                self.objects += [(path.name, doc) for doc in load_yaml_docs(path)]
+    def __new__(cls, tag: str, value: Any) -> "ComposeTag":
+        obj = super().__new__(cls, tag)
+        obj.value = value
+        return obj
+
+
+class OverrideLoader(yaml.SafeLoader):
+    pass
+
+
+for _tag in ("!reset", "!override"):
+    OverrideLoader.add_constructor(_tag, lambda loader, node, tag=_tag: ComposeTag(
+        tag, loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode)
+        else loader.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_scalar(node)))
+
+
+def compose_merge(base: Any, override: Any) -> Any:
+    """Compose's merge: mappings merge, sequences append, `!reset` removes, `!override`
+    replaces; command, entrypoint and healthcheck replace."""
+    if isinstance(override, ComposeTag):
+        return override.value
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            if isinstance(value, ComposeTag) and value == "!reset":
+                out.pop(key, None)
+            elif key in out and key not in ("command", "entrypoint"):
+                out[key] = compose_merge(out[key], value)
+            else:
+                out[key] = compose_merge(None, value)
+        return out
+    if isinstance(base, list) and isinstance(override, list):
+        return base + [v for v in override if v not in base]
+    return override
+
+
+class K8s:
+    """The objects of one overlay (`kubectl kustomize k8s/overlays/NAME`), and the containers
+    of their workloads."""
+
+    def __init__(self, overlay: Path) -> None:
+        self.directory = overlay
+        rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], check=True,
+                                  capture_output=True, text=True).stdout
+        name = f"overlays/{overlay.name}"
+        self.objects: list[tuple[str, dict[str, Any]]] = [
+            (name, d) for d in yaml.safe_load_all(rendered) if d]
         self.containers = self._containers()
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
@@ -401,7 +452,8 @@ def check_env_keys(checks: Checks, label: str, containers: list[Container]) -> N
         problems = []
         for c in containers:
             used = sorted(k for k in c.env if k.startswith("IOTP_"))
-            allowed = ALLOWED_ENV.get(c.binary)
+            # The simulator (compose profile) is configured by its flags only.
+            allowed = ALLOWED_ENV.get(c.binary, set() if c.binary == "iotp-simulator" else None)
             if allowed is None:
                 if c.binary.startswith("iotp-") or used:
                     problems.append(f"{c.where}: binary {c.binary!r} has no known keys (sets {used})")
@@ -542,15 +594,16 @@ def check_k8s_services(checks: Checks, k8s: K8s, containers: list[Container]) ->
     checks.run("k8s service pods: probes, scraping, limits, hardening, grace, PDB", pods)
 
 
-def check_kustomization(checks: Checks, k8s: K8s) -> None:
+def check_kustomization(checks: Checks) -> None:
     def check() -> list[str]:
-        kustomization = yaml.safe_load((k8s.directory / "kustomization.yaml").read_text())
+        base = ROOT / "k8s" / "base"
+        kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
         listed = set(kustomization.get("resources", []))
-        present = {p.name for p in k8s.directory.glob("*.yaml")} - {"kustomization.yaml"}
+        present = {p.name for p in base.glob("*.yaml")} - {"kustomization.yaml"}
         return ([f"{f} is not listed in kustomization.yaml" for f in sorted(present - listed)]
                 + [f"kustomization.yaml lists missing {f}" for f in sorted(listed - present)])
 
-    checks.run("k8s/kustomization.yaml lists every manifest", check)
+    checks.run("k8s/base/kustomization.yaml lists every manifest", check)
 
 
 def check_dead_letters(checks: Checks, label: str, containers: list[Container]) -> None:
@@ -559,13 +612,52 @@ def check_dead_letters(checks: Checks, label: str, containers: list[Container]) 
 
     def check() -> list[str]:
         tools = deployed(containers, "iotp-topology")
-        declared = [flag(t.argv, "--amqp") or t.env.get("IOTP_AMQP_URI") for t in tools]
-        stages = [c for c in service_containers(containers) if DEAD_LETTER_KEY in ALLOWED_ENV[c.binary]]
-        return [f"{c.where}: {DEAD_LETTER_KEY} is {c.env.get(DEAD_LETTER_KEY)!r}, the topology "
-                f"tool declares on {declared}" for c in stages
-                if c.env.get(DEAD_LETTER_KEY) is None or [c.env.get(DEAD_LETTER_KEY)] != declared]
+        declared = [amqp_source(t, flag(t.argv, "--amqp") or t.env.get("IOTP_AMQP_URI"))
+                    for t in tools]
+        problems = []
+        for c in service_containers(containers):
+            keys = ([DEAD_LETTER_KEY, DEAD_LETTER_FILE_KEY] if DEAD_LETTER_KEY in ALLOWED_ENV[c.binary]
+                    else ["IOTP__AMQP_URI", "IOTP_FILE__AMQP_URI"] if c.binary == DLQ_HANDLER
+                    else [])
+            if not keys:
+                continue
+            literal, file = c.env.get(keys[0]), c.env.get(keys[1])
+            used = amqp_source(c, literal) if literal is not None else secret_file_source(c, file)
+            if used is None or [used] != declared:
+                problems.append(f"{c.where}: its RabbitMQ ({keys[0]} or {keys[1]}) comes from "
+                                f"{used}, the topology tool declares on {declared}")
+        return problems
 
     checks.run(f"{label} dead-lettering stages use the RabbitMQ the topology tool declared", check)
+
+
+def amqp_source(c: Container, value: Any) -> Any:
+    """Where a URI comes from: a k8s Secret key, a compose variable (`${NAME…}`), or a literal."""
+    if isinstance(value, dict) and "secretKeyRef" in value:
+        ref = value["secretKeyRef"]
+        return ("secret", ref["name"], ref["key"])
+    match = re.fullmatch(r"\$\{(\w+)[^}]*\}", str(value)) if value is not None else None
+    return ("variable", match[1]) if match else value
+
+
+def secret_file_source(c: Container, path: Any) -> Any:
+    """Where the file an IOTP_FILE__ variable names comes from: a compose secret's variable or
+    a k8s Secret key mounted as a volume; None if the file is not provided by either."""
+    if not isinstance(path, str):
+        return None
+    if c.kind == "service":
+        name = path.removeprefix("/run/secrets/")
+        source = (c.owner.get("_secrets") or {}).get(name) or {}
+        listed = [s if isinstance(s, str) else s.get("source") for s in c.owner.get("secrets", [])]
+        return ("variable", source["environment"]) if name in listed and "environment" in source else None
+    pod = c.owner["spec"]["template"]["spec"]
+    for mount in c.spec.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            volume = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
+            if "secret" in volume:
+                return ("secret", volume["secret"]["secretName"], path[len(prefix):])
+    return None
 
 
 def check_raw_topic(checks: Checks, label: str, containers: list[Container],
@@ -664,43 +756,63 @@ def check_k8s_mosquitto(checks: Checks, k8s: K8s, containers: list[Container], d
 # ---------------------------------------------------------------------------------------------
 
 
+def load_compose(*files: str) -> dict[str, Any]:
+    merged: Any = None
+    for name in files:
+        merged = compose_merge(merged, yaml.load((ROOT / name).read_text(), Loader=OverrideLoader))
+    # The top-level secrets, where a service's secret file comes from.
+    for svc in (merged.get("services") or {}).values():
+        svc["_secrets"] = merged.get("secrets") or {}
+    return merged
+
+
+def without_internal(compose: dict[str, Any]) -> dict[str, Any]:
+    return {**compose, "services": {name: {k: v for k, v in svc.items() if k != "_secrets"}
+                                    for name, svc in compose["services"].items()}}
+
+
 def main() -> int:
     checks = Checks()
     try:
         topology = tomllib.loads((ROOT / "schemas" / "topology.toml").read_text())
-        compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-        k8s = K8s(ROOT / "k8s")
+        composes = {"compose": load_compose("docker-compose.yml"),
+                    "compose+embedded": load_compose("docker-compose.yml",
+                                                     "docker-compose.embedded.yml")}
+        overlays = {f"k8s {name}": K8s(ROOT / "k8s" / "overlays" / name) for name in ("dev", "prod")}
         dev_mosquitto = (ROOT / "dev" / "mosquitto.conf").read_text()
-    except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError) as e:
-        print(f"FAIL reading the files: {e}")
+    except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError, subprocess.CalledProcessError) as e:
+        print(f"FAIL reading the files: {e} {getattr(e, 'stderr', '')}")
         print("0 passed, 1 failed")
         return 1
 
-    in_compose = compose_containers(compose)
-    in_k8s = k8s.containers
-    compose_brokers = the_brokers(in_compose)
-    k8s_brokers = the_brokers(in_k8s)
+    runs = []
+    for label, compose in composes.items():
+        print(f"== {label}")
+        check_compose_schema(checks, without_internal(compose))
+        containers = compose_containers(compose)
+        runs.append((label, containers, "service", the_brokers(containers)))
+        check_compose_services(checks, containers)
+        check_compose_mosquitto(checks, containers, dev_mosquitto)
+    check_kustomization(checks)
+    for label, k8s in overlays.items():
+        print(f"== {label}")
+        brokers = the_brokers(k8s.containers)
+        check_keda_schemas(checks, k8s)
+        check_kafka_scaling(checks, k8s, topology, brokers)
+        check_dlq_scaling(checks, k8s, topology)
+        check_k8s_services(checks, k8s, k8s.containers)
+        runs.append((label, k8s.containers, "Job", brokers))
+    # Production Mosquitto: mutual TLS and the ACL (dev runs it without certificates).
+    check_k8s_mosquitto(checks, overlays["k8s prod"], overlays["k8s prod"].containers, dev_mosquitto)
 
-    check_compose_schema(checks, compose)
-    check_keda_schemas(checks, k8s)
-    check_kustomization(checks, k8s)
-
-    check_kafka_scaling(checks, k8s, topology, k8s_brokers)
-    check_dlq_scaling(checks, k8s, topology)
-
-    for label, containers, tool_kind, brokers in (("compose", in_compose, "service", compose_brokers),
-                                                  ("k8s", in_k8s, "Job", k8s_brokers)):
+    for label, containers, tool_kind, brokers in runs:
+        print(f"== {label}: configuration")
         check_deployed_once(checks, label, containers)
         check_env_keys(checks, label, containers)
         check_one_kafka(checks, label, containers)
         check_topology_tool(checks, label, containers, tool_kind, brokers)
         check_dead_letters(checks, label, containers)
         check_raw_topic(checks, label, containers, topology)
-    check_compose_services(checks, in_compose)
-    check_k8s_services(checks, k8s, in_k8s)
-
-    check_compose_mosquitto(checks, in_compose, dev_mosquitto)
-    check_k8s_mosquitto(checks, k8s, in_k8s, dev_mosquitto)
 
     print(f"{checks.passed} passed, {checks.failed} failed")
     return 1 if checks.failed else 0

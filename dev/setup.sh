@@ -23,3 +23,10 @@ if ! "$VENV/bin/python" -c "import fastavro, yaml, jsonschema" 2>/dev/null; then
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r "$ROOT/schemas/interop/requirements.txt" -r "$ROOT/dev/requirements-check.txt"
 fi
+# checkov and kubernetes-validate for dev/k8s_lint.sh (the rendered k8s overlays).
+if ! [ -x "$VENV/bin/checkov" ] || ! [ -x "$VENV/bin/kubernetes-validate" ]; then
+  echo "[setup] installing checkov and kubernetes-validate into $VENV" >&2
+  "$VENV/bin/pip" install -q -r "$ROOT/dev/requirements-k8s.txt"
+fi
+# kubectl renders the k8s overlays (kustomize) for the manifest checks and the boot test.
+command -v kubectl >/dev/null || echo "[setup] kubectl not found: the k8s manifest checks need it (apt-get install kubectl, from the Kubernetes apt repository)" >&2

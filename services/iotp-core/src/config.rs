@@ -1,6 +1,9 @@
 //! Layered configuration: built-in defaults, then an optional TOML file, then environment
 //! variables `IOTP__SECTION__KEY`. Unknown keys are errors; durations read like "500ms";
 //! cross-field rules are checked at start-up and every problem is reported at once.
+//! A secret can come from a file instead (a Kubernetes Secret volume, a Compose secret):
+//! `IOTP_FILE__STORE__MONGODB_URI=/run/secrets/mongodb-uri` sets `store.mongodb_uri` to the
+//! file's contents, so the value is in neither the environment nor the manifest.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 /// Prefix of configuration environment variables (`IOTP__KAFKA__BROKERS=…`).
 pub const ENV_PREFIX: &str = "IOTP__";
+
+/// Prefix of variables naming a file that holds a setting's value
+/// (`IOTP_FILE__AMQP_URI=/run/secrets/amqp-uri`); one trailing newline is dropped.
+pub const FILE_ENV_PREFIX: &str = "IOTP_FILE__";
 
 /// A service's configuration.
 pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
@@ -86,10 +93,47 @@ pub struct ConfigError(pub Vec<String>);
 
 /// Load `C` from defaults, `file` (if given) and the environment.
 pub fn load<C: ServiceConfig>(file: Option<&Path>) -> Result<C, ConfigError> {
-    load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+    // vars() would panic on a variable that is not Unicode; such a one names no setting.
+    let vars = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let files = from_files(vars, FILE_ENV_PREFIX)?;
+    load_from(file, Env::prefixed(ENV_PREFIX).split("__"), files)
 }
 
-fn load_from<C: ServiceConfig>(file: Option<&Path>, env: Env) -> Result<C, ConfigError> {
+/// The settings `IOTP_FILE__SECTION__KEY=path` variables name, read from their files. A file
+/// that cannot be read is a configuration problem; its contents are never in the message.
+fn from_files(
+    vars: impl Iterator<Item = (String, String)>,
+    prefix: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut values = Vec::new();
+    let mut problems = Vec::new();
+    for (name, path) in vars {
+        let Some(key) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let key = key.split("__").collect::<Vec<_>>().join(".").to_lowercase();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                let text = text.strip_suffix('\r').unwrap_or(text);
+                values.push((key, text.to_string()));
+            }
+            Err(e) => problems.push(format!("{name}: cannot read {path}: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(values)
+    } else {
+        Err(ConfigError(problems))
+    }
+}
+
+fn load_from<C: ServiceConfig>(
+    file: Option<&Path>,
+    env: Env,
+    files: Vec<(String, String)>,
+) -> Result<C, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(C::default()));
     if let Some(file) = file {
         if !file.exists() {
@@ -100,8 +144,11 @@ fn load_from<C: ServiceConfig>(file: Option<&Path>, env: Env) -> Result<C, Confi
         }
         figment = figment.merge(Toml::file_exact(file));
     }
+    figment = figment.merge(env);
+    for (key, value) in files {
+        figment = figment.merge(Serialized::default(&key, value));
+    }
     let config: C = figment
-        .merge(env)
         .extract()
         .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
     let mut problems = config.validate();
@@ -176,7 +223,7 @@ mod tests {
         .expect("write");
         figment::Jail::expect_with(|jail| {
             jail.set_env("T1__COMMON__REPLICA", "from-env");
-            let c: TestConfig = load_from(Some(&file), env("T1__")).expect("load");
+            let c: TestConfig = load_from(Some(&file), env("T1__"), Vec::new()).expect("load");
             assert_eq!(c.batch, 7);
             assert_eq!(c.poll, Duration::from_millis(500));
             assert_eq!(c.common.replica, "from-env");
@@ -186,16 +233,46 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_files_named_by_the_environment() {
+        let dir = std::env::temp_dir().join(format!("iotp-cfg-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let secret = dir.join("replica");
+        std::fs::write(&secret, "from-secret\n").expect("write");
+        let vars = [
+            (
+                "T5_FILE__COMMON__REPLICA".to_string(),
+                secret.display().to_string(),
+            ),
+            ("UNRELATED".to_string(), "/nowhere".to_string()),
+        ];
+        let files = from_files(vars.into_iter(), "T5_FILE__").expect("read");
+        assert_eq!(files, vec![("common.replica".into(), "from-secret".into())]);
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("T5__BATCH", "1");
+            let c: TestConfig = load_from(None, env("T5__"), files.clone()).expect("load");
+            assert_eq!(c.common.replica, "from-secret");
+            Ok(())
+        });
+        let missing = [(
+            "T5_FILE__BATCH".to_string(),
+            "/nonexistent/secret".to_string(),
+        )];
+        let err = from_files(missing.into_iter(), "T5_FILE__").expect_err("unreadable");
+        assert!(err.to_string().contains("T5_FILE__BATCH"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_and_rule_violations_are_all_reported() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("T2__BATHC", "3");
-            let err = load_from::<TestConfig>(None, env("T2__")).expect_err("unknown key");
+            let err =
+                load_from::<TestConfig>(None, env("T2__"), Vec::new()).expect_err("unknown key");
             assert!(err.to_string().contains("bathc"), "{err}");
             Ok(())
         });
         figment::Jail::expect_with(|jail| {
             jail.set_env("T3__COMMON__SHUTDOWN_DEADLINE", "10ms");
-            let err = load_from::<TestConfig>(None, env("T3__")).expect_err("rules");
+            let err = load_from::<TestConfig>(None, env("T3__"), Vec::new()).expect_err("rules");
             // batch defaults to 0 and the deadline is too short: both are listed.
             assert_eq!(err.0.len(), 2, "{err}");
             Ok(())
@@ -203,7 +280,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("T4__POLL", "soon");
             jail.set_env("T4__BATCH", "1");
-            assert!(load_from::<TestConfig>(None, env("T4__")).is_err());
+            assert!(load_from::<TestConfig>(None, env("T4__"), Vec::new()).is_err());
             Ok(())
         });
     }
