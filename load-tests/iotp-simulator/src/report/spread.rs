@@ -158,9 +158,9 @@ pub fn markdown(runs: &[Report]) -> String {
     for s in &spreads {
         let _ = write!(
             md,
-            " ±{} |",
+            " {} |",
             s.as_ref()
-                .map_or("–".into(), |s| format!("{:.1}%", s.plus_minus_percent))
+                .map_or("–".into(), |s| format!("±{:.1}%", s.plus_minus_percent))
         );
     }
     md.push('\n');
