@@ -6,17 +6,6 @@ use std::fmt::Write as _;
 
 use super::Report;
 
-/// The processes whose CPU is tabled, in pipeline order.
-const PROCESSES: [&str; 7] = [
-    "mqtt-bridge",
-    "parser",
-    "enricher",
-    "upserter",
-    "aggregator",
-    "dlq-handler",
-    "tansu",
-];
-
 /// One figure of every run, with its minimum, median, maximum and spread.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spread {
@@ -99,7 +88,8 @@ pub fn markdown(runs: &[Report]) -> String {
             runs.iter().map(|r| r.services_us_per_message).collect(),
         ),
     ];
-    for p in PROCESSES {
+    // The services in pipeline order, then the broker.
+    for p in crate::stack::SERVICES.into_iter().chain(["tansu"]) {
         columns.push((p.into(), runs.iter().map(|r| cpu_of(r, p)).collect()));
     }
     columns.push((
