@@ -70,16 +70,21 @@ fn readings_json(readings: &[(String, f64, Option<String>)]) -> Result<String, S
 /// their messages' column and drop the table, in one transaction (the services sharing the
 /// file open it concurrently: the first one moves them, the others find no table).
 pub(super) fn inline_readings_table(conn: &mut rusqlite::Connection) -> Result<(), StoreError> {
-    let tx = write_transaction(conn)?;
-    let has_table: bool = tx
-        .query_row(
+    let has_table = |c: &rusqlite::Connection| -> Result<bool, StoreError> {
+        c.query_row(
             "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'readings'",
             [],
             |r| r.get::<_, i64>(0),
         )
-        .map_err(sqlite_error)?
-        > 0;
-    if has_table {
+        .map(|n| n > 0)
+        .map_err(sqlite_error)
+    };
+    // The usual case, a current file: no write lock taken at start-up.
+    if !has_table(conn)? {
+        return Ok(());
+    }
+    let tx = write_transaction(conn)?;
+    if has_table(&tx)? {
         tx.execute_batch(
             "UPDATE messages SET readings = (
                  SELECT json_group_array(json_array(r.metric, r.value, r.unit)) FROM readings r
