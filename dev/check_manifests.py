@@ -91,7 +91,7 @@ MOSQUITTO_PRODUCTION = {
     "allow_anonymous": "false",
 }
 MOSQUITTO_ACL_LINES = ("pattern write iot/%u/+", "user iotp-bridge", "topic read iot/#",
-                       "topic read $SYS/broker/#")
+                       "topic read $SYS/broker/#", "topic readwrite iotp-bridges/#")
 
 # Common::default() in services/iotp-core/src/config.rs.
 DEFAULT_SHUTDOWN_DEADLINE = "25s"

@@ -240,6 +240,23 @@ fn scaled_object(
                     }
                 }
             }
+            // The bridge has no consumer lag; it scales on the broker backlog it exports.
+            "prometheus" => {
+                let query = meta("query");
+                if service.binary() != "iotp-mqtt-bridge"
+                    || !query.contains("iotp_mqtt_broker_stored_messages")
+                {
+                    out.push(format!(
+                        "{id}: prometheus trigger {query:?} on {}; only the bridge scales on the broker backlog it exports",
+                        service.binary()
+                    ));
+                }
+                if meta("serverAddress").is_empty() || meta("threshold").parse::<f64>().is_err() {
+                    out.push(format!(
+                        "{id}: prometheus trigger needs serverAddress and a numeric threshold"
+                    ));
+                }
+            }
             other => out.push(format!(
                 "{id}: trigger type {other} is not one this project uses"
             )),

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub mqtt_superseded_acks_total: IntCounter,
     /// MQTT connection errors, by kind.
     pub mqtt_connection_errors_total: IntCounterVec,
+    /// Sessions this replica stopped serving, by outcome: `left` (its own, drained and ended
+    /// when it left the shared group), `kept` (its own, kept on the broker: no other replica
+    /// was online), `taken_over` (another replica's orphaned session, drained and ended).
+    pub mqtt_sessions_ended_total: IntCounterVec,
     /// Messages Mosquitto reports it dropped (`$SYS/broker/publish/messages/dropped`).
     pub mqtt_broker_dropped_messages: IntGauge,
     /// Messages Mosquitto has queued for offline or slow clients (`$SYS/broker/store/messages/count`).
@@ -84,6 +88,13 @@ impl Metrics {
                     "MQTT connection errors",
                 ),
                 &["kind"],
+            )?,
+            mqtt_sessions_ended_total: IntCounterVec::new(
+                Opts::new(
+                    "iotp_mqtt_sessions_ended_total",
+                    "MQTT sessions this replica stopped serving, by outcome",
+                ),
+                &["outcome"],
             )?,
             mqtt_broker_dropped_messages: IntGauge::new(
                 "iotp_mqtt_broker_dropped_messages",
@@ -187,6 +198,8 @@ impl Metrics {
             .register(Box::new(m.mqtt_connection_errors_total.clone()))?;
         m.registry
             .register(Box::new(m.mqtt_superseded_acks_total.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_sessions_ended_total.clone()))?;
         m.registry
             .register(Box::new(m.mqtt_broker_dropped_messages.clone()))?;
         m.registry

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
+use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
@@ -42,6 +44,20 @@ pub struct MqttConfig {
     pub subscriptions: Vec<String>,
     /// Also subscribe to the broker's `$SYS` drop and store counters and export them.
     pub watch_broker_counters: bool,
+    /// Where replicas announce themselves, retained: `{presence_prefix}/{clientId}` holds
+    /// `online`, `leaving`, `away` or (the broker's will, after `orphan_after`) `orphaned`.
+    /// Every replica of one shared group must use the same prefix.
+    pub presence_prefix: String,
+    /// A replica that vanished (crash, or stopped while no other was online) for this long is
+    /// an orphan: its session, which keeps receiving its share of the shared subscription, is
+    /// drained and ended by a surviving replica. Also the will delay: a restart shorter than
+    /// this keeps the session to itself.
+    #[serde(with = "humantime_serde")]
+    pub orphan_after: Duration,
+    /// A session being left is drained when nothing arrived for this long and every message
+    /// it received was acknowledged.
+    #[serde(with = "humantime_serde")]
+    pub drain_quiet: Duration,
 }
 
 /// PEM files for TLS.
@@ -79,6 +95,9 @@ impl Default for MqttConfig {
             max_packet_size: 2 * 1024 * 1024,
             subscriptions: vec![topology().mqtt.shared_subscription()],
             watch_broker_counters: true,
+            presence_prefix: "iotp-bridges".into(),
+            orphan_after: Duration::from_secs(30),
+            drain_quiet: Duration::from_secs(1),
         }
     }
 }
@@ -104,30 +123,86 @@ impl MqttConfig {
         if self.username.is_none() && self.password.is_some() {
             out.push("mqtt.password needs mqtt.username".into());
         }
+        if self.presence_prefix.is_empty() || self.presence_prefix.contains(['+', '#']) {
+            out.push("mqtt.presence_prefix must be a topic without wildcards".into());
+        }
+        if self.orphan_after.is_zero() || self.drain_quiet.is_zero() {
+            out.push("mqtt.orphan_after and mqtt.drain_quiet must be > 0".into());
+        }
         out
     }
 
-    /// Build a client for a persistent, manually acknowledged session.
-    pub fn connect(&self, replica: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
-        let client_id = if self.client_id.is_empty() {
+    /// The client id of `replica`'s session.
+    pub fn client_id<'a>(&'a self, replica: &'a str) -> &'a str {
+        if self.client_id.is_empty() {
             replica
         } else {
             &self.client_id
-        };
-        let mut opts = MqttOptions::new(client_id, &self.host, self.port);
+        }
+    }
+
+    /// The retained presence topic of the session `client_id`.
+    pub fn presence_topic(&self, client_id: &str) -> String {
+        format!("{}/{client_id}", self.presence_prefix)
+    }
+
+    /// Build a client for the persistent, manually acknowledged session `client_id`. Its will
+    /// announces the session `orphaned` if the connection ends without a DISCONNECT and no
+    /// client resumes the session within `orphan_after`.
+    pub fn connect(&self, client_id: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
+        let mut opts = self.options(client_id)?;
+        let mut will = LastWill::new(
+            self.presence_topic(client_id),
+            ORPHANED,
+            QoS::AtLeastOnce,
+            true,
+            None,
+        );
+        will.properties = Some(LastWillProperties {
+            delay_interval: Some(self.orphan_after.as_secs().min(u32::MAX.into()) as u32),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        });
         opts.set_clean_start(false)
-            .set_keep_alive(self.keep_alive)
+            .set_last_will(will)
             .set_session_expiry_interval(Some(
                 self.session_expiry.as_secs().min(u32::MAX.into()) as u32
             ))
             .set_receive_maximum(Some(self.max_in_flight))
-            .set_max_packet_size(Some(self.max_packet_size))
             .set_manual_acks(true)
-            // The bridge publishes nothing to MQTT; rumqttc otherwise keeps a slot for 65,535
-            // outgoing publishes (about 16 MiB, allocated and written at connect).
-            .set_outgoing_inflight_upper_limit(16)
             // Acks for a whole window, subscriptions and the disconnect must fit without blocking.
             .set_request_channel_capacity(usize::from(self.max_in_flight) * 2 + 16);
+        Ok(AsyncClient::new(
+            opts,
+            usize::from(self.max_in_flight) * 2 + 16,
+        ))
+    }
+
+    /// Build a client for a connection without a session: presence, or ending a session
+    /// (clean start, expiry 0: the broker discards `client_id`'s session and its queue).
+    pub fn connect_sessionless(
+        &self,
+        client_id: &str,
+        capacity: usize,
+    ) -> anyhow::Result<(AsyncClient, EventLoop)> {
+        let mut opts = self.options(client_id)?;
+        opts.set_clean_start(true)
+            .set_session_expiry_interval(Some(0))
+            .set_request_channel_capacity(capacity);
+        Ok(AsyncClient::new(opts, capacity))
+    }
+
+    fn options(&self, client_id: &str) -> anyhow::Result<MqttOptions> {
+        let mut opts = MqttOptions::new(client_id, &self.host, self.port);
+        opts.set_keep_alive(self.keep_alive)
+            .set_max_packet_size(Some(self.max_packet_size))
+            // The bridge publishes only its presence; rumqttc otherwise keeps a slot for
+            // 65,535 outgoing publishes (about 16 MiB, allocated and written at connect).
+            .set_outgoing_inflight_upper_limit(16);
         if let (Some(user), Some(pass)) = (&self.username, &self.password) {
             opts.set_credentials(user, pass);
         } else if let Some(user) = &self.username {
@@ -145,9 +220,15 @@ impl MqttConfig {
                 client_auth,
             }));
         }
-        Ok(AsyncClient::new(
-            opts,
-            usize::from(self.max_in_flight) * 2 + 16,
-        ))
+        Ok(opts)
     }
 }
+
+/// Presence of a replica that is connected.
+pub const ONLINE: &str = "online";
+/// Presence of a replica that is shutting down.
+pub const LEAVING: &str = "leaving";
+/// Presence of a replica that stopped and kept its session (no other replica was online).
+pub const AWAY: &str = "away";
+/// Presence the broker publishes (the will) for a session whose connection vanished.
+pub const ORPHANED: &str = "orphaned";

@@ -57,8 +57,15 @@ impl ServiceConfig for BridgeConfig {
 
 /// Run the bridge.
 pub async fn run(ctx: Context, config: BridgeConfig) -> anyhow::Result<()> {
-    let stage = Bridge::new(ctx.replica.clone())?;
-    ingress::run(ctx, config.mqtt, config.kafka, config.raw_topic, stage).await
+    let replica = ctx.replica.clone();
+    ingress::run(
+        ctx,
+        config.mqtt,
+        config.kafka,
+        config.raw_topic,
+        move || Bridge::new(replica.clone()),
+    )
+    .await
 }
 
 /// Device identity and message kind, from the topic.

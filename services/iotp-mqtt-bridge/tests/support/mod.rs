@@ -412,3 +412,27 @@ pub async fn open_kafka_at(port: u16) {
         }
     });
 }
+
+/// What the broker still holds for the session `client_id`: whether it exists, and how many
+/// messages it sends within `wait`. Ends the session (only for after the bridges stopped).
+pub async fn session_holds(port: u16, client_id: &str, wait: Duration) -> (bool, usize) {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_clean_start(false)
+        .set_session_expiry_interval(Some(0))
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let mut present = None;
+    let mut messages = 0;
+    let until = tokio::time::Instant::now() + wait;
+    while let Ok(event) = tokio::time::timeout_at(until, eventloop.poll()).await {
+        match event.unwrap() {
+            Event::Incoming(Packet::ConnAck(ack)) => present = Some(ack.session_present),
+            Event::Incoming(Packet::Publish(_)) => messages += 1,
+            _ => {}
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    (present.expect("connected"), messages)
+}
