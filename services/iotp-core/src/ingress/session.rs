@@ -128,6 +128,8 @@ pub(super) enum Drained {
 /// A connected MQTT session and the tasks that serve it.
 pub(super) struct Session {
     client_id: String,
+    /// This replica's own session (not an orphan's).
+    own: bool,
     mqtt: MqttConfig,
     client: AsyncClient,
     progress: Arc<Progress>,
@@ -150,6 +152,7 @@ impl Session {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let window = usize::from(mqtt.max_in_flight);
+        let own = matches!(role, Role::Own { .. });
         let (client, eventloop) = mqtt.connect(client_id)?;
         let receipts = Arc::new(Receipts::default());
         let progress = Arc::new(Progress::default());
@@ -183,6 +186,7 @@ impl Session {
         ));
         Ok(Self {
             client_id: client_id.to_string(),
+            own,
             mqtt: mqtt.clone(),
             client,
             progress,
@@ -255,10 +259,11 @@ impl Session {
         sink: &KafkaSink,
     ) -> anyhow::Result<Drained> {
         let mut connected = self.connected.clone();
+        // An own session exists whatever its first CONNACK said; an orphan's may not.
         let Ok(session_present) = connected
             .wait_for(Option::is_some)
             .await
-            .map(|c| c.unwrap_or(false))
+            .map(|c| self.own || c.unwrap_or(false))
         else {
             return Ok(Drained::Interrupted);
         };

@@ -232,7 +232,10 @@ pub async fn publish_fleet(port: u16, tenant: &str, devices: usize, per_device: 
         tasks.push(tokio::spawn(async move {
             let device = format!("dev-{d:04}");
             let mut opts = MqttOptions::new(format!("{tenant}-{device}"), "127.0.0.1", port);
-            opts.set_keep_alive(Duration::from_secs(30));
+            // A hundred devices connect at once; on a loaded two-core machine some CONNACKs
+            // came later than rumqttc's default 5 s.
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_connection_timeout(30);
             let (client, mut eventloop) = AsyncClient::new(opts, 64);
             let topic = format!("iot/{tenant}/{device}/telemetry");
             let publisher = {
