@@ -3,6 +3,8 @@
 //! report, and only then PUBACK, in receive order. The in-flight window is the MQTT 5 receive
 //! maximum, so the broker (not our memory) holds what we have not taken yet. If Kafka is down,
 //! records are retried with backoff and nothing is acknowledged: the broker keeps the messages.
+//! A message whose record Kafka refuses for good (too large) is dead-lettered to RabbitMQ
+//! instead, and acknowledged in its turn once RabbitMQ confirmed the dead letter.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
+use crate::dead_letter::{self, DeadLetterConfig, DeadLetterPublisher};
 use crate::kafka::sink::{KafkaSink, Pending};
 use crate::kafka::KafkaConfig;
 use crate::metrics::metrics;
@@ -31,6 +34,12 @@ pub trait IngressStage: Send + 'static {
     /// without acknowledging the message (the broker redelivers it): reserve it for defects,
     /// not for bad device input, which must travel on to the stage that judges it.
     fn map(&mut self, publish: &Publish, received_at: i64) -> Result<Output, StageError>;
+
+    /// Tenant and device of a PUBLISH, if its topic says: written into its dead letter when
+    /// Kafka refuses its record for good.
+    fn identity(_publish: &Publish) -> Option<(String, String)> {
+        None
+    }
 }
 
 /// A record produced for a PUBLISH, its confirmation still to come.
@@ -81,9 +90,11 @@ pub async fn run<S: IngressStage>(
     mqtt: MqttConfig,
     kafka: KafkaConfig,
     topic: String,
+    dead_letter: DeadLetterConfig,
     mut stage: S,
 ) -> anyhow::Result<()> {
     let sink = KafkaSink::new(&kafka, &ctx.replica, topic, ctx.backoff)?;
+    let dead_letters = DeadLetterPublisher::new(dead_letter)?;
     let window = usize::from(mqtt.max_in_flight);
     let (client, eventloop) = mqtt.connect(&ctx.replica)?;
     let receipts = Arc::new(Receipts::default());
@@ -106,11 +117,12 @@ pub async fn run<S: IngressStage>(
         ctx.backoff,
     ));
     let (produced_tx, produced_rx) = mpsc::channel::<Produced>(window);
-    let confirmer = tokio::spawn(confirm_in_order(
+    let confirmer = tokio::spawn(confirm_in_order::<S>(
         produced_rx,
         client.clone(),
         receipts,
         sink.clone(),
+        (dead_letters, ctx.backoff),
         ctx.shutdown.clone(),
     ));
     let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
@@ -229,11 +241,14 @@ async fn drive(
 /// local queue (packet id and receipt only), because the queue drains only while the
 /// event-loop driver polls, and the driver may itself be waiting for the stage loop, which
 /// waits for this task. At shutdown, a record Kafka has not taken stays unacknowledged.
-async fn confirm_in_order(
+/// A record Kafka refuses for good is dead-lettered instead, and RabbitMQ's confirm of the
+/// dead letter stands in for Kafka's.
+async fn confirm_in_order<S: IngressStage>(
     mut produced: mpsc::Receiver<Produced>,
     client: AsyncClient,
     receipts: Arc<Receipts>,
     sink: KafkaSink,
+    (mut dead_letters, backoff): (DeadLetterPublisher, Backoff),
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let latency = metrics().delivery_seconds.with_label_values(&[STAGE]);
@@ -270,10 +285,33 @@ async fn confirm_in_order(
             open = false;
             continue;
         };
-        match sink.confirm(&p.output, p.pending, &shutdown).await {
+        let Produced {
+            receipt,
+            publish,
+            output,
+            pending,
+            received,
+        } = p;
+        let handed_on = async {
+            let Some(why) = sink.confirm(&output, pending, &shutdown).await? else {
+                return Ok(());
+            };
+            let identity = S::identity(&publish);
+            let letter = dead_letter::message_letter(
+                STAGE,
+                &publish.topic,
+                &publish.payload,
+                identity,
+                &why,
+            );
+            dead_letters
+                .deliver(&letter, false, &backoff, &shutdown)
+                .await
+        };
+        match handed_on.await {
             Ok(()) => {}
             Err(Halt::Shutdown) => {
-                tracing::info!("kafka has not taken a record at shutdown; it stays unacknowledged");
+                tracing::info!("a record is not confirmed at shutdown; it stays unacknowledged");
                 open = false;
                 produced.close();
                 while produced.try_recv().is_ok() {}
@@ -281,10 +319,11 @@ async fn confirm_in_order(
             }
             Err(Halt::Failed(e)) => return Err(e),
         }
-        latency.observe(p.received.elapsed().as_secs_f64());
+        latency.observe(received.elapsed().as_secs_f64());
         inflight.dec();
-        acks.push_back((p.publish.pkid, p.receipt, p.publish.qos));
+        acks.push_back((publish.pkid, receipt, publish.qos));
     }
+    dead_letters.close().await;
     Ok(())
 }
 
