@@ -59,7 +59,8 @@ pub struct DlqConfig {
     /// The dead-letter queues and exchanges (defaults: `schemas/topology.toml`); one delay
     /// queue per `retry_delays` entry, so that many retries before a letter is parked.
     pub rabbitmq: RabbitTopology,
-    /// Reasons retried even if the stage did not flag them transient.
+    /// Reasons retried even if the stage did not flag them transient. Never the reasons of a
+    /// record Kafka refused for good (`output_too_large`, `output_rejected`): those always park.
     pub transient_reasons: Vec<String>,
     /// Unacknowledged deliveries per queue.
     pub prefetch: u16,
