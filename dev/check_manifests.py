@@ -58,8 +58,10 @@ BRIDGE_KEYS = {
 # The parser runs on the Kafka stage runtime, which publishes dead letters to RabbitMQ.
 DEAD_LETTER_KEY = "IOTP__IO__DEAD_LETTER__AMQP_URI"
 DEAD_LETTERING = COMMON_KEYS | KAFKA_KEYS | {DEAD_LETTER_KEY, DEAD_LETTER_FILE_KEY}
+# The bridge dead-letters a PUBLISH whose record Kafka refuses for good (section `dead_letter`).
+BRIDGE_DEAD_LETTER_KEYS = ["IOTP__DEAD_LETTER__AMQP_URI", "IOTP_FILE__DEAD_LETTER__AMQP_URI"]
 ALLOWED_ENV = {
-    "iotp-mqtt-bridge": COMMON_KEYS | KAFKA_KEYS | BRIDGE_KEYS,
+    "iotp-mqtt-bridge": COMMON_KEYS | KAFKA_KEYS | BRIDGE_KEYS | set(BRIDGE_DEAD_LETTER_KEYS),
     "iotp-parser": DEAD_LETTERING | {REGISTRY_KEY},
     "iotp-enricher": DEAD_LETTERING | STORE_KEYS | {REGISTRY_KEY},
     "iotp-upserter": DEAD_LETTERING | STORE_KEYS,
@@ -607,8 +609,8 @@ def check_kustomization(checks: Checks) -> None:
 
 
 def check_dead_letters(checks: Checks, label: str, containers: list[Container]) -> None:
-    """Stages that dead-letter must reach the RabbitMQ the topology tool declared: without it a
-    rejected record is retried forever and its partition stops."""
+    """Stages that dead-letter (and the bridge) must reach the RabbitMQ the topology tool declared:
+    without it a rejected record is retried forever and its partition stops."""
 
     def check() -> list[str]:
         tools = deployed(containers, "iotp-topology")
@@ -618,6 +620,7 @@ def check_dead_letters(checks: Checks, label: str, containers: list[Container]) 
         for c in service_containers(containers):
             keys = ([DEAD_LETTER_KEY, DEAD_LETTER_FILE_KEY] if DEAD_LETTER_KEY in ALLOWED_ENV[c.binary]
                     else ["IOTP__AMQP_URI", "IOTP_FILE__AMQP_URI"] if c.binary == DLQ_HANDLER
+                    else BRIDGE_DEAD_LETTER_KEYS if c.binary == BRIDGE
                     else [])
             if not keys:
                 continue

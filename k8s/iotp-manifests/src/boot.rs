@@ -157,6 +157,7 @@ pub fn endpoint_problems(p: &Prepared, config: &toml::Table) -> Vec<String> {
     let keys = [
         "kafka.brokers",
         "io.dead_letter.amqp_uri",
+        "dead_letter.amqp_uri",
         "amqp_uri",
         "store.mongodb_uri",
         "mqtt.host",
@@ -256,6 +257,14 @@ pub fn mapped_env(
     }
     if !text("raw_topic").is_empty() {
         set(&mut env, "IOTP__RAW_TOPIC", named(text("raw_topic")));
+    }
+    if get(config, "dead_letter.amqp_uri").is_some() {
+        set(&mut env, "IOTP__DEAD_LETTER__AMQP_URI", local.amqp.clone());
+        set(
+            &mut env,
+            "IOTP__DEAD_LETTER__EXCHANGE",
+            named(text("dead_letter.exchange")),
+        );
     }
     if get(config, "amqp_uri").is_some() {
         set(&mut env, "IOTP__AMQP_URI", local.amqp.clone());

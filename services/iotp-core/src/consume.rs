@@ -1,8 +1,9 @@
 //! The Kafka stage runtime: consume a batch, let the stage judge it (the same batch again,
 //! after the backoff, while the stage reports a transient failure), produce its outputs and
-//! dead-letter its rejections, wait until Kafka and RabbitMQ confirmed every one, and only then
-//! store the batch's offsets (auto-commit commits stored offsets only). A crash anywhere before
-//! that replays the batch: at-least-once, made exactly-once by idempotent writes downstream.
+//! dead-letter its rejections (and the inputs whose outputs Kafka refused for good), wait until
+//! Kafka and RabbitMQ confirmed every one, and only then store the batch's offsets
+//! (auto-commit commits stored offsets only). A crash anywhere before that replays the batch:
+//! at-least-once, made exactly-once by idempotent writes downstream.
 //! Memory is bounded by one batch.
 
 use std::time::{Duration, Instant};
@@ -169,11 +170,11 @@ async fn on_batch<S: Stage>(
             inputs.len()
         )));
     }
-    let mut outputs: Vec<&Output> = Vec::new();
+    let mut outputs: Vec<(Option<&Input<'_>>, &Output)> = Vec::new();
     let mut rejects: Vec<(&Input<'_>, &Rejection)> = Vec::new();
     for (input, verdict) in inputs.iter().zip(&verdicts) {
         match verdict {
-            Verdict::Emit(out) => outputs.extend(out),
+            Verdict::Emit(out) => outputs.extend(out.iter().map(|o| (Some(input), o))),
             Verdict::Reject(r) => rejects.push((input, r)),
         }
     }
@@ -204,7 +205,7 @@ async fn on_tick<S: Stage>(ctx: &Context, stage: &mut S, outbox: &mut Outbox) ->
         }
         Err(StageError::Stop(e)) => return Err(Halt::Failed(e)),
     };
-    let outputs: Vec<&Output> = outputs.iter().collect();
+    let outputs: Vec<(Option<&Input<'_>>, &Output)> = outputs.iter().map(|o| (None, o)).collect();
     outbox.deliver(&outputs, &[], &ctx.shutdown).await?;
     delivered(ctx, stage).await
 }

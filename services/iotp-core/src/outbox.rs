@@ -1,13 +1,15 @@
 //! Handing a batch's results on: outputs to Kafka through the [`KafkaSink`], rejections to
-//! RabbitMQ as dead letters, each retried with the backoff until confirmed. [`Outbox::deliver`]
-//! returns `Ok` only when every one was confirmed, so the caller may then commit the batch.
+//! RabbitMQ as dead letters, each retried with the backoff until confirmed. An output Kafka
+//! refuses for good (too large, invalid) is not retried: the input it was made from becomes a
+//! dead letter instead, with the refusal's reason code. [`Outbox::deliver`] returns `Ok` only
+//! when every one was confirmed, so the caller may then commit the batch.
 
-use iotp_contract::{Classify, Recovery};
+use std::collections::HashSet;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{self, DeadLetterPublisher};
 use crate::kafka::KafkaSink;
-use crate::metrics::metrics;
 use crate::retry::{Backoff, Halt};
 use crate::stage::{Input, Output, Rejection};
 
@@ -35,50 +37,42 @@ impl Outbox {
         }
     }
 
-    /// Produce `outputs` and dead-letter `rejects`; return once all were confirmed.
+    /// Produce `outputs`, each with the input it was made from (`None` for a tick's), and
+    /// dead-letter `rejects`; return once all were confirmed. An input with an output Kafka
+    /// refused for good is dead-lettered once, with its original bytes.
     pub async fn deliver(
         &mut self,
-        outputs: &[&Output],
+        outputs: &[(Option<&Input<'_>>, &Output)],
         rejects: &[(&Input<'_>, &Rejection)],
         shutdown: &CancellationToken,
     ) -> Result<(), Halt> {
         if !outputs.is_empty() {
-            self.sink.send_all(outputs, shutdown).await?;
-        }
-        for (input, rejection) in rejects {
-            self.dead_letter(input, rejection, shutdown).await?;
-        }
-        Ok(())
-    }
-
-    async fn dead_letter(
-        &mut self,
-        input: &Input<'_>,
-        rejection: &Rejection,
-        shutdown: &CancellationToken,
-    ) -> Result<(), Halt> {
-        let letter = dead_letter::letter(self.stage, input, rejection);
-        let mut retrying = self.backoff.start();
-        loop {
-            match self
-                .dead_letters
-                .publish(&letter, rejection.transient)
-                .await
-            {
-                Ok(()) => {
-                    metrics()
-                        .dead_letters_total
-                        .with_label_values(&[self.stage, rejection.reason])
-                        .inc();
-                    return Ok(());
-                }
-                Err(e) if e.recovery() == Recovery::Stop => return Err(Halt::Failed(e.into())),
-                Err(e) => {
-                    tracing::warn!(error = %e, reason = rejection.reason, "dead letter not confirmed; retrying");
-                    retrying.wait(shutdown, &e).await?;
-                }
+            let records: Vec<&Output> = outputs.iter().map(|(_, out)| *out).collect();
+            let refused = self.sink.send_all(&records, shutdown).await?;
+            let mut lettered: HashSet<(&str, i32, i64)> = HashSet::new();
+            for (i, why) in refused {
+                let letter = match outputs[i] {
+                    (Some(input), _) => {
+                        if !lettered.insert((input.topic, input.partition, input.offset)) {
+                            continue;
+                        }
+                        let rejection = Rejection::permanent(why.reason, why.error);
+                        dead_letter::letter(self.stage, input, &rejection)
+                    }
+                    (None, out) => dead_letter::output_letter(self.stage, out, &why),
+                };
+                self.dead_letters
+                    .deliver(&letter, false, &self.backoff, shutdown)
+                    .await?;
             }
         }
+        for (input, rejection) in rejects {
+            let letter = dead_letter::letter(self.stage, input, rejection);
+            self.dead_letters
+                .deliver(&letter, rejection.transient, &self.backoff, shutdown)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Close the dead-letter connection politely.

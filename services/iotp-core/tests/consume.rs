@@ -312,3 +312,130 @@ async fn the_runtime_retries_a_failed_batch_and_stops_on_a_defect() {
         "the uncommitted record reached a healthy stage"
     );
 }
+
+/// Passes records through; for one starting with "huge" it emits a record over librdkafka's
+/// `message.max.bytes` (1,000,000 bytes), and its first tick emits one too.
+struct Inflate {
+    ticked: bool,
+}
+
+impl Stage for Inflate {
+    const NAME: &'static str = "inflate";
+
+    async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
+        Ok(batch
+            .iter()
+            .map(|i| {
+                let key = i.key.unwrap_or_default();
+                let mut outputs = vec![Output::new(key, i.payload.to_vec())];
+                if i.payload.starts_with(b"huge") {
+                    outputs.push(Output::new(key, vec![b'h'; 1_100_000]));
+                }
+                Verdict::Emit(outputs)
+            })
+            .collect())
+    }
+
+    async fn tick(&mut self) -> Result<Vec<Output>, StageError> {
+        if std::mem::replace(&mut self.ticked, true) {
+            return Ok(Vec::new());
+        }
+        Ok(vec![Output::new(b"tick".to_vec(), vec![b't'; 1_100_000])])
+    }
+}
+
+/// An output Kafka can never take does not hold the stage up: the input it was made from is
+/// dead-lettered (`output_too_large`, the input's original bytes and position), the batch's
+/// other outputs are produced, and the batch is committed. A tick's output is dead-lettered
+/// as itself. Retrying instead would stop the stage after `give_up_after` (3 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_for_kafka_dead_letters_its_input_and_the_batch_commits() {
+    let sink = dead_letter_sink().await;
+    let mut f = fixture(&sink.exchange).await;
+    f.io.tick_interval = Duration::from_millis(300);
+    let sent: Vec<(Vec<u8>, Vec<u8>)> = (0..40)
+        .map(|i| {
+            let body = if i % 20 == 5 {
+                format!("huge-{i}")
+            } else {
+                format!("ok-{i}")
+            };
+            (format!("dev-{}", i % 7).into_bytes(), body.into_bytes())
+        })
+        .collect();
+    produce(&f.input, &sent).await;
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consume::run(
+        context("inflate-0", &shutdown),
+        f.kafka.clone(),
+        f.io.clone(),
+        Inflate { ticked: false },
+    ));
+    let out = read_topic(&f.output, Duration::from_secs(60), |r| r.len() >= 40).await;
+    let mut letters = Vec::new();
+    for _ in 0..60 {
+        letters.extend(drain_queue(&sink.channel, &sink.queue).await);
+        if letters.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shutdown.cancel();
+    task.await
+        .unwrap()
+        .expect("the stage did not stop over a record kafka refuses");
+
+    let mut values: Vec<String> = out
+        .iter()
+        .map(|m| String::from_utf8(m.payload().unwrap().to_vec()).unwrap())
+        .collect();
+    values.sort();
+    values.dedup();
+    assert_eq!(values.len(), 40, "every input's small output produced once");
+
+    letters.extend(drain_queue(&sink.channel, &sink.queue).await);
+    let codec = Codec::<DeadLetter>::latest().unwrap();
+    let letters: Vec<DeadLetter> = letters.iter().map(|b| codec.decode(b).unwrap()).collect();
+    assert_eq!(letters.len(), 3, "two inputs and one tick: {letters:?}");
+    let (mut from_inputs, from_tick): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
+        letters.iter().partition(|l| l.source_topic.is_some());
+    from_inputs.sort_by_key(|l| l.payload.clone());
+    let payloads: Vec<&[u8]> = from_inputs.iter().map(|l| l.payload.as_slice()).collect();
+    assert_eq!(
+        payloads,
+        vec![&b"huge-25"[..], &b"huge-5"[..]],
+        "original bytes"
+    );
+    for l in &from_inputs {
+        assert_eq!(
+            (l.stage.as_str(), l.reason_code.as_str()),
+            ("inflate", "output_too_large")
+        );
+        assert_eq!(
+            l.id,
+            format!(
+                "inflate/{}/{}/{}",
+                f.input,
+                l.source_partition.unwrap(),
+                l.source_offset.unwrap()
+            )
+        );
+        assert!(l.error.contains("bytes"), "{}", l.error);
+        assert!(!l.error.contains("hhhh"), "no payload in the error");
+    }
+    let tick = from_tick[0];
+    assert_eq!(tick.reason_code, "output_too_large");
+    assert!(tick.id.starts_with("inflate/output/"), "{}", tick.id);
+    assert_eq!(tick.key.as_deref(), Some(&b"tick"[..]));
+    assert_eq!(tick.payload.len(), 1_100_000);
+
+    let lag = iotp_core::kafka::consumer_lag(&f.kafka, &f.io.group, &f.input)
+        .await
+        .unwrap();
+    assert_eq!(
+        lag, 0,
+        "the batches with the refused outputs were committed"
+    );
+}

@@ -27,6 +27,7 @@ use iotp_core::amqp::source::header_flag;
 use iotp_core::amqp::AmqpSource;
 use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::dead_letter::{DeadLetterConfig, DeadLetterPublisher, AMQP_TRANSIENT};
+use iotp_core::kafka::sink::{refusal, Refusal};
 use iotp_core::kafka::{KafkaConfig, KafkaSink};
 use iotp_core::metrics::metrics;
 use iotp_core::retry::Halt;
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use api::{ReplayRequest, ReplayResult, Summary};
 pub use replay::ReplayError;
-pub use route::{route, Route};
+pub use route::{is_transient, route, Route};
 
 /// AMQP header marking a message that comes back from a delay queue.
 const AMQP_RETRY_DUE: &str = "x-iotp-retry-due";
@@ -58,7 +59,8 @@ pub struct DlqConfig {
     /// The dead-letter queues and exchanges (defaults: `schemas/topology.toml`); one delay
     /// queue per `retry_delays` entry, so that many retries before a letter is parked.
     pub rabbitmq: RabbitTopology,
-    /// Reasons retried even if the stage did not flag them transient.
+    /// Reasons retried even if the stage did not flag them transient. Never the reasons of a
+    /// record Kafka refused for good (`output_too_large`, `output_rejected`): those always park.
     pub transient_reasons: Vec<String>,
     /// Unacknowledged deliveries per queue.
     pub prefetch: u16,
@@ -223,8 +225,11 @@ impl Handler {
             Ok(l) => l,
             Err(e) => return self.park(&wrap_undecodable(d, &e.to_string())).await,
         };
-        let transient = header_flag(d, AMQP_TRANSIENT)
-            || self.config.transient_reasons.contains(&letter.reason_code);
+        let transient = is_transient(
+            header_flag(d, AMQP_TRANSIENT),
+            &letter.reason_code,
+            &self.config.transient_reasons,
+        );
         let due = header_flag(d, AMQP_RETRY_DUE);
         match route(
             letter.attempts,
@@ -241,6 +246,12 @@ impl Handler {
                 }
                 // Nowhere to replay it to: park it where an operator sees it.
                 Err(ReplayError::NoSource(_)) => self.park(&letter).await?,
+                // Kafka will never take it (too large for the topic now): retrying would stop
+                // this service after `give_up_after` and block the queue; park it instead.
+                Err(ReplayError::Kafka(e)) if refusal(&e) != Refusal::Retry => {
+                    tracing::warn!(id = %letter.id, error = %e, "kafka refuses the replay for good; parked");
+                    self.park(&letter).await?
+                }
                 Err(e) => return Err(StageError::retry(e)),
             },
             Route::Retry { attempt } => {

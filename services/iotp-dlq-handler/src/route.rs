@@ -1,5 +1,7 @@
 //! Where a dead letter goes next.
 
+use iotp_core::kafka::sink::UNPRODUCIBLE_REASONS;
+
 /// The decision for one dead letter arriving on the incoming queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -12,6 +14,16 @@ pub enum Route {
     },
     /// Permanent, or out of attempts: park and archive.
     Park,
+}
+
+/// Whether a dead letter is worth retrying: the stage flagged it transient (`x-transient`) or
+/// its reason is configured as transient — never a record Kafka refused for good
+/// (`output_too_large`, `output_rejected`): replaying it would only be refused again.
+pub fn is_transient(flagged: bool, reason: &str, transient_reasons: &[String]) -> bool {
+    if UNPRODUCIBLE_REASONS.contains(&reason) {
+        return false;
+    }
+    flagged || transient_reasons.iter().any(|r| r == reason)
 }
 
 /// Decide. `attempts` is how often the stage has failed it (1 on the first failure);
@@ -44,6 +56,25 @@ mod tests {
                 Route::Park
             ]
         );
+    }
+
+    #[test]
+    fn records_kafka_refused_for_good_are_never_transient() {
+        let configured = vec![
+            "store_unavailable".to_string(),
+            "output_too_large".to_string(),
+        ];
+        assert!(is_transient(false, "store_unavailable", &configured));
+        assert!(is_transient(true, "registry_unavailable", &[]));
+        assert!(!is_transient(false, "unknown_device", &configured));
+        for reason in ["output_too_large", "output_rejected"] {
+            assert!(!is_transient(true, reason, &configured), "{reason}");
+            assert_eq!(
+                route(1, is_transient(true, reason, &configured), false, 5),
+                Route::Park,
+                "{reason} parks at once"
+            );
+        }
     }
 
     #[test]

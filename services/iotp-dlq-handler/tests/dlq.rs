@@ -379,3 +379,56 @@ async fn transient_failure_that_never_recovers_parks_after_the_configured_attemp
     );
     rig.stop().await;
 }
+
+/// A replay Kafka refuses for good (the record is over `message.max.bytes`) parks the letter
+/// instead of retrying it until the handler stops (`give_up_after`, 5 min here); and a letter
+/// with a reason of a record Kafka refused for good parks at once even if flagged transient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn letters_kafka_refuses_for_good_are_parked_not_retried() {
+    use iotp_contract::DeadLetter;
+    use iotp_core::dead_letter::DeadLetterPublisher;
+    let rig = Rig::start(&["m-1"]).await;
+    let store = SqliteStore::open(Path::new(&rig.dlq.store.path)).unwrap();
+    let mut publisher = DeadLetterPublisher::new(DeadLetterConfig {
+        amqp_uri: amqp_uri(),
+        exchange: rig.dlq.rabbitmq.dead_letter_exchange.clone(),
+    })
+    .unwrap();
+    let letter = |id: &str, reason: &str| DeadLetter {
+        id: id.into(),
+        stage: "enricher".into(),
+        reason_code: reason.into(),
+        error: "test".into(),
+        source_topic: Some(rig.validated.clone()),
+        source_partition: Some(0),
+        source_offset: Some(0),
+        key: Some(b"acme/m-1".to_vec()),
+        payload: vec![b'x'; 1_100_000],
+        tenant: Some("acme".into()),
+        device_id: Some("m-1".into()),
+        attempts: 1,
+        first_failure_at: 1,
+        last_failure_at: 1,
+    };
+    // Transient: waits 300 ms, then its replay is refused for good.
+    publisher
+        .publish(&letter("huge-replay", "registry_unavailable"), true)
+        .await
+        .unwrap();
+    publisher
+        .publish(&letter("huge-output", "output_too_large"), true)
+        .await
+        .unwrap();
+    publisher.close().await;
+    let parked = rig.parked(&store, &LetterFilter::default(), 2).await;
+    let mut ids: Vec<&str> = parked.iter().map(|a| a.letter.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec!["huge-output", "huge-replay"]);
+    let output = parked
+        .iter()
+        .find(|a| a.letter.id == "huge-output")
+        .unwrap();
+    assert_eq!(output.letter.attempts, 1, "parked without a retry");
+    assert_eq!(output.letter.payload.len(), 1_100_000);
+    rig.stop().await;
+}

@@ -1,12 +1,15 @@
 //! The MQTT bridge: each PUBLISH on `iot/{tenant}/{deviceId}/{kind}` becomes a raw envelope on
 //! the raw Kafka topic, keyed `tenant/deviceId`. The bridge does not parse payloads; a topic
 //! that does not fit the layout is forwarded with empty identity for the parser to reject.
+//! A PUBLISH whose envelope Kafka refuses for good (over `message.max.bytes`) becomes a dead
+//! letter of stage `mqtt-bridge` on RabbitMQ (`dead_letter`) and is then acknowledged.
 
 use std::collections::HashMap;
 
 use iotp_contract::topology::topic_name;
 use iotp_contract::{Codec, RawEnvelope};
 use iotp_core::config::{Common, ServiceConfig};
+use iotp_core::dead_letter::DeadLetterConfig;
 use iotp_core::ingress::{self, IngressStage};
 use iotp_core::kafka::KafkaConfig;
 use iotp_core::mqtt::MqttConfig;
@@ -27,6 +30,9 @@ pub struct BridgeConfig {
     pub kafka: KafkaConfig,
     /// Topic the raw envelopes go to.
     pub raw_topic: String,
+    /// Where a PUBLISH goes whose envelope Kafka refuses for good (too large): RabbitMQ's
+    /// dead-letter exchange, as for the stages.
+    pub dead_letter: DeadLetterConfig,
 }
 
 impl Default for BridgeConfig {
@@ -36,6 +42,7 @@ impl Default for BridgeConfig {
             mqtt: MqttConfig::default(),
             kafka: KafkaConfig::default(),
             raw_topic: topic_name("raw-envelope"),
+            dead_letter: DeadLetterConfig::default(),
         }
     }
 }
@@ -63,6 +70,7 @@ pub async fn run(ctx: Context, config: BridgeConfig) -> anyhow::Result<()> {
         config.mqtt,
         config.kafka,
         config.raw_topic,
+        config.dead_letter,
         move || Bridge::new(replica.clone()),
     )
     .await
@@ -165,6 +173,11 @@ impl IngressStage for Bridge {
             ..Output::new(key, self.codec.encode(&envelope)?)
         })
     }
+
+    fn identity(publish: &Publish) -> Option<(String, String)> {
+        let topic = std::str::from_utf8(&publish.topic).ok()?;
+        parse_topic(topic).map(|id| (id.tenant.to_owned(), id.device_id.to_owned()))
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +240,17 @@ mod tests {
         assert!(env.redelivered);
         assert_eq!(env.received_at, 42);
         assert_eq!(env.bridge_id, "bridge-0");
+    }
+
+    #[test]
+    fn identity_for_dead_letters_comes_from_the_topic() {
+        let publish = Publish::new("iot/acme/m-1/telemetry", QoS::AtLeastOnce, vec![1u8], None);
+        assert_eq!(
+            Bridge::identity(&publish),
+            Some(("acme".to_string(), "m-1".to_string()))
+        );
+        let odd = Publish::new("iot/acme", QoS::AtLeastOnce, vec![1u8], None);
+        assert_eq!(Bridge::identity(&odd), None);
     }
 
     #[test]

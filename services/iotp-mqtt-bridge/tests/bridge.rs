@@ -7,7 +7,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use iotp_contract::{Codec, DeadLetter};
 use iotp_core::probe::{find_sum, sample_sum};
+use iotp_core::testkit::drain_queue;
 use support::*;
 
 const DEVICES: usize = 100;
@@ -267,5 +269,160 @@ async fn connection_stays_up_while_kafka_is_down() {
         errors(&bridge),
         after_restarts,
         "no reconnect once Kafka was back"
+    );
+}
+
+/// One device publishes `payloads` in order on its telemetry topic (QoS 1); returns how many
+/// the broker acknowledged.
+async fn publish_in_order(port: u16, tenant: &str, device: &str, payloads: Vec<Vec<u8>>) -> usize {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut opts = MqttOptions::new(format!("{tenant}-{device}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(Some(2 * 1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let topic = format!("iot/{tenant}/{device}/telemetry");
+    let total = payloads.len();
+    let publisher = tokio::spawn(async move {
+        for payload in payloads {
+            client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < total {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device {device}: {e}"),
+            Err(_) => break,
+        }
+    }
+    let client = publisher.await.unwrap();
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    acked
+}
+
+/// A PUBLISH of about 1 MB is under Mosquitto's max_packet_size (1 MiB) and over librdkafka's
+/// message.max.bytes (1,000,000) once in its envelope: Kafka will never take it. It becomes a
+/// dead letter (stage mqtt-bridge, output_too_large, its payload and topic) confirmed by
+/// RabbitMQ, and is acknowledged in its turn, so the messages after it flow on, in order, and
+/// a restarted bridge gets nothing again from its session. (Before, it was retried until
+/// give_up_after, stopped the bridge, and came back first after every restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_publish_is_dead_lettered_and_acknowledged() {
+    let mut s = setup("oversized", 1).await;
+    let letters = iotp_core::testkit::dead_letter_sink().await;
+    s.spec.env = vec![
+        (
+            "IOTP__DEAD_LETTER__AMQP_URI".into(),
+            iotp_core::testkit::amqp_uri(),
+        ),
+        (
+            "IOTP__DEAD_LETTER__EXCHANGE".into(),
+            letters.exchange.clone(),
+        ),
+        // Retrying the refused record would stop the bridge within this.
+        ("IOTP__COMMON__BACKOFF__GIVE_UP_AFTER".into(), "5s".into()),
+    ];
+    let mut bridge = Bridge::start(&s.spec, "bridge-oversized-0");
+    bridge.wait_ready();
+
+    let device = "dev-0000";
+    let normal = |seq: i64| format!("{{\"deviceId\":\"{device}\",\"seqNo\":{seq}}}").into_bytes();
+    let mut big = format!("{{\"deviceId\":\"{device}\",\"seqNo\":10,\"pad\":\"").into_bytes();
+    big.resize(1_000_000 - 2, b'p');
+    big.extend_from_slice(b"\"}");
+    let mut payloads: Vec<Vec<u8>> = (0..10).map(normal).collect();
+    payloads.push(big.clone());
+    payloads.extend((11..21).map(normal));
+    let acked = publish_in_order(s.mosquitto.port, &s.tenant, device, payloads).await;
+    assert_eq!(acked, 21, "the broker took every publish");
+
+    let mut sent = SentLog::default();
+    sent.acked
+        .insert(device.to_string(), (0..10).chain(11..21).collect());
+    let seen = read_until_complete(&s.spec.topic, &sent, Duration::from_secs(60)).await;
+    assert_none_missing(&sent, &seen);
+    let mut seen: Vec<&Seen> = seen.iter().collect();
+    seen.sort_by_key(|r| r.offset);
+    let seqs: Vec<i64> = seen.iter().map(|r| r.seq_no).collect();
+    assert_eq!(
+        seqs,
+        (0..10).chain(11..21).collect::<Vec<_>>(),
+        "the others in order, the oversized one not in kafka"
+    );
+
+    let codec = Codec::<DeadLetter>::latest().unwrap();
+    let mut dead = Vec::new();
+    for _ in 0..120 {
+        dead.extend(drain_queue(&letters.channel, &letters.queue).await);
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(dead.len(), 1, "one dead letter");
+    let letter = codec.decode(&dead[0]).unwrap();
+    assert_eq!(letter.stage, "mqtt-bridge");
+    assert_eq!(letter.reason_code, "output_too_large");
+    assert_eq!(letter.payload, big, "the PUBLISH payload, as sent");
+    let topic = format!("iot/{}/{device}/telemetry", s.tenant);
+    assert_eq!(letter.key.as_deref(), Some(topic.as_bytes()));
+    assert_eq!(
+        (letter.tenant.as_deref(), letter.device_id.as_deref()),
+        (Some(s.tenant.as_str()), Some(device))
+    );
+    assert_eq!(
+        (
+            letter.source_topic,
+            letter.source_partition,
+            letter.source_offset
+        ),
+        (None, None, None)
+    );
+    assert!(letter.id.starts_with("mqtt-bridge/"), "{}", letter.id);
+    assert!(
+        !letter.error.contains("pppp"),
+        "no payload in the error text"
+    );
+
+    // Every PUBLISH acknowledged, the oversized one included.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let acked = |b: &Bridge| sample_sum(&b.metrics(), "iotp_mqtt_acked_messages_total", &[]);
+    while acked(&bridge) < 21.0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the bridge acknowledged {} of 21",
+            acked(&bridge)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        find_sum(
+            &bridge.metrics(),
+            "iotp_dead_letters_total",
+            &["stage=\"mqtt-bridge\"", "reason=\"output_too_large\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(bridge.terminate(), 0, "SIGTERM drains and exits 0");
+
+    // The same client id again: its session holds nothing.
+    let bridge = Bridge::start(&s.spec, "bridge-oversized-0");
+    bridge.wait_ready();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let received = sample_sum(&bridge.metrics(), "iotp_mqtt_received_messages_total", &[]);
+    assert_eq!(received, 0.0, "the session handed messages over again");
+    assert!(
+        drain_queue(&letters.channel, &letters.queue)
+            .await
+            .is_empty(),
+        "no second dead letter"
     );
 }

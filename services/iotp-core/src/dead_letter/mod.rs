@@ -1,6 +1,7 @@
-//! The dead-letter path. A record a stage rejects travels to RabbitMQ as a `DeadLetter` with
-//! its original bytes and reason ([`publisher`]); the DLQ handler retries transient ones by
-//! replaying them onto Kafka ([`replay`]) and parks the rest.
+//! The dead-letter path. A record a stage rejects, or whose output Kafka refuses for good,
+//! travels to RabbitMQ as a `DeadLetter` with its original bytes and reason ([`publisher`]);
+//! the DLQ handler retries transient ones by replaying them onto Kafka ([`replay`]) and parks
+//! the rest.
 
 mod publisher;
 pub mod replay;
@@ -10,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use iotp_contract::topology::topology;
 use iotp_contract::DeadLetter;
 
-use crate::stage::{Input, Rejection};
+use crate::kafka::sink::Unproducible;
+use crate::stage::{Input, Output, Rejection};
 
 pub use publisher::{DeadLetterPublisher, PublishError};
 
@@ -70,5 +72,150 @@ pub fn letter(stage: &str, input: &Input<'_>, r: &Rejection) -> DeadLetter {
         attempts,
         first_failure_at,
         last_failure_at: now,
+    }
+}
+
+/// The dead letter for a message that came from outside Kafka (an MQTT PUBLISH) and whose
+/// record Kafka refused for good: no Kafka source (nothing to replay it to), the MQTT topic as
+/// its key, the message payload as its original bytes. The id is derived from topic and
+/// payload, so the same message delivered again (the bridge stopped before its PUBACK) updates
+/// the same dead letter in the archive instead of adding one.
+pub fn message_letter(
+    stage: &str,
+    topic: &[u8],
+    payload: &[u8],
+    identity: Option<(String, String)>,
+    why: &Unproducible,
+) -> DeadLetter {
+    let now = iotp_contract::now_millis();
+    let (tenant, device_id) = identity.unzip();
+    DeadLetter {
+        id: format!("{stage}/{:016x}", content_hash(&[topic, payload])),
+        stage: stage.to_string(),
+        reason_code: why.reason.to_string(),
+        error: why.error.clone(),
+        source_topic: None,
+        source_partition: None,
+        source_offset: None,
+        key: Some(topic.to_vec()),
+        payload: payload.to_vec(),
+        tenant,
+        device_id,
+        attempts: 1,
+        first_failure_at: now,
+        last_failure_at: now,
+    }
+}
+
+/// The dead letter for an output made without an input (a stage's `tick`, e.g. a window
+/// flush) that Kafka refused for good: the output itself is the original, with no Kafka
+/// source; the id is derived from its topic, key and value.
+pub fn output_letter(stage: &str, out: &Output, why: &Unproducible) -> DeadLetter {
+    let now = iotp_contract::now_millis();
+    let topic = out.topic.as_deref().unwrap_or("").as_bytes();
+    DeadLetter {
+        id: format!(
+            "{stage}/output/{:016x}",
+            content_hash(&[topic, &out.key, &out.value])
+        ),
+        stage: stage.to_string(),
+        reason_code: why.reason.to_string(),
+        error: why.error.clone(),
+        source_topic: None,
+        source_partition: None,
+        source_offset: None,
+        key: Some(out.key.clone()),
+        payload: out.value.clone(),
+        tenant: None,
+        device_id: None,
+        attempts: 1,
+        first_failure_at: now,
+        last_failure_at: now,
+    }
+}
+
+/// CRC-64-AVRO over the parts, each followed by its length (so part boundaries count).
+fn content_hash(parts: &[&[u8]]) -> u64 {
+    let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+    for part in parts {
+        bytes.extend_from_slice(part);
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+    }
+    iotp_contract::crc64_avro(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn why() -> Unproducible {
+        Unproducible {
+            reason: "output_too_large",
+            error: "too large".into(),
+        }
+    }
+
+    #[test]
+    fn a_message_letter_has_no_kafka_source_and_a_stable_id() {
+        let identity = Some(("acme".to_string(), "m-1".to_string()));
+        let a = message_letter(
+            "mqtt-bridge",
+            b"iot/acme/m-1/telemetry",
+            b"{}",
+            identity.clone(),
+            &why(),
+        );
+        let again = message_letter(
+            "mqtt-bridge",
+            b"iot/acme/m-1/telemetry",
+            b"{}",
+            identity,
+            &why(),
+        );
+        assert_eq!(a.id, again.id, "the same message, the same dead letter");
+        assert!(a.id.starts_with("mqtt-bridge/"), "{}", a.id);
+        let other = message_letter(
+            "mqtt-bridge",
+            b"iot/acme/m-1/telemetry",
+            b"{ }",
+            None,
+            &why(),
+        );
+        assert_ne!(a.id, other.id);
+        let moved = message_letter(
+            "mqtt-bridge",
+            b"iot/acme/m-1/telemetry{",
+            b"}",
+            None,
+            &why(),
+        );
+        assert_ne!(a.id, moved.id, "where topic ends and payload begins counts");
+        assert_eq!(
+            (a.source_topic, a.source_partition, a.source_offset),
+            (None, None, None)
+        );
+        assert_eq!(a.key.as_deref(), Some(&b"iot/acme/m-1/telemetry"[..]));
+        assert_eq!(a.payload, b"{}");
+        assert_eq!(
+            (a.tenant.as_deref(), a.device_id.as_deref()),
+            (Some("acme"), Some("m-1"))
+        );
+        assert_eq!(
+            (a.reason_code.as_str(), a.attempts),
+            ("output_too_large", 1)
+        );
+        assert!(
+            replay::replay_output(&other).is_none(),
+            "nothing to replay it to"
+        );
+    }
+
+    #[test]
+    fn an_output_letter_keeps_the_output() {
+        let out = Output::new(b"t/d/m".to_vec(), vec![7; 3]);
+        let l = output_letter("aggregator", &out, &why());
+        assert!(l.id.starts_with("aggregator/output/"), "{}", l.id);
+        assert_eq!((l.key, l.payload), (Some(b"t/d/m".to_vec()), vec![7; 3]));
+        assert_eq!(l.source_topic, None);
     }
 }

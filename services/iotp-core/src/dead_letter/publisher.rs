@@ -9,7 +9,11 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
+use tokio_util::sync::CancellationToken;
+
 use super::{DeadLetterConfig, AMQP_TRANSIENT};
+use crate::metrics::metrics;
+use crate::retry::{Backoff, Halt};
 
 /// Why a dead letter was not confirmed.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,35 @@ impl DeadLetterPublisher {
             AMQPValue::Boolean(transient),
         );
         self.publish_to(&exchange, &key, letter, headers).await
+    }
+
+    /// [`Self::publish`] until RabbitMQ confirmed it, with `backoff` between attempts (a
+    /// missing topology or a letter that does not encode stops at once); counted by stage
+    /// and reason once confirmed.
+    pub async fn deliver(
+        &mut self,
+        letter: &DeadLetter,
+        transient: bool,
+        backoff: &Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Halt> {
+        let mut retrying = backoff.start();
+        loop {
+            match self.publish(letter, transient).await {
+                Ok(()) => {
+                    metrics()
+                        .dead_letters_total
+                        .with_label_values(&[&letter.stage, &letter.reason_code])
+                        .inc();
+                    return Ok(());
+                }
+                Err(e) if e.recovery() == Recovery::Stop => return Err(Halt::Failed(e.into())),
+                Err(e) => {
+                    tracing::warn!(error = %e, reason = %letter.reason_code, "dead letter not confirmed; retrying");
+                    retrying.wait(shutdown, &e).await?;
+                }
+            }
+        }
     }
 
     /// Publish `letter` to `exchange` with routing key `key` and extra headers, persistent and

@@ -21,6 +21,7 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio_util::sync::CancellationToken;
 
+use crate::dead_letter::DeadLetterConfig;
 use crate::kafka::sink::KafkaSink;
 use crate::kafka::KafkaConfig;
 use crate::metrics::metrics;
@@ -36,6 +37,12 @@ pub trait IngressStage: Send + 'static {
     /// without acknowledging the message (the broker redelivers it): reserve it for defects,
     /// not for bad device input, which must travel on to the stage that judges it.
     fn map(&mut self, publish: &Publish, received_at: i64) -> Result<Output, StageError>;
+
+    /// Tenant and device of a PUBLISH, if its topic says: written into its dead letter when
+    /// Kafka refuses its record for good.
+    fn identity(_publish: &Publish) -> Option<(String, String)> {
+        None
+    }
 }
 
 const STAGE: &str = "mqtt-bridge";
@@ -48,6 +55,7 @@ pub async fn run<S, F>(
     mqtt: MqttConfig,
     kafka: KafkaConfig,
     topic: String,
+    dead_letter: DeadLetterConfig,
     new_stage: F,
 ) -> anyhow::Result<()>
 where
@@ -62,12 +70,20 @@ where
         presence: presence.clone(),
         health: ctx.health.clone(),
     };
-    let mut session = Session::open(&mqtt, &me, own, &sink, ctx.backoff, ctx.shutdown.clone())?;
+    let mut session = Session::open::<S>(
+        &mqtt,
+        &me,
+        own,
+        (&sink, &dead_letter),
+        ctx.backoff,
+        ctx.shutdown.clone(),
+    )?;
     let janitor_stop = CancellationToken::new();
     let janitor = tokio::spawn(take_over_orphans(Janitor {
         mqtt: mqtt.clone(),
         presence: presence.clone(),
         sink: sink.clone(),
+        dead_letter,
         new_stage: Arc::new(new_stage),
         ctx: ctx.clone(),
         stop: janitor_stop.clone(),
@@ -118,6 +134,7 @@ struct Janitor<F> {
     mqtt: MqttConfig,
     presence: Presence,
     sink: KafkaSink,
+    dead_letter: DeadLetterConfig,
     new_stage: Arc<F>,
     ctx: Context,
     stop: CancellationToken,
@@ -172,11 +189,11 @@ where
 {
     tracing::info!(orphan, "taking over an orphaned session to drain it");
     let mut stage = (j.new_stage)()?;
-    let session = Session::open(
+    let session = Session::open::<S>(
         &j.mqtt,
         orphan,
         Role::Orphan,
-        &j.sink,
+        (&j.sink, &j.dead_letter),
         j.ctx.backoff,
         j.ctx.shutdown.clone(),
     )?;

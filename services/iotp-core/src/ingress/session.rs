@@ -2,6 +2,8 @@
 //! only once Kafka confirmed it, in receive order. The in-flight window is the MQTT 5 receive
 //! maximum, so the broker (not our memory) holds what we have not taken yet. If Kafka is down,
 //! records are retried with backoff and nothing is acknowledged: the broker keeps the messages.
+//! A message whose record Kafka refuses for good (too large) is dead-lettered to RabbitMQ
+//! instead, and acknowledged in its turn once RabbitMQ confirmed the dead letter.
 //!
 //! A session ends one of three ways: [`Session::close`] keeps it on the broker (a restart
 //! resumes it), [`Session::leave`] unsubscribes, drains what the broker had queued for it and
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::presence::Presence;
 use super::{IngressStage, STAGE};
 use crate::admin::Health;
+use crate::dead_letter::{self, DeadLetterConfig, DeadLetterPublisher};
 use crate::kafka::sink::{KafkaSink, Pending};
 use crate::metrics::metrics;
 use crate::mqtt::{MqttConfig, ONLINE};
@@ -143,14 +146,15 @@ pub(super) struct Session {
 
 impl Session {
     /// Connect (in the background) to the session `client_id`.
-    pub fn open(
+    pub fn open<S: IngressStage>(
         mqtt: &MqttConfig,
         client_id: &str,
         role: Role,
-        sink: &KafkaSink,
+        (sink, dead_letter): (&KafkaSink, &DeadLetterConfig),
         backoff: Backoff,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        let dead_letters = DeadLetterPublisher::new(dead_letter.clone())?;
         let window = usize::from(mqtt.max_in_flight);
         let own = matches!(role, Role::Own { .. });
         let (client, eventloop) = mqtt.connect(client_id)?;
@@ -176,12 +180,13 @@ impl Session {
             backoff,
         }));
         let (produced, produced_rx) = mpsc::channel::<Produced>(window);
-        let confirmer = tokio::spawn(confirm_in_order(
+        let confirmer = tokio::spawn(confirm_in_order::<S>(
             produced_rx,
             client.clone(),
             receipts,
             progress.clone(),
             sink.clone(),
+            (dead_letters, backoff),
             shutdown,
         ));
         Ok(Self {
@@ -451,12 +456,15 @@ async fn drive(d: Driver) {
 /// local queue (packet id and receipt only), because the queue drains only while the
 /// event-loop driver polls, and the driver may itself be waiting for the stage loop, which
 /// waits for this task. At shutdown, a record Kafka has not taken stays unacknowledged.
-async fn confirm_in_order(
+/// A record Kafka refuses for good is dead-lettered instead, and RabbitMQ's confirm of the
+/// dead letter stands in for Kafka's.
+async fn confirm_in_order<S: IngressStage>(
     mut produced: mpsc::Receiver<Produced>,
     client: AsyncClient,
     receipts: Arc<Receipts>,
     progress: Arc<Progress>,
     sink: KafkaSink,
+    (mut dead_letters, backoff): (DeadLetterPublisher, Backoff),
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let latency = metrics().delivery_seconds.with_label_values(&[STAGE]);
@@ -494,10 +502,33 @@ async fn confirm_in_order(
             open = false;
             continue;
         };
-        match sink.confirm(&p.output, p.pending, &shutdown).await {
+        let Produced {
+            receipt,
+            publish,
+            output,
+            pending,
+            received,
+        } = p;
+        let handed_on = async {
+            let Some(why) = sink.confirm(&output, pending, &shutdown).await? else {
+                return Ok(());
+            };
+            let identity = S::identity(&publish);
+            let letter = dead_letter::message_letter(
+                STAGE,
+                &publish.topic,
+                &publish.payload,
+                identity,
+                &why,
+            );
+            dead_letters
+                .deliver(&letter, false, &backoff, &shutdown)
+                .await
+        };
+        match handed_on.await {
             Ok(()) => {}
             Err(Halt::Shutdown) => {
-                tracing::info!("kafka has not taken a record at shutdown; it stays unacknowledged");
+                tracing::info!("a record is not confirmed at shutdown; it stays unacknowledged");
                 open = false;
                 produced.close();
                 while produced.try_recv().is_ok() {}
@@ -505,10 +536,11 @@ async fn confirm_in_order(
             }
             Err(Halt::Failed(e)) => return Err(e),
         }
-        latency.observe(p.received.elapsed().as_secs_f64());
+        latency.observe(received.elapsed().as_secs_f64());
         inflight.dec();
-        acks.push_back((p.publish.pkid, p.receipt, p.publish.qos));
+        acks.push_back((publish.pkid, receipt, publish.qos));
     }
+    dead_letters.close().await;
     Ok(())
 }
 
