@@ -24,8 +24,8 @@ fn dev_and_prod_overlays_load_typed_and_cross_reference() {
             .filter(|o| matches!(o, Object::ScaledObject(_)))
             .count();
         assert_eq!(
-            scaled, 5,
-            "{name}: ScaledObjects for parser, enricher, upserter, aggregator, dlq-handler"
+            scaled, 6,
+            "{name}: ScaledObjects for mqtt-bridge, parser, enricher, upserter, aggregator, dlq-handler"
         );
         assert!(objects
             .iter()
@@ -87,6 +87,22 @@ fn a_scaled_object_on_another_group_or_topic_than_the_service_uses_is_found() {
     let p = dev_problems_after(|y| y.replacen("topic: iotp.enriched", "topic: iotp.validated", 1));
     assert!(
         p.iter().any(|p| p.contains("topic \"iotp.validated\"")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_bridge_scaler_on_a_metric_the_bridge_does_not_export_is_found() {
+    let p = dev_problems_after(|y| {
+        y.replacen(
+            "max(iotp_mqtt_broker_stored_messages",
+            "max(iotp_mqtt_broker_queued_messages",
+            1,
+        )
+    });
+    assert!(
+        p.iter()
+            .any(|p| p.contains("ScaledObject/mqtt-bridge") && p.contains("prometheus trigger")),
         "{p:?}"
     );
 }
