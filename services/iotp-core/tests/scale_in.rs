@@ -146,18 +146,24 @@ async fn a_scaled_in_replica_hands_its_partitions_to_the_survivor_at_once() {
         ..KafkaConfig::default()
     };
     let seen: Seen = Arc::default();
-    let replicas: Vec<_> = (0..3)
-        .map(|r| {
-            let shutdown = CancellationToken::new();
-            let stage = Tagging {
-                replica: r,
-                seen: seen.clone(),
-            };
-            let ctx = context(&format!("tagging-{r}"), &shutdown);
-            let task = tokio::spawn(consume::run(ctx, kafka.clone(), io.clone(), stage));
-            (shutdown, task)
-        })
-        .collect();
+    // The survivor joins first, so it is the group's leader (the first member to join is):
+    // Tansu 0.6.0 wedges a group whose leader leaves while it is re-forming (its LeaveGroup
+    // keeps the departed leader; every SyncGroup is then told a rebalance is in progress),
+    // which a leader stopping just after another member would do (README, Stages).
+    let mut replicas = Vec::new();
+    for r in 0..3 {
+        let shutdown = CancellationToken::new();
+        let stage = Tagging {
+            replica: r,
+            seen: seen.clone(),
+        };
+        let ctx = context(&format!("tagging-{r}"), &shutdown);
+        let task = tokio::spawn(consume::run(ctx, kafka.clone(), io.clone(), stage));
+        replicas.push((shutdown, task));
+        if r == 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     let (stop_flow, sent) = (CancellationToken::new(), Arc::new(AtomicU64::new(0)));
     let flowing = tokio::spawn(flow(input.clone(), stop_flow.clone(), sent.clone()));
 
