@@ -14,11 +14,15 @@
 //!
 //! Closing the consumer before librdkafka has sent the LeaveGroup suppresses it, and
 //! librdkafka reports the LeaveGroup response only in a debug line (context `cgrp`, facility
-//! `LEAVEGROUP`): [`GroupContext`] watches for that line, and [`leave`] waits for it.
+//! `LEAVEGROUP`): [`GroupContext`] watches for that line, and [`leave`] waits for it. The
+//! group's leader first polls one heartbeat interval longer: Tansu 0.6.0 keeps a leader that
+//! leaves a re-forming group (another member has just left) as the leader, and the group never
+//! forms again (measured; see `LEADER_WAITS`).
 //! (DescribeGroups, asking the coordinator, fails on Tansu 0.6.0's SQLite engine: it cannot
 //! read its own stored group.) A leave that is not confirmed loses nothing: offsets were
 //! committed before it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -29,7 +33,13 @@ use tokio::sync::watch;
 /// Longest a leave may take. Unsubscribing, the revocation and the LeaveGroup round trip take
 /// milliseconds; librdkafka gives the LeaveGroup request 5 s, and a rebalance in progress
 /// (Tansu holds a static member's JoinGroup up to 3 s) postpones the unsubscribe.
-pub(crate) const LEAVE_WITHIN: Duration = Duration::from_secs(8);
+pub(crate) const LEAVE_WITHIN: Duration = Duration::from_secs(16);
+
+/// How long the group's leader keeps polling before it leaves: one heartbeat interval
+/// (librdkafka's 3 s) and a margin, so that it has heard of a rebalance another member's
+/// leave began, and leaves a formed group (Tansu 0.6.0 keeps a leader that leaves a
+/// re-forming group as the leader, and the group then never forms again).
+const LEADER_WAITS: Duration = Duration::from_millis(3_500);
 
 /// The debug context that carries librdkafka's LeaveGroup report.
 pub(crate) const DEBUG_CONTEXT: &str = "cgrp";
@@ -40,6 +50,8 @@ pub(crate) const DEBUG_CONTEXT: &str = "cgrp";
 /// usual levels.
 pub struct GroupContext {
     left: watch::Sender<Option<Result<(), String>>>,
+    /// Whether the last JoinGroup response named this member the leader.
+    leader: AtomicBool,
 }
 
 impl GroupContext {
@@ -47,6 +59,7 @@ impl GroupContext {
     pub fn new() -> Self {
         Self {
             left: watch::channel(None).0,
+            leader: AtomicBool::new(false),
         }
     }
 }
@@ -61,6 +74,9 @@ impl ClientContext for GroupContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, line: &str) {
         if let Some(outcome) = leave_report(fac, line) {
             self.left.send_replace(Some(outcome));
+        }
+        if let Some(leads) = leader_report(fac, line) {
+            self.leader.store(leads, Ordering::Relaxed);
         }
         match level {
             RDKafkaLogLevel::Emerg
@@ -95,6 +111,15 @@ fn leave_report(fac: &str, line: &str) -> Option<Result<(), String>> {
     }
 }
 
+/// Whether this log line is a JoinGroup response and names this member the leader
+/// (`rd_kafka_cgrp_handle_JoinGroup`: "LeaderId {id} (me), my MemberId ...").
+fn leader_report(fac: &str, line: &str) -> Option<bool> {
+    if fac != "JOINGROUP" || !line.contains("JoinGroup response: ") {
+        return None;
+    }
+    Some(line.contains(" (me), my MemberId"))
+}
+
 /// Unsubscribe `consumer` and wait, polling it, until librdkafka reports the coordinator's
 /// answer to its LeaveGroup: the time that took, or why the leave is not confirmed.
 pub(crate) async fn leave(
@@ -103,6 +128,9 @@ pub(crate) async fn leave(
 ) -> Result<Duration, String> {
     let started = Instant::now();
     let context = consumer.context();
+    if context.leader.load(Ordering::Relaxed) {
+        let _ = tokio::time::timeout(LEADER_WAITS, poll_and_drop::<()>(consumer)).await;
+    }
     context.left.send_replace(None);
     let mut left = context.left.subscribe();
     consumer.unsubscribe();
@@ -119,17 +147,10 @@ pub(crate) async fn leave(
     // Polling serves the revocation (librdkafka hands it to the poll path); the LeaveGroup
     // follows once it is done. Records fetched before it are dropped unstored: the next owner
     // reads them from the committed offsets.
-    let polling = async {
-        loop {
-            if consumer.recv().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
     let outcome = tokio::time::timeout(within, async {
         tokio::select! {
             outcome = answered => outcome,
-            never = polling => never,
+            never = poll_and_drop(consumer) => never,
         }
     })
     .await;
@@ -139,6 +160,15 @@ pub(crate) async fn leave(
         Err(_) => Err(format!(
             "no LeaveGroup response within {within:?} (not joined, or the coordinator is unreachable)"
         )),
+    }
+}
+
+/// Serve `consumer`'s queue (rebalances are handled there), dropping records unstored.
+async fn poll_and_drop<T>(consumer: &StreamConsumer<GroupContext>) -> T {
+    loop {
+        if consumer.recv().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -170,6 +200,16 @@ mod tests {
             Some(Ok(()))
         );
         assert_eq!(leave_report("LEAVE", "Leaving group"), None);
+        let join = "[thrd:main]: JoinGroup response: GenerationId 2, Protocol cooperative-sticky, LeaderId tagging-0-8a2c (me), my MemberId tagging-0-8a2c, member metadata count 3: (no error)";
+        assert_eq!(leader_report("JOINGROUP", join), Some(true));
+        let follower = join
+            .replace(" (me)", "")
+            .replace("my MemberId tagging-0", "my MemberId tagging-1");
+        assert_eq!(leader_report("JOINGROUP", &follower), Some(false));
+        assert_eq!(
+            leader_report("JOINGROUP", "[thrd:main]: I am elected leader"),
+            None
+        );
         assert_eq!(leave_report("HEARTBEAT", "Heartbeat for group"), None);
     }
 }
