@@ -87,7 +87,8 @@ impl StageIo {
     }
 }
 
-/// Run `stage` until shutdown; then finish the batch in hand, commit, and return.
+/// Run `stage` until shutdown; then finish the batch in hand, commit, leave the consumer
+/// group, and return. A stage that stops on an error commits and leaves the same way.
 pub async fn run<S: Stage>(
     ctx: Context,
     kafka: KafkaConfig,
@@ -104,6 +105,9 @@ pub async fn run<S: Stage>(
     let result = consume(&ctx, &io, &source, &mut outbox, &mut stage).await;
     tracing::info!(stage = S::NAME, "draining: committing stored offsets");
     source.commit();
+    // This replica is going away (scale-in, restart, a stopped stage): hand its partitions to
+    // the other members now rather than after its session times out.
+    source.leave().await;
     outbox.close().await;
     result
 }

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub consumer_offset_gaps_total: IntCounterVec,
     /// Partitions read again after the broker skipped offsets.
     pub consumer_rereads_total: IntCounterVec,
+    /// Consumer-group leaves on the way out, by stage and outcome (`left`: the coordinator no
+    /// longer lists the member; `unconfirmed`: its partitions wait for the session timeout).
+    pub consumer_group_leaves_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -187,6 +190,13 @@ impl Metrics {
                 ),
                 &["stage"],
             )?,
+            consumer_group_leaves_total: IntCounterVec::new(
+                Opts::new(
+                    "iotp_consumer_group_leaves_total",
+                    "Consumer-group leaves at shutdown, by outcome (left, unconfirmed)",
+                ),
+                &["stage", "outcome"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.up.clone()))?;
@@ -230,6 +240,8 @@ impl Metrics {
             .register(Box::new(m.consumer_offset_gaps_total.clone()))?;
         m.registry
             .register(Box::new(m.consumer_rereads_total.clone()))?;
+        m.registry
+            .register(Box::new(m.consumer_group_leaves_total.clone()))?;
         Ok(m)
     }
 

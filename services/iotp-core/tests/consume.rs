@@ -169,7 +169,12 @@ async fn offsets_wait_for_the_dead_letter_confirm() {
     let f = fixture(&exchange).await;
     produce(&f.input, &records(10)).await;
 
-    let (shutdown, task) = start(&f, "upper-0");
+    // The dead letter is retried until the shutdown below: the backoff must not give up
+    // first (3 s did, now and then, when reading the outputs back took over a second).
+    let shutdown = CancellationToken::new();
+    let mut ctx = context("upper-0", &shutdown);
+    ctx.backoff.give_up_after = Duration::from_secs(60);
+    let task = tokio::spawn(consume::run(ctx, f.kafka.clone(), f.io.clone(), Upper));
     let first = read_topic(&f.output, Duration::from_secs(60), |r| r.len() >= 9).await;
     assert_eq!(
         first.len(),

@@ -1,7 +1,9 @@
 //! Kafka adapters: the client settings every service shares, the one producer path
-//! ([`sink`]), the batch consumer ([`source`]) and topic administration ([`admin`]).
+//! ([`sink`]), the batch consumer ([`source`], which leaves its group on the way out:
+//! `leave.rs`) and topic administration ([`admin`]).
 
 pub mod admin;
+mod leave;
 pub mod sink;
 pub mod source;
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
@@ -132,8 +134,10 @@ impl KafkaConfig {
         self.base(client_id).create()
     }
 
-    /// Consumer settings for a group member: static membership from `replica`, offsets stored
-    /// only by the runtime (auto-commit commits stored offsets only).
+    /// Consumer settings for a group member: static membership from `replica` (a restarted
+    /// replica with the same name takes its partitions back; one that goes away leaves the
+    /// group explicitly, see [`source::KafkaSource::leave`]), offsets stored only by the
+    /// runtime (auto-commit commits stored offsets only).
     pub fn consumer_config(&self, group: &str, replica: &str) -> ClientConfig {
         let mut c = self.base(replica);
         c.set("group.id", group)
@@ -149,6 +153,13 @@ impl KafkaConfig {
         for (k, v) in &self.properties {
             c.set(k, v);
         }
+        // librdkafka reports the LeaveGroup response of a leave only in a `cgrp` debug line
+        // (see `leave.rs`); the line reaches the log at debug level only.
+        let debug = match self.properties.get("debug").map(|d| d.trim()) {
+            Some(d) if !d.is_empty() => format!("{d},{}", leave::DEBUG_CONTEXT),
+            _ => leave::DEBUG_CONTEXT.to_string(),
+        };
+        c.set("debug", debug).set_log_level(RDKafkaLogLevel::Debug);
         c
     }
 }
