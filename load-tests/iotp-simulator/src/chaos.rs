@@ -239,7 +239,8 @@ mod tests {
     #[test]
     fn a_wrong_line_is_refused_with_its_reason_and_every_problem_is_listed() {
         for (line, says) in [
-            ("kill parser", "expected `<offset> <action>"),
+            ("kill", "expected `<offset> <action>"),
+            ("kill parser", "offset `kill`"),
             ("soon kill parser", "offset `soon`"),
             ("5s kill parsr", "not a service"),
             ("5s scale parser", "expected `scale SERVICE N`"),
@@ -252,12 +253,17 @@ mod tests {
         }
         let chaos = Chaos {
             replicas: BTreeMap::from([("nope".into(), 0)]),
-            timeline: vec!["x".into(), "5s scale dlq-handler 2".into()],
+            timeline: vec!["x".into(), "5s restart mosquitto".into()],
         };
-        assert_eq!(chaos.problems().len(), 4, "{:?}", chaos.problems());
+        assert_eq!(chaos.problems().len(), 3, "{:?}", chaos.problems());
         assert!(
             !chaos.restarts_mosquitto(),
             "an invalid timeline restarts nothing"
         );
+        let dlq = Chaos {
+            timeline: vec!["5s scale dlq-handler 2".into()],
+            ..Chaos::default()
+        };
+        assert_eq!(dlq.problems().len(), 1, "one dead-letter API port");
     }
 }

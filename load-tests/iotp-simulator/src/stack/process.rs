@@ -115,7 +115,7 @@ mod tests {
         let pid = std::process::id();
         let mut x = 0u64;
         for i in 0..20_000_000u64 {
-            x = x.wrapping_add(i * i);
+            x = std::hint::black_box(x.wrapping_add(i * i));
         }
         assert!(x > 0);
         assert!(rss_bytes(pid) > 1024 * 1024);
