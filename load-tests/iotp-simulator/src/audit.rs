@@ -1,6 +1,7 @@
 //! Reconcile what the devices were acknowledged for against what the store and the dead-letter
 //! archive hold: lost, duplicated, unexpected, every dead letter matched to the fault that
-//! caused it, every device's twin checked, and device→store latency.
+//! caused it, every device's twin checked, the roll-ups recomputed from the stored raw tier
+//! ([`rollups`]), and device→store latency.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,6 +11,8 @@ use serde::Serialize;
 use crate::device::FIRMWARE;
 use crate::fleet::FleetRun;
 use crate::plan::{Expected, Fault};
+
+pub mod rollups;
 
 /// Examples kept per finding.
 const SAMPLES: usize = 20;
@@ -128,6 +131,10 @@ pub struct Audit {
     pub twins_checked: u64,
     /// Twins missing, behind the store, or without the device's firmware or last heartbeat.
     pub twins_wrong: Finding,
+    /// Roll-up buckets compared with a recomputation from the stored raw tier.
+    pub rollups_checked: u64,
+    /// Buckets that differ from the recomputation (or exist on one side only).
+    pub rollups_wrong: Finding,
     /// Device→store latency (producedAt to the store's commit) of messages without faults.
     pub latency_ms: Percentiles,
     /// Per second.
@@ -148,6 +155,7 @@ impl Audit {
             && self.unexplained_dead_letters.count == 0
             && self.missing_dead_letters.count == 0
             && self.twins_wrong.count == 0
+            && self.rollups_wrong.count == 0
             && self.faults.iter().all(|f| f.accounted == f.injected)
     }
 

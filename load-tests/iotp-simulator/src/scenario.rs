@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chaos::Chaos;
+
 /// One scenario.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -45,6 +47,10 @@ pub struct Scenario {
     pub faults: Faults,
     /// Also measure the infrastructure's ceiling (forward-only hops) after the run.
     pub ceiling: bool,
+    /// Storage engine of the run's own Tansu, `sqlite` or `memory`; empty: `--kafka-engine`.
+    pub kafka_engine: String,
+    /// What to break while the fleet publishes (nothing by default).
+    pub chaos: Chaos,
 }
 
 impl Default for Scenario {
@@ -65,6 +71,8 @@ impl Default for Scenario {
             stall_timeout: Duration::from_secs(120),
             faults: Faults::default(),
             ceiling: false,
+            kafka_engine: String::new(),
+            chaos: Chaos::default(),
         }
     }
 }
@@ -142,6 +150,10 @@ impl Scenario {
         if self.max_inflight == 0 {
             out.push("max_inflight must be at least 1".to_string());
         }
+        if !["", "sqlite", "memory"].contains(&self.kafka_engine.as_str()) {
+            out.push("kafka_engine must be sqlite or memory".to_string());
+        }
+        out.extend(self.chaos.problems());
         let f = &self.faults;
         let per_message = f.duplicate_sends + f.clock_skew + f.malformed + f.oversized;
         let capacity = self.devices as u64 * self.messages_per_device;
@@ -193,6 +205,8 @@ mod tests {
         assert_eq!(
             names,
             [
+                "chaos",
+                "chaos-small",
                 "faults",
                 "latency",
                 "mid",

@@ -1,38 +1,25 @@
 //! Phase 4: what the services say (per-stage latency from their histograms, what each hop
-//! counted), the audit of the devices' ledgers against the store and the archive, and the
-//! services stopped with SIGTERM.
+//! counted over every replica that lived), the audit of the devices' ledgers against the
+//! store and the archive (roll-ups against the raw tier included), what each chaos fault
+//! cost, the services stopped with SIGTERM, and what the bridges left in their sessions.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use anyhow::Context as _;
 use iotp_contract::topology::topic_name;
 use iotp_core::kafka::{count_records, KafkaConfig};
-use iotp_core::probe::{histogram_quantile, label_values, sample_sum};
-use iotp_store::{ReadingStore, StoredMessage, TwinStore};
+use iotp_core::probe::{histogram_quantile, label_values};
+use iotp_store::{ReadingStore, RollupStore, StoredMessage, TwinStore};
 
-use super::{Run, Settled};
+use super::counters::Counters;
+use super::{chaos, Run, Settled};
 use crate::audit::audit;
+use crate::audit::rollups::{self, Reading};
+use crate::fleet::now_millis;
 use crate::report::{Outcome, StageLatency};
 use crate::stack::{scrape, Stack};
-
-/// The counters read per hop, by service: duplicates between hops show here (they are removed
-/// at the store).
-const HOP_COUNTERS: [(&str, &str); 14] = [
-    ("mqtt-bridge", "iotp_mqtt_received_messages_total"),
-    ("mqtt-bridge", "iotp_mqtt_acked_messages_total"),
-    ("mqtt-bridge", "iotp_mqtt_superseded_acks_total"),
-    ("mqtt-bridge", "iotp_kafka_produced_messages_total"),
-    ("parser", "iotp_kafka_produced_messages_total"),
-    ("enricher", "iotp_kafka_produced_messages_total"),
-    ("parser", "iotp_consumer_offset_gaps_total"),
-    ("enricher", "iotp_consumer_offset_gaps_total"),
-    ("upserter", "iotp_consumer_offset_gaps_total"),
-    ("parser", "iotp_consumer_rereads_total"),
-    ("enricher", "iotp_consumer_rereads_total"),
-    ("upserter", "iotp_consumer_rereads_total"),
-    ("upserter", "iotp_messages_stored_total"),
-    ("upserter", "iotp_duplicates_removed_total"),
-];
 
 /// Stored messages read per page while auditing.
 const PAGE: usize = 20_000;
@@ -44,27 +31,46 @@ pub async fn collect(run: &mut Run, settled: Settled) -> anyhow::Result<Outcome>
         progress,
         drained,
         usage,
+        chaos,
+        mut counters,
     } = settled;
     let stages = stage_latencies(&run.stack).await;
-    let hops = hop_counts(&run.stack, &run.kafka).await;
+    let hops = hop_counts(&run.stack, &mut counters, &run.kafka).await;
     println!("iotp-load: auditing");
     let stored = all_stored(run).await?;
     let letters = run.letters().await?;
     let mut twins = HashMap::new();
+    let mut buckets = Vec::new();
     for d in fleet.devices.iter().filter(|d| d.registered) {
         if let Some(t) = run.store.twin(&run.tenant, &d.id).await? {
             twins.insert(d.id.clone(), t);
         }
+        buckets.extend(run.store.buckets(&run.tenant, &d.id).await?);
     }
-    let audit = audit(&fleet, &stored, &letters, &twins);
+    let mut audit = audit(&fleet, &stored, &letters, &twins);
+    drop(stored);
+    let readings = raw_readings(&run.stack.store_path, &run.tenant).await?;
+    (audit.rollups_checked, audit.rollups_wrong) = rollups::check(&readings, &buckets);
+    drop(readings);
     let exit_codes = run.stack.stop_services().await;
-    let (client_id, port) = &run.stack.bridge_session;
-    let session_leftovers = super::leftovers::bridge_session_leftovers(client_id, *port).await?;
+    let mut session_leftovers = Vec::new();
+    for client_id in run.stack.bridge_client_ids() {
+        let n =
+            super::leftovers::bridge_session_leftovers(&client_id, run.stack.mqtt_port()).await?;
+        session_leftovers.push((client_id, n));
+    }
     let acks_per_second = progress
         .acks_per_second
         .lock()
         .map(|v| v.clone())
         .unwrap_or_default();
+    let chaos = chaos::costs(
+        &chaos::with_crashes(chaos, &run.stack.crashes()),
+        &audit,
+        &counters,
+        fleet.started_at,
+        &acks_per_second,
+    );
     Ok(Outcome {
         acks_per_second,
         connection_errors: progress.connection_errors.load(Ordering::Relaxed),
@@ -76,17 +82,22 @@ pub async fn collect(run: &mut Run, settled: Settled) -> anyhow::Result<Outcome>
         audit,
         exit_codes,
         session_leftovers,
+        chaos,
     })
 }
 
-/// p50, p95 and p99 of every stage's `iotp_delivery_seconds` histogram, ms.
+/// p50, p95 and p99 of every stage's `iotp_delivery_seconds` histogram, ms (of the first live
+/// replica that reports the stage).
 async fn stage_latencies(stack: &Stack) -> Vec<StageLatency> {
-    let mut stages = Vec::new();
-    for s in &stack.services {
-        let Some(text) = scrape(s.admin_port).await else {
+    let mut stages: Vec<StageLatency> = Vec::new();
+    for m in stack.members().iter().filter(|m| m.admin_port != 0) {
+        let Some(text) = scrape(m.admin_port).await else {
             continue;
         };
         for stage in label_values(&text, "iotp_delivery_seconds_bucket", "stage") {
+            if stages.iter().any(|s| s.stage == stage) {
+                continue;
+            }
             let label = format!("stage=\"{stage}\"");
             let q = |q| {
                 histogram_quantile(&text, "iotp_delivery_seconds", &[label.as_str()], q)
@@ -104,19 +115,20 @@ async fn stage_latencies(stack: &Stack) -> Vec<StageLatency> {
     stages
 }
 
-/// What each hop counted: the [`HOP_COUNTERS`] of the services that run, then the records on
-/// each topic (-1 where the broker would not say).
-async fn hop_counts(stack: &Stack, kafka: &KafkaConfig) -> Vec<(String, i64)> {
-    let mut hops = Vec::new();
-    for (service, metric) in HOP_COUNTERS {
-        if let Some(s) = stack.service(service) {
-            let text = scrape(s.admin_port).await.unwrap_or_default();
-            hops.push((
-                format!("{service}: {metric}"),
-                sample_sum(&text, metric, &[]) as i64,
-            ));
+/// What each hop counted: the counters of every replica that lived (the live ones scraped
+/// once more now), then the records on each topic (-1 where the broker would not say).
+async fn hop_counts(
+    stack: &Stack,
+    counters: &mut Counters,
+    kafka: &KafkaConfig,
+) -> Vec<(String, i64)> {
+    for m in stack.members().iter().filter(|m| m.admin_port != 0) {
+        if let Some(text) = scrape(m.admin_port).await {
+            counters.observe(m, &text);
         }
     }
+    counters.record(now_millis());
+    let mut hops = counters.hops();
     for schema in ["raw-envelope", "telemetry", "enriched"] {
         let topic = topic_name(schema);
         hops.push((
@@ -141,4 +153,33 @@ async fn all_stored(run: &Run) -> anyhow::Result<Vec<StoredMessage>> {
         out.extend(page);
     }
     Ok(out)
+}
+
+/// Every reading of `tenant` in the raw tier of the embedded store at `path`, read straight
+/// from the file (the store's contract has no reader of values: nothing but an audit needs
+/// one).
+async fn raw_readings(path: &Path, tenant: &str) -> anyhow::Result<Vec<Reading>> {
+    let (path, tenant) = (path.to_path_buf(), tenant.to_string());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Reading>> {
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        let mut stmt = conn
+            .prepare("SELECT device_id, produced_at, readings FROM messages WHERE tenant = ?1")?;
+        let mut rows = stmt.query([&tenant])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let device: String = row.get(0)?;
+            let at: i64 = row.get(1)?;
+            let text: String = row.get(2)?;
+            let readings: Vec<(String, f64, Option<String>)> = serde_json::from_str(&text)
+                .with_context(|| format!("readings of {device} at {at}"))?;
+            for (metric, value, _) in readings {
+                out.push((device.clone(), metric, value, at));
+            }
+        }
+        Ok(out)
+    })
+    .await?
 }

@@ -1,8 +1,12 @@
 //! Phase 2: the fleet publishes the scenario over MQTT, one connection per device, while the
-//! [`Monitor`] watches memory and progress. The CPU window opens here.
+//! [`Monitor`] watches memory, counters and progress, and the scenario's chaos timeline is run
+//! against the stack. The CPU window opens here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
+use super::chaos::{self, Done};
 use super::monitor::Monitor;
 use super::Run;
 use crate::fleet::{self, FleetRun, Progress};
@@ -19,6 +23,8 @@ pub struct Driven {
     pub monitor: Monitor,
     /// CPU seconds of each process when the fleet started.
     pub cpu_before: PerProcess<f64>,
+    /// The chaos actions done meanwhile (none unless the scenario has a timeline).
+    pub chaos: Vec<Done>,
 }
 
 /// Run the scenario's fleet against the pipeline until its last PUBACK (or a stall).
@@ -27,13 +33,25 @@ pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
     let progress = Arc::new(Progress::default());
     let monitor = Monitor::start(run, &progress, publishes(&plans));
     let cpu_before = run.stack.cpu();
-    let fleet = fleet::run(run.target("iot"), &run.scenario, plans, progress.clone()).await?;
-    monitor.fleet_done(&progress);
+    // Checked when the scenario was loaded.
+    let steps = run.scenario.chaos.steps().unwrap_or_default();
+    let start = Instant::now();
+    let fleet_done = AtomicBool::new(false);
+    let (fleet, chaos) = tokio::join!(
+        async {
+            let fleet = fleet::run(run.target("iot"), &run.scenario, plans, progress.clone()).await;
+            monitor.fleet_done(&progress);
+            fleet_done.store(true, Ordering::Relaxed);
+            fleet
+        },
+        chaos::run(&run.stack, steps, start, &fleet_done)
+    );
     Ok(Driven {
-        fleet,
+        fleet: fleet?,
         progress,
         monitor,
         cpu_before,
+        chaos,
     })
 }
 

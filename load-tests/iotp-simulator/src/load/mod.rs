@@ -23,7 +23,9 @@ use crate::fleet::Target;
 use crate::scenario::Scenario;
 use crate::stack::Stack;
 
+mod chaos;
 mod collect;
+mod counters;
 mod drive;
 mod leftovers;
 mod monitor;
@@ -67,8 +69,9 @@ pub struct Options {
     pub tansu: Option<PathBuf>,
     /// Storage engine of the run's own Tansu: `memory` (throughput runs: closer to Kafka's
     /// speed) or `sqlite`. See docs/performance.md for what each did under load here.
-    #[arg(long, default_value = "memory", value_parser = ["sqlite", "memory"])]
-    pub kafka_engine: String,
+    /// Default: the scenario's `kafka_engine`, else `memory`.
+    #[arg(long, value_parser = ["sqlite", "memory"])]
+    pub kafka_engine: Option<String>,
     /// Use the broker already running at --kafka instead of starting one.
     #[arg(long)]
     pub external_kafka: bool,
@@ -142,7 +145,8 @@ impl Options {
         } else {
             format!(
                 "Tansu 0.6.0, {} engine, at {}",
-                self.kafka_engine, self.kafka
+                self.kafka_engine.as_deref().unwrap_or("memory"),
+                self.kafka
             )
         }
     }
@@ -171,7 +175,7 @@ pub struct Run {
 impl Run {
     /// Devices of the run's tenant on the run's Mosquitto, on topics under `topic_prefix`.
     pub fn target(&self, topic_prefix: &str) -> Target {
-        Target::local(self.opts.mqtt_port, &self.tenant, topic_prefix)
+        Target::local(self.stack.mqtt_port(), &self.tenant, topic_prefix)
     }
 
     /// Every dead letter of the run's tenant in the archive, replayed ones included.

@@ -1,24 +1,26 @@
-//! What watches a run while the fleet publishes and the pipeline drains: every process's RSS
-//! once a second, and the progress (PUBACKs, messages stored, reconnects) on a bar, or in a log
-//! line every 10 s with `--quiet`.
+//! What watches a run while the fleet publishes and the pipeline drains: once a second, the
+//! RSS of every service (summed over its live replicas) and of the broker, and every live
+//! replica's counters ([`Counters`]); the progress (PUBACKs, messages stored, reconnects) on a
+//! bar, or in a log line every 10 s with `--quiet`.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use iotp_core::probe::sample_sum;
 use tokio::task::JoinHandle;
 
+use super::counters::Counters;
 use super::Run;
-use crate::fleet::Progress;
+use crate::fleet::{now_millis, Progress};
 use crate::report::PerProcess;
-use crate::stack::{self, rss_bytes};
+use crate::stack::{self, rss_bytes, Roster, SERVICES};
 
-/// The memory sampler and the progress display, running.
+/// The memory and counter sampler and the progress display, running.
 pub struct Monitor {
-    /// One row per second: each process's RSS, bytes.
+    /// One row per second: each service's RSS (its live replicas together), bytes.
     samples: Arc<Mutex<Vec<PerProcess<u64>>>>,
+    counters: Arc<Mutex<Counters>>,
     sampler: JoinHandle<()>,
     ticker: JoinHandle<()>,
     bar: Option<ProgressBar>,
@@ -29,19 +31,12 @@ impl Monitor {
     /// `progress`.
     pub fn start(run: &Run, progress: &Arc<Progress>, total_publishes: u64) -> Self {
         let samples: Arc<Mutex<Vec<PerProcess<u64>>>> = Arc::default();
-        let sampler = {
-            let samples = samples.clone();
-            let processes = run.stack.processes();
-            tokio::spawn(async move {
-                loop {
-                    let row = stack::per_process(&processes, rss_bytes);
-                    if let Ok(mut s) = samples.lock() {
-                        s.push(row);
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            })
-        };
+        let counters: Arc<Mutex<Counters>> = Arc::default();
+        let sampler = tokio::spawn(sample(
+            run.stack.roster(),
+            samples.clone(),
+            counters.clone(),
+        ));
         let bar = (!run.opts.quiet).then(|| {
             let bar = ProgressBar::new(total_publishes);
             bar.set_style(
@@ -53,10 +48,10 @@ impl Monitor {
             );
             bar
         });
-        let upserter = run.stack.service("upserter").map(|s| s.admin_port);
-        let ticker = tokio::spawn(tick(progress.clone(), bar.clone(), upserter));
+        let ticker = tokio::spawn(tick(progress.clone(), bar.clone(), counters.clone()));
         Self {
             samples,
+            counters,
             sampler,
             ticker,
             bar,
@@ -78,27 +73,70 @@ impl Monitor {
         }
     }
 
-    /// Stop sampling memory; the rows sampled.
-    pub fn stop_sampling(self) -> Vec<PerProcess<u64>> {
+    /// Stop sampling; the memory rows sampled and the counters.
+    pub fn stop_sampling(self) -> (Vec<PerProcess<u64>>, Counters) {
         self.sampler.abort();
         self.ticker.abort();
-        self.samples.lock().map(|s| s.clone()).unwrap_or_default()
+        let memory = self.samples.lock().map(|s| s.clone()).unwrap_or_default();
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        (memory, counters)
+    }
+}
+
+/// Once a second until aborted: each service's RSS and every live replica's counters.
+async fn sample(
+    roster: Arc<Mutex<Roster>>,
+    samples: Arc<Mutex<Vec<PerProcess<u64>>>>,
+    counters: Arc<Mutex<Counters>>,
+) {
+    loop {
+        let live = roster.lock().map(|r| r.live.clone()).unwrap_or_default();
+        let row: PerProcess<u64> = SERVICES
+            .iter()
+            .copied()
+            .chain(["tansu"])
+            .map(|s| {
+                let rss = live
+                    .iter()
+                    .filter(|m| m.service == s)
+                    .map(|m| rss_bytes(m.pid))
+                    .sum();
+                (s.to_string(), rss)
+            })
+            .collect();
+        if let Ok(mut s) = samples.lock() {
+            s.push(row);
+        }
+        let mut pages = Vec::new();
+        for m in live.iter().filter(|m| m.admin_port != 0) {
+            if let Some(text) = stack::scrape(m.admin_port).await {
+                pages.push((m, text));
+            }
+        }
+        if let Ok(mut c) = counters.lock() {
+            for (m, text) in pages {
+                c.observe(m, &text);
+            }
+            c.record(now_millis());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
 /// Show the progress every half second until aborted: PUBACKs from `progress`, messages
-/// stored from the upserter's admin port.
-async fn tick(progress: Arc<Progress>, bar: Option<ProgressBar>, upserter: Option<u16>) {
+/// stored from the upserters' counters.
+async fn tick(progress: Arc<Progress>, bar: Option<ProgressBar>, counters: Arc<Mutex<Counters>>) {
     let mut last_print = Instant::now();
     loop {
         let acked = progress.acked.load(Ordering::Relaxed);
-        let stored = match upserter {
-            Some(port) => stack::scrape(port)
-                .await
-                .map(|m| sample_sum(&m, "iotp_messages_stored_total", &[]))
-                .unwrap_or(0.0),
-            None => 0.0,
-        };
+        let stored = counters
+            .lock()
+            .map(|c| c.total("upserter", "iotp_messages_stored_total"))
+            .unwrap_or(0.0);
         let msg = format!(
             "stored {stored:.0} · reconnects {}",
             progress.connection_errors.load(Ordering::Relaxed)

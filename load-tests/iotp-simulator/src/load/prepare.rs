@@ -20,8 +20,11 @@ use crate::{device, plan};
 const WARM_UP_WITHIN: Duration = Duration::from_secs(120);
 
 /// Set the run up and start the pipeline; ready to drive once it returns.
-pub async fn prepare(opts: Options) -> anyhow::Result<Run> {
+pub async fn prepare(mut opts: Options) -> anyhow::Result<Run> {
     let mut scenario = Scenario::load(&opts.scenario)?;
+    if opts.kafka_engine.is_none() && !scenario.kafka_engine.is_empty() {
+        opts.kafka_engine = Some(scenario.kafka_engine.clone());
+    }
     if let Some(rate) = opts.rate {
         scenario.rate = rate;
         scenario.rate_per_device = 0.0;
@@ -51,7 +54,12 @@ pub async fn prepare(opts: Options) -> anyhow::Result<Run> {
         device::registry_toml(&tenant, scenario.devices, scenario.devices)
             + &format!("\n[[devices]]\ntenant = \"{warmup_tenant}\"\nid = \"dev-000000\"\nprofile = \"energy-meter-v1\"\n"),
     )?;
-    let cfg = stack_config(&opts, &out, vec![tenant.clone(), warmup_tenant.clone()])?;
+    let cfg = stack_config(
+        &opts,
+        &scenario,
+        &out,
+        vec![tenant.clone(), warmup_tenant.clone()],
+    )?;
     println!(
         "iotp-load: scenario {} ({} devices × {} messages), tenant {tenant}, report in {}",
         scenario.name,
@@ -59,13 +67,13 @@ pub async fn prepare(opts: Options) -> anyhow::Result<Run> {
         scenario.messages_per_device,
         out.display()
     );
-    let stack = Stack::start(&cfg, &registry).await?;
+    let stack = Stack::start(&cfg, &registry, scenario.seed).await?;
     println!(
         "iotp-load: pipeline ready (services' logs in {})",
         out.join("logs").display()
     );
     let store = SqliteStore::open(&stack.store_path)?;
-    warm_up(&store, &warmup_tenant, opts.mqtt_port).await?;
+    warm_up(&store, &warmup_tenant, stack.mqtt_port()).await?;
     let kafka = KafkaConfig {
         brokers: opts.kafka.clone(),
         ..KafkaConfig::default()
@@ -86,6 +94,7 @@ pub async fn prepare(opts: Options) -> anyhow::Result<Run> {
 /// `tenants`.
 fn stack_config(
     opts: &Options,
+    scenario: &Scenario,
     out: &std::path::Path,
     tenants: Vec<String>,
 ) -> anyhow::Result<StackConfig> {
@@ -104,12 +113,24 @@ fn stack_config(
         mqtt_port: opts.mqtt_port,
         kafka: opts.kafka.clone(),
         tansu,
-        engine: opts.kafka_engine.clone(),
+        engine: opts.kafka_engine.clone().unwrap_or_else(|| "memory".into()),
         admin_port: opts.admin_port,
         api_port: opts.admin_port + 100,
         env: opts.service_env.clone(),
         tenants,
         amqp_uri: opts.amqp.clone(),
+        chaos: scenario.chaos.clone(),
+        repo: repo_of(&opts.scenario)?,
+    })
+}
+
+/// The repository a scenario file (`load-tests/scenarios/x.toml`) is in; else the working
+/// directory.
+fn repo_of(scenario: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let file = scenario.canonicalize()?;
+    Ok(match file.ancestors().nth(3) {
+        Some(repo) if repo.join("dev/mosquitto.conf").exists() => repo.to_path_buf(),
+        _ => std::env::current_dir()?,
     })
 }
 

@@ -33,7 +33,7 @@ pub async fn report(run: Run, outcome: Outcome) -> anyhow::Result<Report> {
         report.set_ceiling(c);
         report.write(&run.out)?;
     }
-    run.stack.stop_broker().await;
+    run.stack.stop_brokers().await;
     println!("\n{}", report.markdown());
     println!(
         "iotp-load: report in {}",

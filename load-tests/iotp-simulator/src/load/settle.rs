@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iotp_contract::topology::topology;
-use iotp_core::kafka::{consumer_lag, KafkaConfig};
+use iotp_core::kafka::consumer_lag;
 use iotp_store::ReadingStore;
 
+use super::chaos::Done;
+use super::counters::Counters;
 use super::{Driven, Run};
 use crate::fleet::{now_millis, FleetRun, Progress};
 use crate::plan::{Expected, Fault};
@@ -27,6 +29,10 @@ pub struct Settled {
     pub drained: Drained,
     /// CPU from the fleet's start until drained, memory sampled meanwhile.
     pub usage: Usage,
+    /// The chaos actions done while the fleet published.
+    pub chaos: Vec<Done>,
+    /// The services' counters over the run.
+    pub counters: Counters,
 }
 
 /// Wait for the pipeline to absorb what the fleet sent; then stop watching.
@@ -36,13 +42,14 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
         progress,
         mut monitor,
         cpu_before,
+        chaos,
     } = driven;
     let (stored, _) = absorbed(run, owed(&fleet)).await?;
-    let lag = drain_groups(&run.kafka, run.scenario.stall_timeout).await?;
+    let lag = drain_groups(run, run.scenario.stall_timeout).await?;
     let drained_at = now_millis();
     monitor.stop_display(stored);
     let cpu_after = run.stack.cpu();
-    let memory = monitor.stop_sampling();
+    let (memory, counters) = monitor.stop_sampling();
     Ok(Settled {
         fleet,
         progress,
@@ -55,6 +62,8 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
             cpu_after,
             memory,
         },
+        chaos,
+        counters,
     })
 }
 
@@ -92,6 +101,7 @@ async fn absorbed(run: &Run, owed: (u64, u64)) -> anyhow::Result<(u64, u64)> {
                 return Ok((stored, letters));
             }
         }
+        run.stack.restart_crashed().await;
         if watch.stuck((stored, letters)) {
             eprintln!("iotp-load: nothing moved for {stall:?}: {stored}/{owed_store} stored, {letters}/{owed_letters} dead letters");
             return Ok((stored, letters));
@@ -102,9 +112,11 @@ async fn absorbed(run: &Run, owed: (u64, u64)) -> anyhow::Result<(u64, u64)> {
 
 /// Wait until every consumer group of the pipeline has consumed everything (lag 0), or
 /// nothing moved for `stall`; the lag left per group.
-async fn drain_groups(kafka: &KafkaConfig, stall: Duration) -> anyhow::Result<Vec<(String, i64)>> {
+async fn drain_groups(run: &Run, stall: Duration) -> anyhow::Result<Vec<(String, i64)>> {
+    let kafka = &run.kafka;
     let mut watch = Stall::new(stall);
     loop {
+        run.stack.restart_crashed().await;
         let mut lags = Vec::new();
         for c in &topology().kafka.consumers {
             let mut lag = 0;

@@ -2,6 +2,7 @@
 //! rates, CPU per stored message, steady memory, the verdict.
 
 use crate::audit::Audit;
+use crate::chaos::recovery::FaultCost;
 use crate::fleet::FleetRun;
 use crate::scenario::Scenario;
 
@@ -62,10 +63,13 @@ pub struct Outcome {
     pub hops: Vec<(String, i64)>,
     /// The ledgers reconciled with the store and the archive (collect).
     pub audit: Audit,
-    /// Each service's exit code after SIGTERM, `None` when a signal ended it (collect).
+    /// Each replica's exit code after SIGTERM, `None` when a signal ended it (collect).
     pub exit_codes: Vec<(String, Option<i32>)>,
-    /// PUBLISHes the broker still held in the bridge's session after it stopped (collect).
-    pub session_leftovers: u64,
+    /// PUBLISHes the broker still held in each bridge client id's session after the bridges
+    /// stopped, every id a replica used in the run (collect).
+    pub session_leftovers: Vec<(String, u64)>,
+    /// Each chaos action, when, and what it cost (collect).
+    pub chaos: Vec<FaultCost>,
 }
 
 impl Report {
@@ -80,8 +84,10 @@ impl Report {
             .sum();
         let sustained_rate = audit.expected_stored as f64
             / ((audit.last_stored_at - fleet.started_at).max(1) as f64 / 1000.0);
+        let session_leftovers = outcome.session_leftovers.iter().map(|(_, n)| n).sum();
         let passed = audit.passed()
-            && outcome.session_leftovers == 0
+            && session_leftovers == 0
+            && outcome.chaos.iter().all(|f| !f.failed)
             && outcome.exit_codes.iter().all(|(_, c)| *c == Some(0))
             && outcome.drained.lag.iter().all(|(_, lag)| *lag == 0);
         Report {
@@ -115,7 +121,9 @@ impl Report {
             hops: outcome.hops,
             stages: outcome.stages,
             exit_codes: outcome.exit_codes,
-            session_leftovers: outcome.session_leftovers,
+            session_leftovers,
+            sessions: outcome.session_leftovers,
+            chaos: outcome.chaos,
             audit: outcome.audit,
         }
     }

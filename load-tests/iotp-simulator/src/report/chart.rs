@@ -6,10 +6,21 @@ use std::fmt::Write as _;
 pub type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
 /// A line chart as SVG: no dependencies, opens in any browser and renders on GitHub.
-pub fn svg_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
+/// `markers`: vertical dashed lines at these x values, each labelled (the chaos faults).
+pub fn svg_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+    markers: &[(f64, String)],
+) -> String {
     let (w, h, left, right, top, bottom) = (900.0, 360.0, 70.0, 20.0, 40.0, 50.0);
     let points = series.iter().flat_map(|s| s.2.iter());
-    let x_max = points.clone().map(|p| p.0).fold(1.0_f64, f64::max);
+    let x_max = points
+        .clone()
+        .map(|p| p.0)
+        .chain(markers.iter().map(|m| m.0))
+        .fold(1.0_f64, f64::max);
     let y_max = points.map(|p| p.1).fold(1.0_f64, f64::max) * 1.1;
     let x = |v: f64| left + v / x_max * (w - left - right);
     let y = |v: f64| h - bottom - v / y_max * (h - top - bottom);
@@ -62,6 +73,16 @@ pub fn svg_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>
             escape(name)
         );
     }
+    for (at, label) in markers {
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{top}\" y2=\"{}\" stroke=\"#888\" stroke-dasharray=\"4 3\"/><text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"10\" fill=\"#555\">{}</text>",
+            h - bottom,
+            top - 3.0,
+            escape(label),
+            x = x(*at)
+        );
+    }
     svg.push_str("</svg>\n");
     svg
 }
@@ -86,8 +107,15 @@ mod tests {
                 ("one", "#000", vec![(0.0, 1.0), (1.0, 2.0)]),
                 ("two", "#f00", vec![(0.0, 3.0)]),
             ],
+            &[(0.5, "1".into()), (0.7, "<2>".into())],
         );
         assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(
+            svg.matches("stroke-dasharray").count(),
+            2,
+            "one line per marker"
+        );
+        assert!(svg.contains("&lt;2&gt;"));
         assert!(svg.contains("a &lt; b"));
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     }

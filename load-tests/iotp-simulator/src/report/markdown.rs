@@ -12,6 +12,7 @@ impl Report {
         self.header(&mut md);
         self.audit_section(&mut md);
         self.throughput_section(&mut md);
+        self.chaos_section(&mut md);
         self.latency_section(&mut md);
         self.cost_section(&mut md);
         let _ = writeln!(md, "## Shutdown\n");
@@ -69,7 +70,12 @@ impl Report {
             ("twins checked", a.twins_checked),
             ("twins wrong", a.twins_wrong.count),
             (
-                "**left in the bridge's MQTT session** after it stopped",
+                "roll-up buckets checked against the raw tier",
+                a.rollups_checked,
+            ),
+            ("**roll-up buckets wrong**", a.rollups_wrong.count),
+            (
+                "**left in the bridges' MQTT sessions** after they stopped",
                 self.session_leftovers,
             ),
         ] {
@@ -83,8 +89,15 @@ impl Report {
             ("unexplained dead letters", &a.unexplained_dead_letters),
             ("missing dead letters", &a.missing_dead_letters),
             ("wrong twins", &a.twins_wrong),
+            ("wrong roll-ups", &a.rollups_wrong),
         ] {
             examples(md, name, f);
+        }
+        if self.sessions.len() > 1 {
+            let _ = writeln!(md, "\nBridge sessions counted after the bridges stopped (every client id a replica used):\n");
+            for (id, n) in &self.sessions {
+                let _ = writeln!(md, "- `{id}`: {n}");
+            }
         }
         if !a.faults.is_empty() {
             let _ = writeln!(md, "\n### Injected faults\n");
@@ -244,7 +257,7 @@ fn examples(md: &mut String, name: &str, f: &Finding) {
 
 /// A table's header row and alignment row: the first `left` columns left-aligned (text), the
 /// others right-aligned (numbers).
-fn head(md: &mut String, columns: &[&str], left: usize) {
+pub(super) fn head(md: &mut String, columns: &[&str], left: usize) {
     row(md, columns);
     let align: Vec<&str> = (0..columns.len())
         .map(|i| if i < left { "---" } else { "---:" })
@@ -253,7 +266,7 @@ fn head(md: &mut String, columns: &[&str], left: usize) {
 }
 
 /// One table row (`| a | b |`); an empty cell is written `| |`.
-fn row<T: AsRef<str>>(md: &mut String, cells: &[T]) {
+pub(super) fn row<T: AsRef<str>>(md: &mut String, cells: &[T]) {
     md.push('|');
     for cell in cells {
         match cell.as_ref() {

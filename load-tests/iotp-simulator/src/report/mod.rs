@@ -9,10 +9,12 @@ use serde::Serialize;
 
 use crate::audit::Audit;
 use crate::ceiling::Ceiling;
+use crate::chaos::recovery::FaultCost;
 use crate::scenario::Scenario;
 
 mod build;
 mod chart;
+mod faults;
 mod markdown;
 pub mod spread;
 
@@ -162,10 +164,15 @@ pub struct Report {
     pub memory: Vec<Memory>,
     /// Receive→confirmed latency of each stage, from the services' histograms.
     pub stages: Vec<StageLatency>,
-    /// Exit code of each service after SIGTERM.
+    /// Exit code of each replica after SIGTERM.
     pub exit_codes: Vec<(String, Option<i32>)>,
-    /// PUBLISHes the broker still held in the bridge's session after it stopped: must be 0.
+    /// PUBLISHes the broker still held in the bridges' sessions after they stopped: must
+    /// be 0.
     pub session_leftovers: u64,
+    /// Each bridge client id the run used and what its session still held.
+    pub sessions: Vec<(String, u64)>,
+    /// Each chaos action, when, and what it cost (empty without a chaos timeline).
+    pub chaos: Vec<FaultCost>,
     /// Audit passed and every service exited 0.
     pub passed: bool,
 }
@@ -184,6 +191,12 @@ impl Report {
             .enumerate()
             .map(|(i, n)| (i as f64, *n as f64))
             .collect();
+        let markers: Vec<(f64, String)> = self
+            .chaos
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.at, format!("{}", i + 1)))
+            .collect();
         std::fs::write(
             dir.join("rate.svg"),
             svg_chart(
@@ -191,6 +204,7 @@ impl Report {
                 "seconds since the first publish",
                 "msgs/s",
                 &[("acked", "#ff7f0e", acked), ("stored", "#1f77b4", rate)],
+                &markers,
             ),
         )?;
         let p50: Vec<(f64, f64)> = t.iter().map(|s| (s.at as f64, s.latency.p50)).collect();
@@ -202,6 +216,7 @@ impl Report {
                 "seconds since the first publish",
                 "ms",
                 &[("p50", "#2ca02c", p50), ("p99", "#d62728", p99)],
+                &markers,
             ),
         )?;
         Ok(())

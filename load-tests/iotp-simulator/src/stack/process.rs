@@ -1,0 +1,143 @@
+//! What /proc says about the stack's processes (CPU seconds, RSS, whether one has exited),
+//! signals, and the services' admin ports.
+
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use iotp_core::probe;
+use tokio::process::Child;
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The fields of /proc/`pid`/stat after the command name (which is in parentheses and may
+/// hold spaces): state first.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// User + system CPU seconds of a process (0 if it is gone). An exited process that was not
+/// waited for yet (a zombie) still tells its total.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Some(fields) = stat_fields(pid) else {
+        return 0.0;
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / clock_ticks()
+}
+
+/// Resident set size of a process, bytes (0 if it is gone).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Whether the process has exited (a zombie, or gone).
+pub fn exited(pid: u32) -> bool {
+    stat_fields(pid).is_none_or(|f| f.first().is_some_and(|s| s == "Z"))
+}
+
+/// Send `signal` (`TERM`, `KILL`) to `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status();
+}
+
+/// Wait for `child` (process `pid`) to exit, `kill -9` it if it has not within `within`;
+/// its exit status (`None`: ended by a signal or not waitable) and the CPU seconds it used in
+/// all, read before it is reaped.
+pub async fn reap(child: &mut Child, pid: u32, within: Duration) -> (Option<ExitStatus>, f64) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut killed = false;
+    while !exited(pid) {
+        if !killed && tokio::time::Instant::now() >= deadline {
+            signal(pid, "KILL");
+            killed = true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu = cpu_seconds(pid);
+    (child.wait().await.ok(), cpu)
+}
+
+/// The Prometheus text of the admin port `port`; `None` while it does not answer with 2xx.
+pub async fn scrape(port: u16) -> Option<String> {
+    probe::get(port, "/metrics")
+        .await
+        .ok()
+        .filter(|r| r.is_success())
+        .map(|r| r.body)
+}
+
+/// Whether the admin port `port` reports ready.
+pub async fn ready(port: u16) -> bool {
+    probe::get(port, "/readyz")
+        .await
+        .is_ok_and(|r| r.is_success())
+}
+
+/// A TCP port nothing listens on now (the OS's pick).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_cpu_time_and_memory() {
+        let pid = std::process::id();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i * i));
+        }
+        assert!(x > 0);
+        assert!(rss_bytes(pid) > 1024 * 1024);
+        assert!(cpu_seconds(pid) > 0.0);
+        assert_eq!(rss_bytes(u32::MAX), 0);
+        assert!(!exited(pid) && exited(u32::MAX));
+    }
+
+    #[tokio::test]
+    async fn a_child_that_ignores_sigterm_is_killed_after_the_deadline_and_its_cpu_read() {
+        let mut child = tokio::process::Command::new("sh")
+            .args([
+                "-c",
+                "trap '' TERM; i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 30",
+            ])
+            .spawn()
+            .expect("sh");
+        let pid = child.id().expect("pid");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal(pid, "TERM");
+        let (status, cpu) = reap(&mut child, pid, Duration::from_millis(500)).await;
+        assert_eq!(status.and_then(|s| s.code()), None, "ended by SIGKILL");
+        assert!(cpu > 0.0, "CPU read from the zombie: {cpu}");
+    }
+}
