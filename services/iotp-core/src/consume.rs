@@ -128,10 +128,20 @@ async fn consume<S: Stage>(
         let step = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => on_tick(ctx, stage, outbox).await,
-            first = source.first() => {
-                let batch = source.fill(first?, io.batch_max, io.batch_linger).await?;
-                on_batch(ctx, stage, outbox, source, &batch).await
-            }
+            first = source.first() => match first {
+                Ok(first) => {
+                    let batch = source.fill(first, io.batch_max, io.batch_linger).await?;
+                    on_batch(ctx, stage, outbox, source, &batch).await
+                }
+                // The broker is away (restart, network): librdkafka reconnects by itself and
+                // nothing is in hand, so wait instead of stopping the service.
+                Err(e) if source::broker_unavailable(&e) => {
+                    tracing::warn!(stage = S::NAME, error = %e, "kafka unavailable; waiting for it");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok(())
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         match step {
             Ok(()) => {}

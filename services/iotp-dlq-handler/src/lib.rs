@@ -135,12 +135,15 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
         }
     });
 
-    let queues = [
-        config.rabbitmq.incoming_queue.as_str(),
-        config.rabbitmq.parking_queue.as_str(),
-    ];
-    let mut source =
-        AmqpSource::open(&config.amqp_uri, config.prefetch, &queues, &ctx.replica).await?;
+    let consume = Consume {
+        uri: config.amqp_uri.clone(),
+        prefetch: config.prefetch,
+        queues: [
+            config.rabbitmq.incoming_queue.clone(),
+            config.rabbitmq.parking_queue.clone(),
+        ],
+    };
+    let mut source = consume.open(&ctx.replica).await?;
     let publisher = DeadLetterPublisher::new(DeadLetterConfig {
         amqp_uri: config.amqp_uri.clone(),
         exchange: String::new(),
@@ -162,7 +165,21 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
                 handler.prune().await;
                 continue;
             }
-            next = source.next() => next?,
+            next = source.next() => match next {
+                Ok(next) => next,
+                Err(e) => {
+                    // RabbitMQ restarted or the connection broke: unsettled deliveries go
+                    // back to their queues by themselves; nothing is in hand.
+                    ctx.health.set_ready(false);
+                    tracing::warn!(error = %e, "rabbitmq consumer lost; reconnecting");
+                    match consume.reopen(&ctx).await {
+                        Some(reopened) => source = reopened,
+                        None => break Ok(()),
+                    }
+                    ctx.health.set_ready(true);
+                    continue;
+                }
+            },
         };
         let mut retrying = ctx.backoff.start();
         let outcome = loop {
@@ -177,7 +194,17 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
                 Err(halt) => break Err(halt),
             }
         };
-        AmqpSource::settle(&delivery, &outcome).await?;
+        if let Err(e) = AmqpSource::settle(&delivery, &outcome).await {
+            // Not settled: RabbitMQ delivers it again (each hop is idempotent).
+            tracing::warn!(error = %e, "cannot settle a delivery; reconnecting");
+            ctx.health.set_ready(false);
+            match consume.reopen(&ctx).await {
+                Some(reopened) => source = reopened,
+                None => break Ok(()),
+            }
+            ctx.health.set_ready(true);
+            continue;
+        }
         match outcome {
             Ok(()) => {}
             Err(Halt::Shutdown) => break Ok(()),
@@ -187,6 +214,40 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
     handler.publisher.close().await;
     source.close().await;
     result
+}
+
+/// Where the handler consumes, to open the consumers again after RabbitMQ went away.
+struct Consume {
+    uri: String,
+    prefetch: u16,
+    queues: [String; 2],
+}
+
+impl Consume {
+    async fn open(&self, tag: &str) -> lapin::Result<AmqpSource> {
+        let queues = [self.queues[0].as_str(), self.queues[1].as_str()];
+        AmqpSource::open(&self.uri, self.prefetch, &queues, tag).await
+    }
+
+    /// Open again, with the runtime's backoff, for as long as it takes (no work is in hand,
+    /// as for MQTT reconnects); `None` on shutdown.
+    async fn reopen(&self, ctx: &Context) -> Option<AmqpSource> {
+        let mut reconnect = ctx.backoff.start();
+        loop {
+            let delay = reconnect.next_delay();
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match self.open(&ctx.replica).await {
+                Ok(source) => {
+                    tracing::info!("rabbitmq consumer back");
+                    return Some(source);
+                }
+                Err(e) => tracing::warn!(error = %e, "rabbitmq still unavailable"),
+            }
+        }
+    }
 }
 
 /// Undecodable bytes on a dead-letter queue become a dead letter of their own, so they are

@@ -91,7 +91,17 @@ pub fn spawn(sh: &Shared<'_>, service: &'static str, index: usize) -> anyhow::Re
                     format!("[{}]", filters.join(",")),
                 )
                 // A killed run's queue must not outlive the run for long.
-                .env("IOTP__MQTT__SESSION_EXPIRY", "10m");
+                .env("IOTP__MQTT__SESSION_EXPIRY", "10m")
+                // The run's own presence topics: its replicas never take over another run's
+                // orphaned sessions on a shared broker.
+                .env(
+                    "IOTP__MQTT__PRESENCE_PREFIX",
+                    format!("iotp-bridges/{group}"),
+                )
+                // A PUBLISH Kafka refuses for good goes to the run's dead-letter exchange,
+                // where the audit finds it.
+                .env("IOTP__DEAD_LETTER__AMQP_URI", &cfg.amqp_uri)
+                .env("IOTP__DEAD_LETTER__EXCHANGE", &sh.dead.dead_letter_exchange);
         }
         "dlq-handler" => {
             cmd.env("IOTP__STORE__PATH", sh.store_path)

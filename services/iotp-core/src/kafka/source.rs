@@ -70,6 +70,9 @@ impl KafkaSource {
         let until = tokio::time::Instant::now() + linger;
         while batch.len() < max {
             match tokio::time::timeout_at(until, self.consumer.recv()).await {
+                // The broker went away mid-batch: hand on what was taken; the next wait for
+                // a first record sees the error again.
+                Ok(Err(e)) if broker_unavailable(&e) => break,
                 Ok(msg) => {
                     let msg = msg?;
                     if self.accept(&msg) {
@@ -129,6 +132,28 @@ impl KafkaSource {
             .with_label_values(&[self.stage, label])
             .inc();
     }
+}
+
+/// A consumer error that only says the broker is unreachable for now (restart, network):
+/// librdkafka reconnects on its own, so the consumer waits rather than stops. Fatal errors
+/// and errors about the group or its topics still stop the service.
+pub fn broker_unavailable(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e,
+        KafkaError::MessageConsumption(
+            C::AllBrokersDown
+                | C::BrokerTransportFailure
+                | C::NetworkException
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::BrokerNotAvailable
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+        )
+    )
 }
 
 /// A consumed record as a stage sees it.
