@@ -281,6 +281,30 @@ fn scaling_follows_what_the_services_consume(
                         vec![],
                     ),
                 ),
+                // The bridge scales on the broker backlog it exports: the query's metric must
+                // be one the runtime registers, on a service that has an MQTT session.
+                "prometheus" => {
+                    let query = &t.metadata["query"];
+                    let exported = iotp_core::metrics::metrics().render();
+                    let metric = query
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .find(|w| w.starts_with("iotp_"))
+                        .unwrap_or_default()
+                        .to_string();
+                    let registered = exported
+                        .lines()
+                        .any(|l| l.starts_with(&format!("# TYPE {metric} ")));
+                    (
+                        (metric.clone(), vec!["mqtt".to_string()]),
+                        (
+                            if registered { metric } else { String::new() },
+                            config
+                                .get("mqtt")
+                                .map(|_| vec!["mqtt".to_string()])
+                                .unwrap_or_default(),
+                        ),
+                    )
+                }
                 other => panic!("{}: trigger {other}", o.id()),
             };
             assert_eq!(
@@ -293,7 +317,7 @@ fn scaling_follows_what_the_services_consume(
         }
     }
     assert_eq!(
-        checked, 5,
-        "parser, enricher, upserter, aggregator on lag; dlq-handler on its queue"
+        checked, 6,
+        "parser, enricher, upserter, aggregator on lag; dlq-handler on its queue; mqtt-bridge on the broker backlog"
     );
 }
