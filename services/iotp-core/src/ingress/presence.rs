@@ -142,11 +142,20 @@ fn orphans(view: &BTreeMap<String, Seen>, me: &str, orphan_after: Duration) -> V
     view.iter()
         .filter(|(id, seen)| {
             id.as_str() != me
-                && (seen.status == ORPHANED
+                && ((seen.status == ORPHANED && seen.since.elapsed() >= settle(orphan_after))
                     || (seen.status == AWAY && seen.since.elapsed() >= orphan_after))
         })
         .map(|(id, _)| id.clone())
         .collect()
+}
+
+/// How long an `orphaned` announcement must stand before it is acted on. A broker that
+/// shuts down gracefully publishes every connected client's will at once (measured with
+/// Mosquitto 2.0.21: both live bridges announced `orphaned`, then `online` again 0.1 s later
+/// when they reconnected); taking over a live replica's session would only make the two
+/// fight for it.
+fn settle(orphan_after: Duration) -> Duration {
+    orphan_after.min(Duration::from_secs(5))
 }
 
 /// Keep the presence connection up; mirror the retained announcements into the view.
@@ -241,6 +250,12 @@ mod tests {
             ("b-4", AWAY, Duration::from_secs(5)),
             ("b-5", LEAVING, long),
         ]);
+        assert_eq!(orphans(&v, "b-0", after), vec!["b-3"], "b-2 announced just now");
+        let v = view(&[
+            ("b-0", ONLINE, long),
+            ("b-2", ORPHANED, Duration::from_secs(6)),
+            ("b-3", AWAY, long),
+        ]);
         assert_eq!(orphans(&v, "b-0", after), vec!["b-2", "b-3"]);
         assert!(orphans(&v, "b-1", after).is_empty(), "b-0 is lower");
         // Not yet announced online itself: it still counts as a candidate.
@@ -249,7 +264,7 @@ mod tests {
 
     #[test]
     fn a_replica_never_takes_over_its_own_session() {
-        let v = view(&[("b-0", ORPHANED, Duration::ZERO)]);
+        let v = view(&[("b-0", ORPHANED, Duration::from_secs(60))]);
         assert!(orphans(&v, "b-0", Duration::from_secs(30)).is_empty());
     }
 }
