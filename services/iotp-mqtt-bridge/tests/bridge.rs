@@ -15,33 +15,6 @@ use support::*;
 const DEVICES: usize = 100;
 const PER_DEVICE: i64 = 100;
 
-struct Setup {
-    mosquitto: Mosquitto,
-    spec: BridgeSpec,
-    tenant: String,
-}
-
-async fn setup(name: &str, partitions: i32) -> Setup {
-    let dir = scratch_dir(name);
-    let mosquitto = Mosquitto::start(&dir);
-    let tenant = unique("t");
-    let topic = unique("test.raw.");
-    create_topic(&topic, partitions).await;
-    let spec = BridgeSpec {
-        mqtt_port: mosquitto.port,
-        topic,
-        subscription: format!("$share/iotp-bridge/iot/{tenant}/+/+"),
-        kafka: kafka_brokers(),
-        log_dir: dir,
-        env: Vec::new(),
-    };
-    Setup {
-        mosquitto,
-        spec,
-        tenant,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acked_message_reaches_kafka_in_device_order() {
     let s = setup("in-order", 4).await;

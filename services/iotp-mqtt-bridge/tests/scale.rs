@@ -14,34 +14,14 @@ use support::*;
 const DEVICES: usize = 100;
 const PER_DEVICE: i64 = 300;
 
-struct Setup {
-    mosquitto: Mosquitto,
-    spec: BridgeSpec,
-    tenant: String,
-}
-
-async fn setup(name: &str, env: &[(&str, &str)]) -> Setup {
-    let dir = scratch_dir(name);
-    let mosquitto = Mosquitto::start(&dir);
-    let tenant = unique("t");
-    let topic = unique("test.raw.");
-    create_topic(&topic, 4).await;
-    let spec = BridgeSpec {
-        mqtt_port: mosquitto.port,
-        topic,
-        subscription: format!("$share/iotp-bridge/iot/{tenant}/+/+"),
-        kafka: kafka_brokers(),
-        log_dir: dir,
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    Setup {
-        mosquitto,
-        spec,
-        tenant,
-    }
+/// The shared setup with a four-partition topic and `env` for the bridges.
+async fn setup_with(name: &str, env: &[(&str, &str)]) -> Setup {
+    let mut s = setup(name, 4).await;
+    s.spec.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    s
 }
 
 /// Wait until the bridges together acknowledged `n` messages.
@@ -61,7 +41,7 @@ async fn acked_at_least(bridges: &[&Bridge], n: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scale_in_three_to_one_strands_nothing() {
-    let s = setup("scale-in", &[("IOTP__MQTT__DRAIN_QUIET", "500ms")]).await;
+    let s = setup_with("scale-in", &[("IOTP__MQTT__DRAIN_QUIET", "500ms")]).await;
     let names = ["bridge-in-0", "bridge-in-1", "bridge-in-2"];
     let mut bridges: Vec<Bridge> = names.iter().map(|n| Bridge::start(&s.spec, n)).collect();
     for b in &bridges {
@@ -110,7 +90,7 @@ async fn scale_in_three_to_one_strands_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashed_replica_session_is_drained_by_a_survivor() {
-    let s = setup(
+    let s = setup_with(
         "crash-takeover",
         &[
             ("IOTP__MQTT__ORPHAN_AFTER", "2s"),

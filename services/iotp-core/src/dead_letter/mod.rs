@@ -87,47 +87,53 @@ pub fn message_letter(
     identity: Option<(String, String)>,
     why: &Unproducible,
 ) -> DeadLetter {
-    let now = iotp_contract::now_millis();
-    let (tenant, device_id) = identity.unzip();
-    DeadLetter {
-        id: format!("{stage}/{:016x}", content_hash(&[topic, payload])),
-        stage: stage.to_string(),
-        reason_code: why.reason.to_string(),
-        error: why.error.clone(),
-        source_topic: None,
-        source_partition: None,
-        source_offset: None,
-        key: Some(topic.to_vec()),
-        payload: payload.to_vec(),
-        tenant,
-        device_id,
-        attempts: 1,
-        first_failure_at: now,
-        last_failure_at: now,
-    }
+    sourceless(
+        format!("{stage}/{:016x}", content_hash(&[topic, payload])),
+        stage,
+        why,
+        (topic.to_vec(), payload.to_vec()),
+        identity.unzip(),
+    )
 }
 
 /// The dead letter for an output made without an input (a stage's `tick`, e.g. a window
 /// flush) that Kafka refused for good: the output itself is the original, with no Kafka
 /// source; the id is derived from its topic, key and value.
 pub fn output_letter(stage: &str, out: &Output, why: &Unproducible) -> DeadLetter {
-    let now = iotp_contract::now_millis();
     let topic = out.topic.as_deref().unwrap_or("").as_bytes();
-    DeadLetter {
-        id: format!(
+    sourceless(
+        format!(
             "{stage}/output/{:016x}",
             content_hash(&[topic, &out.key, &out.value])
         ),
+        stage,
+        why,
+        (out.key.clone(), out.value.clone()),
+        (None, None),
+    )
+}
+
+/// A first-failure dead letter with no Kafka source: its key and payload are the original.
+fn sourceless(
+    id: String,
+    stage: &str,
+    why: &Unproducible,
+    (key, payload): (Vec<u8>, Vec<u8>),
+    (tenant, device_id): (Option<String>, Option<String>),
+) -> DeadLetter {
+    let now = iotp_contract::now_millis();
+    DeadLetter {
+        id,
         stage: stage.to_string(),
         reason_code: why.reason.to_string(),
         error: why.error.clone(),
         source_topic: None,
         source_partition: None,
         source_offset: None,
-        key: Some(out.key.clone()),
-        payload: out.value.clone(),
-        tenant: None,
-        device_id: None,
+        key: Some(key),
+        payload,
+        tenant,
+        device_id,
         attempts: 1,
         first_failure_at: now,
         last_failure_at: now,

@@ -250,7 +250,11 @@ mod tests {
             ("b-4", AWAY, Duration::from_secs(5)),
             ("b-5", LEAVING, long),
         ]);
-        assert_eq!(orphans(&v, "b-0", after), vec!["b-3"], "b-2 announced just now");
+        assert_eq!(
+            orphans(&v, "b-0", after),
+            vec!["b-3"],
+            "b-2 announced just now"
+        );
         let v = view(&[
             ("b-0", ONLINE, long),
             ("b-2", ORPHANED, Duration::from_secs(6)),

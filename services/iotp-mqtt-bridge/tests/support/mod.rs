@@ -439,3 +439,32 @@ pub async fn session_holds(port: u16, client_id: &str, wait: Duration) -> (bool,
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     (present.expect("connected"), messages)
 }
+
+/// A test's own Mosquitto, a raw topic with `partitions` partitions, and a bridge spec
+/// subscribed to a fresh tenant's devices.
+pub struct Setup {
+    pub mosquitto: Mosquitto,
+    pub spec: BridgeSpec,
+    pub tenant: String,
+}
+
+pub async fn setup(name: &str, partitions: i32) -> Setup {
+    let dir = scratch_dir(name);
+    let mosquitto = Mosquitto::start(&dir);
+    let tenant = unique("t");
+    let topic = unique("test.raw.");
+    create_topic(&topic, partitions).await;
+    let spec = BridgeSpec {
+        mqtt_port: mosquitto.port,
+        topic,
+        subscription: format!("$share/iotp-bridge/iot/{tenant}/+/+"),
+        kafka: kafka_brokers(),
+        log_dir: dir,
+        env: Vec::new(),
+    };
+    Setup {
+        mosquitto,
+        spec,
+        tenant,
+    }
+}
