@@ -120,11 +120,20 @@ async fn crashed_replica_session_is_drained_by_a_survivor() {
             .any(|r| r.envelope.bridge_id == "bridge-crash-1"),
         "the crashed replica had a share before it died"
     );
-    let taken_over = find_sum(
-        &survivor.metrics(),
-        "iotp_mqtt_sessions_ended_total",
-        &["outcome=\"taken_over\""],
-    );
+    // The drained messages reach Kafka before the drain is over (quiet, then the session
+    // ends, then it is counted).
+    let mut taken_over = None;
+    for _ in 0..150 {
+        taken_over = find_sum(
+            &survivor.metrics(),
+            "iotp_mqtt_sessions_ended_total",
+            &["outcome=\"taken_over\""],
+        );
+        if taken_over.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(taken_over, Some(1.0), "the survivor drained one orphan");
 
     assert_eq!(survivor.terminate(), 0);
