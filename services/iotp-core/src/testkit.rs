@@ -202,3 +202,23 @@ pub async fn dead_letter_sink() -> DeadLetterSink {
         queue,
     }
 }
+
+/// A service context for a replica run inside a test: a quick backoff that gives up after
+/// `give_up_after`, and its own health.
+pub fn test_context(
+    replica: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+    give_up_after: Duration,
+) -> crate::service::Context {
+    crate::service::Context {
+        service: "test",
+        replica: replica.to_string(),
+        shutdown: shutdown.clone(),
+        health: crate::admin::Health::default(),
+        backoff: crate::retry::Backoff {
+            min: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+            give_up_after,
+        },
+    }
+}

@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use iotp_contract::{Codec, DeadLetter};
-use iotp_core::admin::Health;
 use iotp_core::consume::{self, StageIo};
 use iotp_core::dead_letter::DeadLetterConfig;
 use iotp_core::kafka::KafkaConfig;
-use iotp_core::retry::Backoff;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Rejection, Stage, StageError, Verdict};
 use iotp_core::testkit::*;
@@ -74,17 +72,7 @@ async fn fixture(exchange: &str) -> Fixture {
 }
 
 fn context(replica: &str, shutdown: &CancellationToken) -> Context {
-    Context {
-        service: "test",
-        replica: replica.to_string(),
-        shutdown: shutdown.clone(),
-        health: Health::default(),
-        backoff: Backoff {
-            min: Duration::from_millis(50),
-            max: Duration::from_millis(200),
-            give_up_after: Duration::from_secs(3),
-        },
-    }
+    test_context(replica, shutdown, Duration::from_secs(3))
 }
 
 fn start(

@@ -9,12 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use iotp_core::admin::Health;
 use iotp_core::consume::{self, StageIo};
 use iotp_core::dead_letter::DeadLetterConfig;
 use iotp_core::kafka::{consumer_lag, KafkaConfig};
 use iotp_core::metrics::metrics;
-use iotp_core::retry::Backoff;
 use iotp_core::service::Context;
 use iotp_core::stage::{Input, Output, Stage, StageError, Verdict};
 use iotp_core::testkit::*;
@@ -63,17 +61,7 @@ fn seq_of(payload: &[u8]) -> u64 {
 }
 
 fn context(replica: &str, shutdown: &CancellationToken) -> Context {
-    Context {
-        service: "test",
-        replica: replica.to_string(),
-        shutdown: shutdown.clone(),
-        health: Health::default(),
-        backoff: Backoff {
-            min: Duration::from_millis(50),
-            max: Duration::from_millis(200),
-            give_up_after: Duration::from_secs(5),
-        },
-    }
+    test_context(replica, shutdown, Duration::from_secs(5))
 }
 
 /// One record per partition every 50 ms, payload `{partition}/{seq}`, until `stop`. `sent`
