@@ -65,7 +65,17 @@ impl Default for AggregatorConfig {
         Self {
             common: Common::default(),
             kafka: KafkaConfig::default(),
-            io: StageIo::for_service("aggregator"),
+            // A batch folds each (device, metric, bucket) it touches once: one read and one
+            // write of the bucket, plus one dedup row per message. Batches of a whole second
+            // fold a device's several readings together; with the stages' 20 ms they held
+            // about one message per device, and at 4,000 msgs/s the aggregator cost 54–57 µs
+            // per message against 17 with 1 s (docs/performance.md). Roll-ups are hourly, and
+            // no one waits on this hop (device → store ends at the upserter).
+            io: StageIo {
+                batch_linger: Duration::from_secs(1),
+                batch_max: 10_000,
+                ..StageIo::for_service("aggregator")
+            },
             store: StoreConfig::default(),
             registry_file: None,
             cumulative_metrics: Vec::new(),
