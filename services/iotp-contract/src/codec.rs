@@ -2,12 +2,21 @@
 //! writer schema, then the binary datum). Any Avro implementation can decode it with only the
 //! files in `schemas/`. Readers are prepared once per known writer schema when the codec is
 //! built; a message never triggers schema parsing or resolution set-up.
+//!
+//! Two implementations share the work. apache-avro parses the schemas, checks compatibility and
+//! decodes another version of the family (schema resolution). The per-record path, encoding
+//! with the writer version and decoding that same version, is `serde_avro_fast`'s: it walks
+//! the prepared schema alongside the record instead of looking each field up by name, about a
+//! tenth of the instructions (docs/performance.md). Both write the bytes the specification
+//! prescribes; `tests.rs` holds them to each other and `schemas/interop` to fastavro.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use apache_avro::reader::datum::GenericDatumReader;
-use apache_avro::writer::datum::GenericDatumWriter;
+use serde_avro_fast::de::read::SliceRead;
+use serde_avro_fast::de::DeserializerState;
+use serde_avro_fast::ser::SerializerConfig;
 
 use super::records::Record;
 use super::schemas::{schema_registry, Fingerprint, SchemaVersion};
@@ -83,7 +92,7 @@ impl CodecError {
 
 enum Reader {
     /// Writer schema == reader schema: schema-aware deserialisation straight into `T`.
-    Same(GenericDatumReader<'static>),
+    Same(&'static serde_avro_fast::Schema),
     /// Another version: decode with the writer schema, resolve to the reader schema.
     Resolving(GenericDatumReader<'static>),
 }
@@ -91,7 +100,6 @@ enum Reader {
 /// Encodes `T` with one writer version and decodes any version of `T`'s family into `T`.
 pub struct Codec<T: Record> {
     writer_version: &'static SchemaVersion,
-    writer: GenericDatumWriter<'static>,
     readers: HashMap<Fingerprint, (&'static SchemaVersion, Reader)>,
     _record: PhantomData<fn() -> T>,
 }
@@ -126,18 +134,13 @@ impl<T: Record> Codec<T> {
             family: T::FAMILY,
             message: e.to_string(),
         };
-        let writer = GenericDatumWriter::builder(&writer_version.schema)
-            .build()
-            .map_err(encode_err)?;
         let mut readers = HashMap::new();
         for version in schema_registry().family(T::FAMILY) {
-            let same = version.fingerprint == reader_version.fingerprint;
-            let builder = GenericDatumReader::builder(&version.schema);
-            let reader = if same {
-                Reader::Same(builder.build().map_err(encode_err)?)
+            let reader = if version.fingerprint == reader_version.fingerprint {
+                Reader::Same(&version.fast)
             } else {
                 Reader::Resolving(
-                    builder
+                    GenericDatumReader::builder(&version.schema)
                         .reader_schema(&reader_version.schema)
                         .build()
                         .map_err(encode_err)?,
@@ -147,7 +150,6 @@ impl<T: Record> Codec<T> {
         }
         Ok(Self {
             writer_version,
-            writer,
             readers,
             _record: PhantomData,
         })
@@ -163,13 +165,11 @@ impl<T: Record> Codec<T> {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
         out.extend_from_slice(&self.writer_version.fingerprint.0);
-        self.writer
-            .write_ser(&mut out, record)
-            .map_err(|e| CodecError::Encode {
-                family: T::FAMILY,
-                message: e.to_string(),
-            })?;
-        Ok(out)
+        let mut config = SerializerConfig::new(&self.writer_version.fast);
+        serde_avro_fast::to_datum(record, out, &mut config).map_err(|e| CodecError::Encode {
+            family: T::FAMILY,
+            message: e.to_string(),
+        })
     }
 
     /// Decode a single-object encoded message of any known version of the family.
@@ -192,9 +192,17 @@ impl<T: Record> Codec<T> {
         };
         let mut body = &bytes[FRAME_HEADER_LEN..];
         let record = match reader {
-            Reader::Same(reader) => reader
-                .read_deser::<T>(&mut body)
-                .map_err(|e| malformed(e.to_string()))?,
+            Reader::Same(schema) => {
+                // Reading from the slice never allocates more than the slice holds: a corrupt
+                // length prefix is an end-of-input error.
+                let mut state = DeserializerState::from_slice(body, schema);
+                let record =
+                    T::deserialize(state.deserializer()).map_err(|e| malformed(e.to_string()))?;
+                let mut rest: SliceRead<'_> = state.into_reader();
+                let left = std::io::BufRead::fill_buf(&mut rest).map_or(0, |r| r.len());
+                body = &body[body.len() - left..];
+                record
+            }
             Reader::Resolving(reader) => {
                 let value = reader
                     .read_value(&mut body)

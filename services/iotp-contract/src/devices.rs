@@ -78,7 +78,9 @@ struct RegistryFile {
 #[derive(Debug, Default)]
 pub struct Registry {
     profiles: HashMap<String, Profile>,
-    devices: HashMap<(String, String), Device>,
+    /// Tenant → device id → device: looked up by `&str`, without building a key per message.
+    devices: HashMap<String, HashMap<String, Device>>,
+    count: usize,
 }
 
 /// Why a registry could not be loaded.
@@ -110,7 +112,8 @@ impl Registry {
             message,
         };
         let file: RegistryFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let mut devices = HashMap::new();
+        let mut devices: HashMap<String, HashMap<String, Device>> = HashMap::new();
+        let mut count = 0;
         for d in file.devices {
             if !file.profiles.contains_key(&d.profile) {
                 return Err(invalid(format!(
@@ -126,11 +129,15 @@ impl Registry {
                     )));
                 }
             }
-            devices.insert((d.tenant.clone(), d.id.clone()), d);
+            let tenant = devices.entry(d.tenant.clone()).or_default();
+            if tenant.insert(d.id.clone(), d).is_none() {
+                count += 1;
+            }
         }
         Ok(Self {
             profiles: file.profiles,
             devices,
+            count,
         })
     }
 
@@ -145,9 +152,7 @@ impl Registry {
 
     /// A device and its profile.
     pub fn device(&self, tenant: &str, device_id: &str) -> Option<(&Device, &Profile)> {
-        let device = self
-            .devices
-            .get(&(tenant.to_string(), device_id.to_string()))?;
+        let device = self.devices.get(tenant)?.get(device_id)?;
         Some((device, self.profiles.get(&device.profile)?))
     }
 
@@ -170,12 +175,12 @@ impl Registry {
 
     /// Number of devices.
     pub fn len(&self) -> usize {
-        self.devices.len()
+        self.count
     }
 
     /// No devices?
     pub fn is_empty(&self) -> bool {
-        self.devices.is_empty()
+        self.count == 0
     }
 }
 

@@ -66,6 +66,8 @@ pub struct SchemaVersion {
     pub version: u32,
     /// The parsed schema.
     pub schema: Schema,
+    /// The same schema prepared for the per-record codec (`serde_avro_fast`).
+    pub fast: serde_avro_fast::Schema,
     /// Its fingerprint.
     pub fingerprint: Fingerprint,
 }
@@ -84,6 +86,10 @@ impl SchemaRegistry {
         for file in FILES {
             let schema = Schema::parse_str(file.text)
                 .map_err(|e| format!("schemas/{}/v{}.avsc: {e}", file.family, file.version))?;
+            let fast = file
+                .text
+                .parse::<serde_avro_fast::Schema>()
+                .map_err(|e| format!("schemas/{}/v{}.avsc: {e}", file.family, file.version))?;
             let fingerprint =
                 Fingerprint(crc64_avro(parsing_canonical_form(&schema).as_bytes()).to_le_bytes());
             if by_fingerprint.insert(fingerprint, versions.len()).is_some() {
@@ -96,6 +102,7 @@ impl SchemaRegistry {
                 family: file.family,
                 version: file.version,
                 schema,
+                fast,
                 fingerprint,
             });
         }

@@ -4,13 +4,12 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use iotp_contract::devices::{unit_conversion, Registry};
 use iotp_contract::{Header, RawEnvelope, Reading, Telemetry};
 use iotp_core::stage::Rejection;
 
-use crate::payload::{self, Element, Readings};
+use crate::payload::{self, Element, Readings, Scalar};
 
 /// Validation limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,8 +93,8 @@ fn check(
     let format = payload::detect(env.content_type.as_deref(), &env.payload)?;
     let fields = payload::decode(format, &env.payload)?;
 
-    let msg_id = string(fields.msg_id.as_ref(), "msgId")?;
-    let device_id = string(fields.device_id.as_ref(), "deviceId")?;
+    let msg_id = string(fields.msg_id, "msgId")?;
+    let device_id = string(fields.device_id, "deviceId")?;
     if device_id != env.device_id {
         return Err(Rejection::permanent(
             "device_mismatch",
@@ -175,8 +174,8 @@ fn check(
         }
     }
     let firmware_version = match fields.firmware {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
+        None | Some(Scalar::Null) => None,
+        Some(Scalar::Str(s)) => Some(s.into_owned()),
         Some(_) => return Err(bad_type("firmware", "a string")),
     };
     Ok(Telemetry {
@@ -203,23 +202,23 @@ fn bad_type(field: &str, expected: &str) -> Rejection {
     Rejection::permanent("bad_field_type", format!("{field} is not {expected}"))
 }
 
-fn string(field: Option<&Value>, name: &str) -> Result<String, Rejection> {
+fn string(field: Option<Scalar<'_>>, name: &str) -> Result<String, Rejection> {
     match field {
-        None | Some(Value::Null) => Err(missing(name)),
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        None | Some(Scalar::Null) => Err(missing(name)),
+        Some(Scalar::Str(s)) if !s.is_empty() => Ok(s.into_owned()),
         Some(_) => Err(bad_type(name, "a non-empty string")),
     }
 }
 
-fn integer(field: Option<&Value>, name: &str) -> Result<i64, Rejection> {
+fn integer(field: Option<&Scalar<'_>>, name: &str) -> Result<i64, Rejection> {
     match field {
-        None | Some(Value::Null) => Err(missing(name)),
+        None | Some(Scalar::Null) => Err(missing(name)),
         Some(v) => v.as_i64().ok_or_else(|| bad_type(name, "an integer")),
     }
 }
 
 fn readings(
-    field: Option<Readings>,
+    field: Option<Readings<'_>>,
     heartbeat: bool,
     rules: &Rules,
 ) -> Result<Vec<Reading>, Rejection> {
@@ -241,20 +240,20 @@ fn readings(
             let Element::Reading(obj) = r else {
                 return Err(bad_type(&format!("readings[{i}]"), "an object"));
             };
-            let metric = string(obj.metric.as_ref(), "metric").map_err(|mut e| {
+            let metric = string(obj.metric, "metric").map_err(|mut e| {
                 e.error = format!("readings[{i}].{}", e.error);
                 e
             })?;
             let value = match &obj.value {
-                None | Some(Value::Null) => return Err(missing(&format!("readings[{i}].value"))),
+                None | Some(Scalar::Null) => return Err(missing(&format!("readings[{i}].value"))),
                 Some(v) => v
                     .as_f64()
                     .filter(|f| f.is_finite())
                     .ok_or_else(|| bad_type(&format!("readings[{i}].value"), "a finite number"))?,
             };
             let unit = match obj.unit {
-                None | Some(Value::Null) => None,
-                Some(Value::String(u)) => Some(u),
+                None | Some(Scalar::Null) => None,
+                Some(Scalar::Str(u)) => Some(u.into_owned()),
                 Some(_) => return Err(bad_type(&format!("readings[{i}].unit"), "a string")),
             };
             Ok(Reading {
