@@ -18,6 +18,9 @@ use serde_avro_fast::de::read::SliceRead;
 use serde_avro_fast::de::DeserializerState;
 use serde_avro_fast::ser::SerializerConfig;
 
+pub mod direct;
+
+use self::direct::Form;
 use super::records::Record;
 use super::schemas::{schema_registry, Fingerprint, SchemaVersion};
 
@@ -90,7 +93,9 @@ impl CodecError {
     }
 }
 
-enum Reader {
+enum Reader<T> {
+    /// Writer schema == reader schema, and `T` has a hand-written form of it.
+    Direct(Form<T>),
     /// Writer schema == reader schema: schema-aware deserialisation straight into `T`.
     Same(&'static serde_avro_fast::Schema),
     /// Another version: decode with the writer schema, resolve to the reader schema.
@@ -100,7 +105,9 @@ enum Reader {
 /// Encodes `T` with one writer version and decodes any version of `T`'s family into `T`.
 pub struct Codec<T: Record> {
     writer_version: &'static SchemaVersion,
-    readers: HashMap<Fingerprint, (&'static SchemaVersion, Reader)>,
+    /// `T`'s hand-written form, if it follows the writer version.
+    writer: Option<Form<T>>,
+    readers: HashMap<Fingerprint, (&'static SchemaVersion, Reader<T>)>,
     _record: PhantomData<fn() -> T>,
 }
 
@@ -137,7 +144,10 @@ impl<T: Record> Codec<T> {
         let mut readers = HashMap::new();
         for version in schema_registry().family(T::FAMILY) {
             let reader = if version.fingerprint == reader_version.fingerprint {
-                Reader::Same(&version.fast)
+                match T::direct().filter(|form| form.version == version.version) {
+                    Some(form) => Reader::Direct(form),
+                    None => Reader::Same(&version.fast),
+                }
             } else {
                 Reader::Resolving(
                     GenericDatumReader::builder(&version.schema)
@@ -150,6 +160,7 @@ impl<T: Record> Codec<T> {
         }
         Ok(Self {
             writer_version,
+            writer: T::direct().filter(|form| form.version == writer_version.version),
             readers,
             _record: PhantomData,
         })
@@ -165,6 +176,10 @@ impl<T: Record> Codec<T> {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
         out.extend_from_slice(&self.writer_version.fingerprint.0);
+        if let Some(form) = &self.writer {
+            (form.write)(record, &mut out);
+            return Ok(out);
+        }
         let mut config = SerializerConfig::new(&self.writer_version.fast);
         serde_avro_fast::to_datum(record, out, &mut config).map_err(|e| CodecError::Encode {
             family: T::FAMILY,
@@ -192,6 +207,12 @@ impl<T: Record> Codec<T> {
         };
         let mut body = &bytes[FRAME_HEADER_LEN..];
         let record = match reader {
+            Reader::Direct(form) => {
+                let mut input = direct::Input(body);
+                let record = (form.read)(&mut input).map_err(malformed)?;
+                body = input.0;
+                record
+            }
             Reader::Same(schema) => {
                 // Reading from the slice never allocates more than the slice holds: a corrupt
                 // length prefix is an end-of-input error.

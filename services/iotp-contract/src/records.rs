@@ -6,10 +6,18 @@ use std::collections::HashMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::codec::direct::Form;
+
 /// A record type bound to a schema family.
 pub trait Record: Serialize + DeserializeOwned {
     /// Folder name under `schemas/`.
     const FAMILY: &'static str;
+
+    /// The hand-written Avro form of one version of the family (`codec/direct.rs`), for the
+    /// records every message passes through; the others have none.
+    fn direct() -> Option<Form<Self>> {
+        None
+    }
 }
 
 /// What the MQTT bridge saw (`schemas/raw-envelope`).
@@ -45,6 +53,10 @@ pub struct RawEnvelope {
 
 impl Record for RawEnvelope {
     const FAMILY: &'static str = "raw-envelope";
+
+    fn direct() -> Option<Form<Self>> {
+        Some(Form::of())
+    }
 }
 
 /// The standard message header.
@@ -94,6 +106,10 @@ pub struct Telemetry {
 
 impl Record for Telemetry {
     const FAMILY: &'static str = "telemetry";
+
+    fn direct() -> Option<Form<Self>> {
+        Some(Form::of())
+    }
 }
 
 /// Enriched telemetry (`schemas/enriched`).
@@ -120,6 +136,10 @@ pub struct EnrichedTelemetry {
 
 impl Record for EnrichedTelemetry {
     const FAMILY: &'static str = "enriched";
+
+    fn direct() -> Option<Form<Self>> {
+        Some(Form::of())
+    }
 }
 
 /// A roll-up bucket (`schemas/aggregate`).

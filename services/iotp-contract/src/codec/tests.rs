@@ -184,8 +184,18 @@ fn unknown_and_foreign_schemas_are_errors_with_reason_codes() {
 
 #[test]
 fn corrupt_bodies_are_errors_never_panics() {
-    let codec = Codec::<RawEnvelope>::latest().expect("codec");
-    let good = codec.encode(&envelope()).expect("encode");
+    corrupt_bodies::<RawEnvelope>(&envelope());
+    corrupt_bodies::<Telemetry>(&Telemetry {
+        header: header(9),
+        kind: "telemetry".into(),
+        readings: readings(),
+        firmware_version: Some("2.0".into()),
+    });
+}
+
+fn corrupt_bodies<T: Record + std::fmt::Debug>(record: &T) {
+    let codec = Codec::<T>::latest().expect("codec");
+    let good = codec.encode(record).expect("encode");
     // Every truncation and a sweep of single-byte corruptions.
     for len in FRAME_HEADER_LEN..good.len() {
         assert_eq!(
@@ -251,6 +261,23 @@ fn same_bytes_both_ways<T: Record + PartialEq + std::fmt::Debug>(records: &[T]) 
 #[test]
 fn per_record_path_writes_and_reads_what_apache_avro_does() {
     use crate::records::{Aggregate, EnrichedTelemetry};
+    // The hand-written forms are the ones in use for the records every message passes through.
+    assert!(Codec::<RawEnvelope>::latest()
+        .expect("codec")
+        .writer
+        .is_some());
+    assert!(Codec::<Telemetry>::latest()
+        .expect("codec")
+        .writer
+        .is_some());
+    assert!(Codec::<EnrichedTelemetry>::latest()
+        .expect("codec")
+        .writer
+        .is_some());
+    assert!(Codec::<Aggregate>::latest()
+        .expect("codec")
+        .writer
+        .is_none());
     let bare = RawEnvelope {
         content_type: None,
         payload: Vec::new(),
