@@ -19,6 +19,17 @@ pub use schemas::{
     crc64_avro, parsing_canonical_form, schema_registry, Fingerprint, SchemaRegistry, SchemaVersion,
 };
 
+/// The Kafka key of a device's records, `tenant/deviceId`: one partition per device, so its
+/// records stay in order. Built without `format!` (a fifth of the parser's remaining per-record
+/// instructions under callgrind went to formatting it).
+pub fn device_key(tenant: &str, device_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tenant.len() + 1 + device_id.len());
+    key.extend_from_slice(tenant.as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(device_id.as_bytes());
+    key
+}
+
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now()

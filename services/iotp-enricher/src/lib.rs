@@ -154,7 +154,7 @@ impl<S: TwinStore> Stage for Enricher<S> {
                         // Heartbeats end at the twin.
                         None => Vec::new(),
                         Some(r) => vec![Output::new(
-                            format!("{}/{}", r.header.tenant, r.header.device_id),
+                            iotp_contract::device_key(&r.header.tenant, &r.header.device_id),
                             self.output.encode(&r)?,
                         )],
                     };

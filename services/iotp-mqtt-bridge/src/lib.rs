@@ -136,8 +136,12 @@ impl Bridge {
             None => (String::new(), String::new(), String::new()),
         };
         let properties = publish.properties.as_ref();
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
         RawEnvelope {
-            envelope_id: uuid::Uuid::now_v7().to_string(),
+            envelope_id: uuid::Uuid::now_v7()
+                .hyphenated()
+                .encode_lower(&mut id)
+                .to_owned(),
             tenant,
             device_id,
             kind,
@@ -159,9 +163,9 @@ impl IngressStage for Bridge {
     fn map(&mut self, publish: &Publish, received_at: i64) -> Result<Output, StageError> {
         let envelope = self.envelope(publish, received_at);
         let key = if envelope.device_id.is_empty() {
-            envelope.mqtt_topic.clone()
+            envelope.mqtt_topic.clone().into_bytes()
         } else {
-            format!("{}/{}", envelope.tenant, envelope.device_id)
+            iotp_contract::device_key(&envelope.tenant, &envelope.device_id)
         };
         let headers = envelope
             .user_properties

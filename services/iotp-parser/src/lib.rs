@@ -109,7 +109,7 @@ impl Parser {
         match validate(&env, &self.rules, registry, now) {
             Ok(t) => match self.telemetry.encode(&t) {
                 Ok(value) => Verdict::Emit(vec![Output::new(
-                    format!("{}/{}", t.header.tenant, t.header.device_id),
+                    iotp_contract::device_key(&t.header.tenant, &t.header.device_id),
                     value,
                 )]),
                 Err(e) => Verdict::Reject(Rejection::permanent(e.reason_code(), e.to_string())),
