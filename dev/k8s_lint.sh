@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The k8s overlays as they would be applied (`kubectl kustomize`), through checkov's
 # Kubernetes policies and `kubernetes-validate --strict` (the core objects; KEDA's are checked
-# against KEDA's CRDs by dev/check_manifests.py and typed by k8s/iotp-manifests). A checkov
+# against KEDA's CRDs by dev/check_manifests.py and typed by k8s/iotp-manifests, as are
+# prometheus-operator's). A checkov
 # finding that is a choice carries its reason in a `checkov.io/skipN` annotation on the object.
 # Run by `make lint`; dev/setup.sh installs both tools into the venv.
 set -euo pipefail
@@ -17,7 +18,9 @@ for overlay in dev prod; do
   "$VENV/bin/python" - "$out/$overlay.yaml" "$out/$overlay-core.yaml" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-yaml.safe_dump_all([d for d in docs if not d["apiVersion"].startswith("keda.sh/")],
+# Custom resources (KEDA's, prometheus-operator's) are not in Kubernetes' own schemas.
+yaml.safe_dump_all([d for d in docs
+                    if not d["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/"))],
                    open(sys.argv[2], "w"), sort_keys=False)
 PY
   if "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$out/$overlay-core.yaml"; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on a fresh Debian machine of this kind: the C
-# toolchain bits librdkafka's build uses, and a Python venv with fastavro (the second Avro
+# toolchain bits librdkafka's build uses, promtool, and a Python venv with fastavro (the second Avro
 # implementation the contract tests decode with; the manifest checker's libraries). Safe to
 # run twice.
 set -euo pipefail
@@ -27,6 +27,28 @@ fi
 if ! [ -x "$VENV/bin/checkov" ] || ! [ -x "$VENV/bin/kubernetes-validate" ]; then
   echo "[setup] installing checkov and kubernetes-validate into $VENV" >&2
   "$VENV/bin/pip" install -q -r "$ROOT/dev/requirements-k8s.txt"
+fi
+# promtool checks and unit-tests the alert rules and the dashboard's queries
+# (dev/check_monitoring.py). It comes in Debian's prometheus package, whose server must not
+# run here (port 9090 stays free; docker-compose.yml has its own): a policy-rc.d keeps the
+# package from starting it, and it is disabled at boot.
+if ! command -v promtool >/dev/null; then
+  echo "[setup] installing promtool (Debian package prometheus; its service is not started)" >&2
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# dev/setup.sh: no service starts during this install\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    own_policy=1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || { [ -z "$own_policy" ] || rm -f "$policy"; exit 1; }
+  [ -z "$own_policy" ] || rm -f "$policy"
+  if command -v systemctl >/dev/null; then
+    systemctl disable prometheus >/dev/null 2>&1 || true
+    systemctl stop prometheus >/dev/null 2>&1 || true
+  fi
 fi
 # kubectl renders the k8s overlays (kustomize) for the manifest checks and the boot test.
 command -v kubectl >/dev/null || echo "[setup] kubectl not found: the k8s manifest checks need it (apt-get install kubectl, from the Kubernetes apt repository)" >&2

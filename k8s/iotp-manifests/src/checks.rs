@@ -1,7 +1,8 @@
 //! Cross-references of one overlay or Compose model, read as typed objects: every variable and
 //! mounted file a container needs exists in a ConfigMap or Secret of the overlay, ScaledObjects
 //! scale existing workloads on the consumer group and topic (or queue) the service really
-//! uses, probes and Services hit the ports the service listens on, pods carry no API token.
+//! uses, probes and Services hit the ports the service listens on, pods carry no API token,
+//! and a PodMonitor scrapes every service on its admin port (`monitoring.rs`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -139,6 +140,7 @@ pub fn overlay_problems(
             _ => {}
         }
     }
+    out.extend(crate::monitoring::scrape_problems(objects, launches));
     out
 }
 

@@ -1,5 +1,6 @@
 //! An overlay as typed Kubernetes objects: `kubectl kustomize k8s/overlays/NAME`, each document
-//! loaded as the `k8s-openapi` type (or the KEDA custom resource) its apiVersion and kind name.
+//! loaded as the `k8s-openapi` type (or the KEDA or prometheus-operator custom resource) its
+//! apiVersion and kind name.
 //! A kind this project does not use is an error, and so is a field the typed object does not
 //! have (it would be dropped by the API server, or refused by `kubectl apply --validate=strict`):
 //! every document must survive a typed round trip unchanged.
@@ -18,6 +19,7 @@ use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 
 use crate::keda::{ScaledObject, TriggerAuthentication};
+use crate::monitoring::{PodMonitor, PrometheusRule};
 
 /// One object of an overlay.
 #[derive(Debug, Clone)]
@@ -45,6 +47,10 @@ pub enum Object {
     ScaledObject(ScaledObject),
     /// keda.sh/v1alpha1 TriggerAuthentication.
     TriggerAuthentication(TriggerAuthentication),
+    /// monitoring.coreos.com/v1 PrometheusRule.
+    PrometheusRule(PrometheusRule),
+    /// monitoring.coreos.com/v1 PodMonitor.
+    PodMonitor(PodMonitor),
 }
 
 /// A workload: something that runs pods.
@@ -77,6 +83,8 @@ impl Object {
             Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata.name),
             Object::ScaledObject(o) => ("ScaledObject", &o.metadata.name),
             Object::TriggerAuthentication(o) => ("TriggerAuthentication", &o.metadata.name),
+            Object::PrometheusRule(o) => ("PrometheusRule", &o.metadata.name),
+            Object::PodMonitor(o) => ("PodMonitor", &o.metadata.name),
         };
         format!("{kind}/{}", name.as_deref().unwrap_or(""))
     }
@@ -165,6 +173,10 @@ fn typed(mut value: Value) -> anyhow::Result<Object> {
         ("keda.sh/v1alpha1", "TriggerAuthentication") => {
             strict(&value).map(Object::TriggerAuthentication)
         }
+        ("monitoring.coreos.com/v1", "PrometheusRule") => {
+            strict(&value).map(Object::PrometheusRule)
+        }
+        ("monitoring.coreos.com/v1", "PodMonitor") => strict(&value).map(Object::PodMonitor),
         _ => bail!("{api_version} {kind}/{name}: a kind this project does not deploy"),
     };
     object.with_context(|| format!("{kind}/{name}"))

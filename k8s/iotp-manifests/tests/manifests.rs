@@ -175,3 +175,37 @@ fn a_registry_mounted_with_sub_path_which_never_reloads_is_found() {
     });
     assert!(p.iter().any(|p| p.contains("subPath")), "{p:?}");
 }
+
+/// The prod overlay's PodMonitor (k8s/monitoring): every service scraped on its admin port,
+/// with the labels the alert rules select on; a scrape of another port or without the `job`
+/// label is found.
+#[test]
+fn a_pod_monitor_missing_a_service_port_or_the_rules_labels_is_found() {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join("k8s/overlays/prod"))
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let objects = load(&yaml).unwrap();
+    assert!(objects.iter().any(|o| matches!(o, Object::PodMonitor(_))));
+    assert!(objects
+        .iter()
+        .any(|o| matches!(o, Object::PrometheusRule(_))));
+    let prod_problems_after = |from: &str, to: &str| {
+        let edited = yaml.replacen(from, to, 1);
+        assert!(edited != yaml, "the mutation changed nothing");
+        problems("prod", &load(&edited).unwrap(), PROD_SECRETS)
+    };
+    let p = prod_problems_after(
+        "    path: /metrics\n    port: admin\n",
+        "    path: /metrics\n    port: metrics\n",
+    );
+    assert!(
+        p.iter()
+            .any(|p| p.contains("PodMonitor/iotp") && p.contains("does not name")),
+        "{p:?}"
+    );
+    let p = prod_problems_after("    - replacement: iotp\n      targetLabel: job\n", "");
+    assert!(p.iter().any(|p| p.contains("does not set job")), "{p:?}");
+}

@@ -39,8 +39,15 @@ pub struct Metrics {
     pub dead_letters_total: IntCounterVec,
     /// Devices marked offline after missed heartbeats.
     pub devices_marked_offline_total: IntCounter,
+    /// Devices whose twin is online or offline (`state`), as the enricher last counted them
+    /// in the store: every enricher replica reports the same store-wide count.
+    pub devices: IntGaugeVec,
     /// Messages the upserter stored.
     pub messages_stored_total: IntCounter,
+    /// Device to store: from a message's `producedAt` (device clock) to the commit of the
+    /// upserter's write that holds it (redeliveries included), the "device -> store within
+    /// 1 s" objective.
+    pub device_to_store_seconds: Histogram,
     /// Redelivered or replayed messages the upserter found already stored.
     pub duplicates_removed_total: IntCounter,
     /// seqNo gaps of the devices the upserter wrote since its last recount (each tick).
@@ -60,6 +67,10 @@ pub struct Metrics {
     pub consumer_offset_gaps_total: IntCounterVec,
     /// Partitions read again after the broker skipped offsets.
     pub consumer_rereads_total: IntCounterVec,
+    /// The consumer group's lag on each partition this replica is assigned: the partition's
+    /// high watermark minus the group's committed offset (librdkafka statistics, every
+    /// `statistics.interval.ms`).
+    pub consumer_lag_messages: IntGaugeVec,
     /// Consumer-group leaves on the way out, by stage and outcome (`left`: the coordinator no
     /// longer lists the member; `unconfirmed`: its partitions wait for the session timeout).
     pub consumer_group_leaves_total: IntCounterVec,
@@ -129,9 +140,26 @@ impl Metrics {
                 "iotp_devices_marked_offline_total",
                 "Devices marked offline after missing heartbeat intervals",
             )?,
+            devices: IntGaugeVec::new(
+                Opts::new(
+                    "iotp_devices",
+                    "Devices whose twin is online or offline, as last counted in the store",
+                ),
+                &["state"],
+            )?,
             messages_stored_total: IntCounter::new(
                 "iotp_messages_stored_total",
                 "Messages the upserter stored",
+            )?,
+            device_to_store_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "iotp_device_to_store_seconds",
+                    "Device producedAt to the upserter's commit of the message",
+                )
+                // 1 s is a boundary: the objective is "device -> store within 1 s".
+                .buckets(vec![
+                    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ]),
             )?,
             duplicates_removed_total: IntCounter::new(
                 "iotp_duplicates_removed_total",
@@ -190,6 +218,13 @@ impl Metrics {
                 ),
                 &["stage"],
             )?,
+            consumer_lag_messages: IntGaugeVec::new(
+                Opts::new(
+                    "iotp_consumer_lag_messages",
+                    "High watermark minus the group's committed offset, per assigned partition",
+                ),
+                &["topic", "partition"],
+            )?,
             consumer_group_leaves_total: IntCounterVec::new(
                 Opts::new(
                     "iotp_consumer_group_leaves_total",
@@ -222,8 +257,11 @@ impl Metrics {
             .register(Box::new(m.dead_letters_total.clone()))?;
         m.registry
             .register(Box::new(m.devices_marked_offline_total.clone()))?;
+        m.registry.register(Box::new(m.devices.clone()))?;
         m.registry
             .register(Box::new(m.messages_stored_total.clone()))?;
+        m.registry
+            .register(Box::new(m.device_to_store_seconds.clone()))?;
         m.registry
             .register(Box::new(m.duplicates_removed_total.clone()))?;
         m.registry
@@ -240,6 +278,8 @@ impl Metrics {
             .register(Box::new(m.consumer_offset_gaps_total.clone()))?;
         m.registry
             .register(Box::new(m.consumer_rereads_total.clone()))?;
+        m.registry
+            .register(Box::new(m.consumer_lag_messages.clone()))?;
         m.registry
             .register(Box::new(m.consumer_group_leaves_total.clone()))?;
         Ok(m)

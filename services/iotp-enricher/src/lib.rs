@@ -6,6 +6,7 @@
 mod enrich;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use iotp_contract::devices::RegistryHandle;
 use iotp_contract::{Codec, EnrichedTelemetry, Telemetry};
@@ -89,7 +90,13 @@ pub struct Enricher<S: TwinStore> {
     input: Codec<Telemetry>,
     output: Codec<EnrichedTelemetry>,
     missed_heartbeats: u32,
+    /// When the twins were last counted by liveness (`iotp_devices`).
+    counted_at: Option<Instant>,
 }
+
+/// How often a tick counts the twins by liveness for `iotp_devices`: a read of every twin
+/// (MongoDB: two counts over the `online` field), so not every tick (`io.tick_interval`).
+const COUNT_DEVICES_EVERY: Duration = Duration::from_secs(15);
 
 impl<S: TwinStore> Enricher<S> {
     /// An enricher.
@@ -105,6 +112,7 @@ impl<S: TwinStore> Enricher<S> {
             input: Codec::latest()?,
             output: Codec::latest()?,
             missed_heartbeats: config.missed_heartbeats,
+            counted_at: None,
         })
     }
 }
@@ -178,6 +186,20 @@ impl<S: TwinStore> Stage for Enricher<S> {
                 "devices marked offline after missed heartbeats"
             );
             metrics().devices_marked_offline_total.inc_by(marked);
+        }
+        let due = self
+            .counted_at
+            .is_none_or(|at| at.elapsed() >= COUNT_DEVICES_EVERY);
+        if due || marked > 0 {
+            let counts = self.store.liveness_counts().await?;
+            let devices = &metrics().devices;
+            devices
+                .with_label_values(&["online"])
+                .set(i64::try_from(counts.online).unwrap_or(i64::MAX));
+            devices
+                .with_label_values(&["offline"])
+                .set(i64::try_from(counts.offline).unwrap_or(i64::MAX));
+            self.counted_at = Some(Instant::now());
         }
         Ok(Vec::new())
     }

@@ -6,9 +6,9 @@ use iotp_contract::DeadLetter;
 use crate::mongo::MongoStore;
 use crate::sqlite::SqliteStore;
 use crate::{
-    Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter, MessageRecord, Observation,
-    PruneReport, Pruning, ReadingStore, Retention, RollupStore, StoreError, StoredMessage, Twin,
-    TwinStore, WriteReport,
+    Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter, LivenessCounts, MessageRecord,
+    Observation, PruneReport, Pruning, ReadingStore, Retention, RollupStore, StoreError,
+    StoredMessage, Twin, TwinStore, WriteReport,
 };
 
 /// The configured store: whichever backend [`crate::StoreConfig::open`] picked, keeping the
@@ -41,6 +41,10 @@ impl TwinStore for Store {
 
     async fn mark_offline(&self, now_ms: i64, missed: u32) -> Result<u64, StoreError> {
         delegate!(self, s => s.mark_offline(now_ms, missed))
+    }
+
+    async fn liveness_counts(&self) -> Result<LivenessCounts, StoreError> {
+        delegate!(self, s => s.liveness_counts())
     }
 }
 

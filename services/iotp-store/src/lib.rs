@@ -28,4 +28,4 @@ pub use error::StoreError;
 pub use prune::{PruneReport, Pruning};
 pub use readings::{MessageRecord, ReadingStore, StoredMessage, WriteReport};
 pub use rollups::{Bucket, FoldReport, RollupStore, GRANULARITIES};
-pub use twins::{LastValue, Observation, Twin, TwinStore};
+pub use twins::{LastValue, LivenessCounts, Observation, Twin, TwinStore};

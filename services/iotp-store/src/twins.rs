@@ -105,4 +105,16 @@ pub trait TwinStore: Send + Sync + 'static {
         now_ms: i64,
         missed: u32,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// How many twins are online and how many offline, over every tenant. A read: safe to
+    /// call again.
+    fn liveness_counts(&self) -> impl Future<Output = Result<LivenessCounts, StoreError>> + Send;
+}
+
+/// Twins by liveness ([`TwinStore::liveness_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LivenessCounts {
+    /// Twins marked online.
+    pub online: u64,
+    /// Twins marked offline (missed heartbeats).
+    pub offline: u64,
 }

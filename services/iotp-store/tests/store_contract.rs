@@ -203,6 +203,8 @@ async fn twin_contract<S: TwinStore>(store: &S) {
 /// next message brings them back.
 async fn offline_contract<S: TwinStore>(store: &S) {
     let tenant = unique("t");
+    // Counted over every tenant: this part compares with the counts it starts from.
+    let before = store.liveness_counts().await.unwrap();
     // Device times in 1970: older than any other part's twins, so only these two qualify.
     store
         .apply(&[
@@ -211,8 +213,18 @@ async fn offline_contract<S: TwinStore>(store: &S) {
         ])
         .await
         .unwrap();
+    let counts = store.liveness_counts().await.unwrap();
+    assert_eq!(
+        (counts.online, counts.offline),
+        (before.online + 2, before.offline)
+    );
     // Three 60 s intervals after d1's last sign of life; d2 is within them.
     assert_eq!(store.mark_offline(1_181_000, 3).await.unwrap(), 1);
+    let counts = store.liveness_counts().await.unwrap();
+    assert_eq!(
+        (counts.online, counts.offline),
+        (before.online + 1, before.offline + 1)
+    );
     let d1 = store.twin(&tenant, "d1").await.unwrap().unwrap();
     assert!(!d1.online);
     assert_eq!(d1.alarms, vec!["offline".to_string()]);

@@ -108,6 +108,14 @@ impl<S: ReadingStore + Pruning> Stage for Upserter<S> {
             }
         }
         let report = self.store.write_messages(&messages).await?;
+        // Committed: how long each message took from its device (device clock; one running
+        // ahead within the parser's allowed skew counts as 0).
+        let committed = iotp_contract::now_millis();
+        let latency = metrics().device_to_store_seconds.local();
+        for m in &messages {
+            latency.observe((committed - m.produced_at).max(0) as f64 / 1000.0);
+        }
+        latency.flush();
         metrics().messages_stored_total.inc_by(report.stored);
         metrics().duplicates_removed_total.inc_by(report.duplicates);
         for m in &messages {

@@ -45,7 +45,7 @@ const LEADER_WAITS: Duration = Duration::from_millis(3_500);
 pub(crate) const DEBUG_CONTEXT: &str = "cgrp";
 
 /// The consumers' librdkafka context: notes librdkafka's report of a LeaveGroup response,
-/// and forwards every log line to `tracing` (target `librdkafka`) as rdkafka's default
+/// exports the statistics' consumer lag, and forwards every log line to `tracing` (target `librdkafka`) as rdkafka's default
 /// context forwards them to `log`. The `cgrp` debug lines it needs are dropped there at the
 /// usual levels.
 pub struct GroupContext {
@@ -88,6 +88,13 @@ impl ClientContext for GroupContext {
                 tracing::info!(target: "librdkafka", "{fac} {line}")
             }
             RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac} {line}"),
+        }
+    }
+
+    /// librdkafka's statistics report: the group's lag per assigned partition (`stats.rs`).
+    fn stats_raw(&self, statistics: &[u8]) {
+        if let Err(e) = super::stats::record_lag(statistics) {
+            tracing::warn!(target: "librdkafka", error = %e, "statistics report not understood; consumer lag not updated");
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Kafka adapters: the client settings every service shares, the one producer path
 //! ([`sink`]), the batch consumer ([`source`], which leaves its group on the way out:
-//! `leave.rs`) and topic administration ([`admin`]).
+//! `leave.rs`; its lag: `stats.rs`) and topic administration ([`admin`]).
 
 pub mod admin;
 mod leave;
 pub mod sink;
 pub mod source;
+mod stats;
 
 pub use admin::{consumer_lag, count_records, ensure_topics};
 pub use sink::KafkaSink;
@@ -149,7 +150,9 @@ impl KafkaConfig {
             .set("session.timeout.ms", "30000")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("fetch.wait.max.ms", self.fetch_wait.as_millis().to_string())
-            .set("queued.max.messages.kbytes", self.prefetch_kib.to_string());
+            .set("queued.max.messages.kbytes", self.prefetch_kib.to_string())
+            // Consumer lag per partition (`stats.rs`): one small report every 15 s.
+            .set("statistics.interval.ms", "15000");
         for (k, v) in &self.properties {
             c.set(k, v);
         }

@@ -19,7 +19,7 @@ use super::command::{mongo_error, update_command, write_reply};
 use super::fields::Fields;
 use super::{MongoStore, TWINS};
 use crate::fold::fold;
-use crate::{LastValue, Observation, StoreError, Twin, TwinStore};
+use crate::{LastValue, LivenessCounts, Observation, StoreError, Twin, TwinStore};
 
 /// The `_id` of a twin (the same the upserter's `update_seq_gaps` writes to).
 pub(crate) fn twin_id(tenant: &str, device_id: &str) -> String {
@@ -218,6 +218,19 @@ impl TwinStore for MongoStore {
             .await
             .map(|r| r.modified_count)
             .map_err(mongo_error)
+    }
+
+    async fn liveness_counts(&self) -> Result<LivenessCounts, StoreError> {
+        let twins = self.collection(TWINS);
+        let online = twins
+            .count_documents(doc! { "online": true })
+            .await
+            .map_err(mongo_error)?;
+        let offline = twins
+            .count_documents(doc! { "online": false })
+            .await
+            .map_err(mongo_error)?;
+        Ok(LivenessCounts { online, offline })
     }
 }
 

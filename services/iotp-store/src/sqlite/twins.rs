@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::fold::fold;
-use crate::{Observation, StoreError, Twin, TwinStore};
+use crate::{LivenessCounts, Observation, StoreError, Twin, TwinStore};
 
 /// The columns [`twin_row`] reads, in its order.
 const TWIN_COLUMNS: &str = "tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, \
@@ -121,6 +121,23 @@ impl TwinStore for SqliteStore {
                 )
                 .map_err(sqlite_error)?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn liveness_counts(&self) -> Result<LivenessCounts, StoreError> {
+        self.with(|conn| {
+            let (online, offline): (i64, i64) = conn
+                .query_row(
+                    "SELECT COALESCE(SUM(online = 1), 0), COALESCE(SUM(online = 0), 0) FROM twins",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(sqlite_error)?;
+            Ok(LivenessCounts {
+                online: online as u64,
+                offline: offline as u64,
+            })
         })
         .await
     }
