@@ -1,12 +1,14 @@
 //! The pipeline's contract, the bottom layer every other crate builds on: the Avro schemas
 //! from `schemas/` and the Rust records that match them, the single-object codec every Kafka
 //! message uses, the topology that names topics, groups, exchanges and queues, and the device
-//! registry. No I/O beyond reading the registry file.
+//! registry, and the rule that hides secrets wherever a configuration is printed ([`redact`]).
+//! No I/O beyond reading the registry file.
 
 mod codec;
 pub mod devices;
 mod records;
 mod recovery;
+pub mod redact;
 mod schemas;
 pub mod topology;
 

@@ -4,6 +4,8 @@
 //! A secret can come from a file instead (a Kubernetes Secret volume, a Compose secret):
 //! `IOTP_FILE__STORE__MONGODB_URI=/run/secrets/mongodb-uri` sets `store.mongodb_uri` to the
 //! file's contents, so the value is in neither the environment nor the manifest.
+//! Printed configurations hide their secrets: `--check-config` and the `Debug` of every config
+//! struct show URI passwords and secret-named settings as `***` (`iotp_contract::redact`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use iotp_contract::redact;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +89,29 @@ pub enum LogFormat {
     Text,
 }
 
+// `Debug` of the shared sections that hold secrets, through the one redaction rule
+// (`iotp_contract::redact`, also what `--check-config` prints): URI passwords and secret-named
+// settings print as `***`. Every other config struct derives `Debug` and holds these, so its
+// `Debug` hides them too. A new shared section with a secret gets its impl here.
+
+impl std::fmt::Debug for crate::kafka::KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        iotp_contract::redact::debug("KafkaConfig", self, f)
+    }
+}
+
+impl std::fmt::Debug for crate::mqtt::MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        iotp_contract::redact::debug("MqttConfig", self, f)
+    }
+}
+
+impl std::fmt::Debug for crate::dead_letter::DeadLetterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        iotp_contract::redact::debug("DeadLetterConfig", self, f)
+    }
+}
+
 /// Configuration problems, all of them.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
@@ -150,7 +176,7 @@ fn load_from<C: ServiceConfig>(
     }
     let config: C = figment
         .extract()
-        .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
+        .map_err(|e| ConfigError(e.into_iter().map(describe).collect()))?;
     let mut problems = config.validate();
     problems.extend(validate_common(config.common()));
     if problems.is_empty() {
@@ -158,6 +184,38 @@ fn load_from<C: ServiceConfig>(
     } else {
         Err(ConfigError(problems))
     }
+}
+
+/// A configuration error as text, without the value it found: a mistyped setting may be a
+/// secret (a password, or Kafka properties written as one string) and figment would quote it.
+/// The key, where it came from and what was expected stay; URI passwords in what is left are
+/// hidden too (`iotp_contract::redact`).
+fn describe(mut e: figment::Error) -> String {
+    use figment::error::{Actual, Kind};
+    let hide = |actual: &mut Actual| {
+        let kind = match actual {
+            Actual::Str(_) => "a string",
+            Actual::Bytes(_) => "bytes",
+            Actual::Char(_) => "a character",
+            Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+            Actual::Float(_) => "a float",
+            Actual::Bool(_) => "a boolean",
+            Actual::Other(_) => "a value",
+            _ => return,
+        };
+        *actual = Actual::Other(kind.into());
+    };
+    let secret = e.path.iter().any(|p| redact::is_secret_key(p));
+    match &mut e.kind {
+        Kind::InvalidType(actual, _)
+        | Kind::InvalidValue(actual, _)
+        | Kind::Unsupported(actual)
+        | Kind::UnsupportedKey(actual, _) => hide(actual),
+        Kind::UnknownVariant(found, _) if secret => *found = redact::REDACTED.into(),
+        Kind::Message(message) if secret => *message = "invalid value".into(),
+        _ => {}
+    }
+    redact::uri(&e.to_string()).into_owned()
 }
 
 fn validate_common(common: &Common) -> Vec<String> {
@@ -259,6 +317,82 @@ mod tests {
         )];
         let err = from_files(missing.into_iter(), "T5_FILE__").expect_err("unreadable");
         assert!(err.to_string().contains("T5_FILE__BATCH"), "{err}");
+    }
+
+    #[test]
+    fn debug_of_the_shared_sections_hides_their_secrets() {
+        let kafka = crate::kafka::KafkaConfig {
+            brokers: "kafka-0:9092".into(),
+            properties: [
+                ("sasl.password", "kafka-pw-1"),
+                ("ssl.key.password", "key-pw-2"),
+                ("sasl.username", "pipeline"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
+        };
+        let mqtt = crate::mqtt::MqttConfig {
+            username: Some("bridge".into()),
+            password: Some("mqtt-pw-3".into()),
+            ..Default::default()
+        };
+        let io = crate::consume::StageIo {
+            dead_letter: crate::dead_letter::DeadLetterConfig {
+                amqp_uri: "amqp://iotp:amqp-pw-4@rabbitmq:5672/%2f".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let printed = format!("{kafka:?}\n{mqtt:#?}\n{io:?}");
+        for secret in ["kafka-pw-1", "key-pw-2", "mqtt-pw-3", "amqp-pw-4"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        for visible in [
+            "kafka-0:9092",
+            "pipeline",
+            "bridge",
+            "iotp:***@rabbitmq:5672",
+        ] {
+            assert!(printed.contains(visible), "{visible} not in {printed}");
+        }
+    }
+
+    #[test]
+    fn a_refused_value_is_not_quoted_in_the_error() {
+        #[derive(Debug, Default, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct Secrets {
+            common: Common,
+            password: Option<String>,
+            properties: std::collections::BTreeMap<String, String>,
+            batch: u16,
+        }
+        impl ServiceConfig for Secrets {
+            fn common(&self) -> &Common {
+                &self.common
+            }
+        }
+        let cases = [
+            ("T6__PASSWORD", "[\"pw-in-a-list-1\"]", "PASSWORD"),
+            (
+                "T6__PROPERTIES",
+                "sasl.password=pw-as-text-2",
+                "expected a map",
+            ),
+            ("T6__BATCH", "amqp://u:pw-in-uri-3@host", "expected u16"),
+        ];
+        for (var, value, kept) in cases {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let err = load_from::<Secrets>(None, env("T6__"), Vec::new()).expect_err(var);
+                let text = err.to_string();
+                assert!(!text.contains("pw-"), "{var}: the value is quoted: {text}");
+                assert!(text.contains(kept), "{var}: {kept:?} not in {text}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use iotp_contract::topology::topology;
 
-/// MQTT connection and session settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// MQTT connection and session settings. Its `Debug` (in `config.rs`) hides the password.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Broker host.

@@ -21,7 +21,7 @@ struct Args {
     /// TOML config file, layered over the defaults and under `IOTP__…` environment variables.
     #[arg(long, env = "IOTP_CONFIG")]
     config: Option<PathBuf>,
-    /// Load and check the configuration, print the effective one, and exit.
+    /// Load and check the configuration, print the effective one (secrets hidden), and exit.
     #[arg(long)]
     check_config: bool,
 }
@@ -57,7 +57,8 @@ where
         }
     };
     if args.check_config {
-        return match toml::to_string_pretty(&config) {
+        // Passwords in URIs and secret-named settings print as `***` (iotp_contract::redact).
+        return match iotp_contract::redact::to_toml(&config) {
             Ok(text) => {
                 println!("{text}");
                 ExitCode::from(EXIT_OK)

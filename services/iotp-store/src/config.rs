@@ -39,17 +39,10 @@ impl Default for StoreConfig {
     }
 }
 
+/// The MongoDB URI's password hidden (`iotp_contract::redact`).
 impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreConfig")
-            .field("path", &self.path)
-            .field(
-                "mongodb_uri",
-                &self.mongodb_uri.as_ref().map(|_| "<redacted>"),
-            )
-            .field("mongodb_database", &self.mongodb_database)
-            .field("retention", &self.retention)
-            .finish()
+        iotp_contract::redact::debug("StoreConfig", self, f)
     }
 }
 

@@ -19,8 +19,8 @@ pub use publisher::{DeadLetterPublisher, PublishError};
 /// AMQP header: the stage judged the failure transient (worth retrying).
 pub const AMQP_TRANSIENT: &str = "x-transient";
 
-/// Where dead letters go.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Where dead letters go. Its `Debug` (in `config.rs`) hides the URI's password.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeadLetterConfig {
     /// RabbitMQ URI. Never logged (it may hold a password).

@@ -21,8 +21,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 
-/// Kafka connection and client settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Kafka connection and client settings. Its `Debug` (in `config.rs`) hides secret properties.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port]`.
