@@ -40,7 +40,7 @@ start dlq-handler 9106 IOTP__STORE__PATH="$RUN/iotp.sqlite" IOTP__API_LISTEN=127
 
 metric() { curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1==m {s+=$2} END {print s+0}'; }
 dead() { curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '$1 ~ /^iotp_dead_letters_total\{/ && $1 ~ /stage="(parser|enricher)"/ {s+=$2} END {print s+0}'; }
-parked_total() { curl -fsS "http://127.0.0.1:9200/dead-letters?include_replayed=true&limit=1000000" | python3 -c "import json,sys; print(len(json.load(sys.stdin)))"; }
+parked_total() { curl -fsS "http://127.0.0.1:9200/dead-letters?include_replayed=true&limit=1000" | python3 -c "import json,sys; print(len(json.load(sys.stdin)))"; }
 wait_ready() {
   for _ in $(seq 150); do curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0; sleep 0.2; done
   echo "service on admin port $1 not ready; logs in $RUN/logs"; exit 1

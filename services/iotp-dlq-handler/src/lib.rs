@@ -4,17 +4,21 @@
 //!   ends;
 //! - parks permanent ones, and those out of attempts, on the parking queue, and archives every
 //!   parked one in the store with a TTL;
-//! - serves an HTTP API (and the `iotp-dlq` CLI) to list, inspect and replay them.
+//! - serves an HTTP API (and the `iotp-dlq` CLI) to list, inspect and replay them, on
+//!   127.0.0.1 unless configured elsewhere, behind a bearer token (`api_token_file`; required
+//!   off loopback, see [`auth`]).
 //!
 //! Every AMQP message is acknowledged only after its next home (delay queue, parking queue,
 //! Kafka, archive) confirmed it. A poison message never blocks a Kafka partition: the stage
 //! has already moved on.
 
 mod api;
+pub mod auth;
 mod replay;
 mod route;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +40,7 @@ use iotp_core::stage::StageError;
 use iotp_store::{DeadLetterArchive, Store, StoreConfig};
 use serde::{Deserialize, Serialize};
 
-pub use api::{ReplayRequest, ReplayResult, Summary};
+pub use api::{ReplayRequest, ReplayResult, Summary, MAX_LIMIT};
 pub use replay::ReplayError;
 pub use route::{is_transient, route, Route};
 
@@ -46,8 +50,9 @@ const AMQP_RETRY_DUE: &str = "x-iotp-retry-due";
 /// Index of each consumed queue in the source.
 const INCOMING: usize = 0;
 
-/// DLQ handler configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// DLQ handler configuration. `Debug` hides the AMQP and MongoDB passwords
+/// (`iotp_contract::redact`).
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DlqConfig {
     /// Settings every service has.
@@ -69,8 +74,20 @@ pub struct DlqConfig {
     /// How long parked dead letters stay in the archive.
     #[serde(with = "humantime_serde")]
     pub archive_ttl: Duration,
-    /// Where the HTTP API listens.
+    /// Where the HTTP API listens: 127.0.0.1:9200 by default, as the API returns raw payloads
+    /// and replays them. An address other than loopback (`0.0.0.0:9200` in a container) needs
+    /// `api_token_file`.
     pub api_listen: SocketAddr,
+    /// File holding the API's bearer token (at least 32 characters, e.g.
+    /// `openssl rand -hex 32`; surrounding whitespace ignored), read at start. Unset: the API
+    /// answers without authentication, which only a loopback `api_listen` allows (see `auth`).
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for DlqConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        iotp_contract::redact::debug("DlqConfig", self, f)
+    }
 }
 
 impl Default for DlqConfig {
@@ -84,7 +101,8 @@ impl Default for DlqConfig {
             prefetch: 100,
             store: StoreConfig::default(),
             archive_ttl: Duration::from_secs(30 * 24 * 3600),
-            api_listen: SocketAddr::from(([0, 0, 0, 0], 9200)),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 9200)),
+            api_token_file: None,
         }
     }
 }
@@ -103,7 +121,29 @@ impl ServiceConfig for DlqConfig {
         if self.archive_ttl.is_zero() {
             out.push("archive_ttl must be > 0".into());
         }
+        if let Err(problem) = self.api_token() {
+            out.push(problem);
+        }
         out
+    }
+}
+
+impl DlqConfig {
+    /// The API's token, if `api_token_file` is set; refused without one unless `api_listen`
+    /// is a loopback address (the service does not start: the rule and its reason are in
+    /// [`auth`]).
+    pub fn api_token(&self) -> Result<Option<auth::Token>, String> {
+        match &self.api_token_file {
+            Some(path) => auth::Token::load(path)
+                .map(Some)
+                .map_err(|e| format!("api_token_file: {e}")),
+            None if self.api_listen.ip().to_canonical().is_loopback() => Ok(None),
+            None => Err(format!(
+                "api_listen {} is not a loopback address: set api_token_file (the dead-letter \
+                 API returns raw payloads and replays them; off loopback it needs a bearer token)",
+                self.api_listen
+            )),
+        }
     }
 }
 
@@ -120,15 +160,27 @@ struct Handler {
 pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
     let store = config.store.open().await?;
     let sink = KafkaSink::new(&config.kafka, &ctx.replica, "", ctx.backoff)?;
+    // Checked with the configuration already; again here for a config built in code.
+    let token = config.api_token().map_err(anyhow::Error::msg)?;
     let api = Arc::new(api::Api {
         store: store.clone(),
         sink: sink.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen).await?;
-    tracing::info!(api = %listener.local_addr()?, "dead-letter API listening");
+    let bound = listener.local_addr()?;
+    if token.is_some() {
+        tracing::info!(api = %bound, "dead-letter API listening (bearer token required)");
+    } else {
+        tracing::warn!(
+            api = %bound,
+            "dead-letter API listening WITHOUT AUTHENTICATION: any process on this host can \
+             read dead-letter payloads and replay them; set api_token_file"
+        );
+    }
     let stop_api = ctx.shutdown.clone();
+    let app = api::router(api, token).into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move {
-        let served = axum::serve(listener, api::router(api))
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop_api.cancelled().await });
         if let Err(e) = served.await {
             tracing::error!(error = %e, "dead-letter API failed");

@@ -97,6 +97,28 @@ pub mod blocking {
         body: Option<&str>,
         timeout: Option<Duration>,
     ) -> Result<Response, ProbeError> {
+        request_with_headers(addr, method, path, &[], body, timeout)
+    }
+
+    /// [`request`] with extra request headers (`Authorization`, …). A header whose name or
+    /// value holds a line break is an error: it would start another header.
+    pub fn request_with_headers(
+        addr: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<Response, ProbeError> {
+        if headers
+            .iter()
+            .any(|(name, value)| name.contains(['\r', '\n']) || value.contains(['\r', '\n']))
+        {
+            return Err(ProbeError::Io {
+                addr: addr.to_string(),
+                error: io::Error::new(io::ErrorKind::InvalidInput, "line break in a header"),
+            });
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         let failed = |error: io::Error| match error.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ProbeError::Timeout {
@@ -111,7 +133,7 @@ pub mod blocking {
         let mut stream = connect(addr, timeout).map_err(failed)?;
         stream.set_write_timeout(timeout).map_err(failed)?;
         stream
-            .write_all(&encode_request(addr, method, path, body))
+            .write_all(&encode_request(addr, method, path, headers, body))
             .map_err(failed)?;
         let raw = read_to_end(&mut stream, deadline).map_err(failed)?;
         parse_response(&raw).map_err(|what| ProbeError::Malformed {
@@ -166,8 +188,17 @@ fn connect(addr: &str, timeout: Option<Duration>) -> io::Result<TcpStream> {
     Err(last)
 }
 
-fn encode_request(host: &str, method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
+fn encode_request(
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Vec<u8> {
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(body) = body {
         request.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

@@ -118,6 +118,23 @@ fn a_request_carries_its_json_body() {
 }
 
 #[test]
+fn a_request_carries_its_headers_and_refuses_one_that_would_split() {
+    let (port, server) = serve_once("HTTP/1.1 204 No Content\r\n\r\n");
+    let addr = format!("127.0.0.1:{port}");
+    let auth = [("Authorization", "Bearer abc")];
+    let r = blocking::request_with_headers(&addr, "GET", "/x", &auth, None, None).expect("answer");
+    assert_eq!(r.status, 204);
+    let request = server.join().expect("server");
+    assert!(
+        request.contains("\r\nAuthorization: Bearer abc\r\n"),
+        "{request}"
+    );
+    let split = [("Authorization", "Bearer abc\r\nX-Evil: 1")];
+    let refused = blocking::request_with_headers(&addr, "GET", "/x", &split, None, None);
+    assert!(matches!(refused, Err(ProbeError::Io { .. })), "{refused:?}");
+}
+
+#[test]
 fn silence_garbage_and_closed_ports_are_errors() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();

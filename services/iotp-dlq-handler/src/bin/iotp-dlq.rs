@@ -1,21 +1,38 @@
 //! `iotp-dlq`: list, inspect and replay dead letters through the DLQ handler's HTTP API.
 //!
-//!   iotp-dlq list [--reason R] [--device D] [--all]
-//!   iotp-dlq show ID
-//!   iotp-dlq replay (--id ID ... | --reason R | --device D | --all) [--dry-run]
+//!   iotp-dlq [--token-file FILE] list [--reason R] [--device D] [--all]
+//!   iotp-dlq [--token-file FILE] show ID
+//!   iotp-dlq [--token-file FILE] replay (--id ID ... | --reason R | --device D | --all) [--dry-run]
+//!
+//! The API's bearer token comes from `--token-file` (or `IOTP_DLQ_TOKEN_FILE`), or itself from
+//! `IOTP_DLQ_TOKEN`; never from the command line, where other users' `ps` would see it.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use iotp_core::probe;
+use iotp_dlq_handler::auth::read_token;
 use iotp_dlq_handler::{ReplayRequest, ReplayResult, Summary};
 
+/// The variable that holds the token itself.
+const TOKEN_ENV: &str = "IOTP_DLQ_TOKEN";
+
 #[derive(Parser)]
-#[command(about = "Inspect and replay parked dead letters")]
+#[command(
+    about = "Inspect and replay parked dead letters",
+    after_help = "The API's bearer token: --token-file FILE (or IOTP_DLQ_TOKEN_FILE), or the \
+                  token itself in IOTP_DLQ_TOKEN. Needed unless the service runs without \
+                  api_token_file (loopback only)."
+)]
 struct Args {
-    /// The DLQ handler's API address.
+    /// The DLQ handler's API address, `host:port`.
     #[arg(long, env = "IOTP_DLQ_API", default_value = "127.0.0.1:9200")]
     api: String,
+    /// File holding the API's bearer token (the service's `api_token_file`).
+    #[arg(long, env = "IOTP_DLQ_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,7 +86,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// The API, and the token to show it.
+struct Client {
+    api: String,
+    token: Option<String>,
+}
+
+/// The token from `--token-file`/`IOTP_DLQ_TOKEN_FILE` or `IOTP_DLQ_TOKEN` (one of them).
+fn token(file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+    let from_env = std::env::var(TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    match (file, from_env) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!(
+                "give the token one way: --token-file (IOTP_DLQ_TOKEN_FILE) or {TOKEN_ENV}"
+            )
+        }
+        (Some(path), None) => Ok(Some(read_token(path)?)),
+        (None, Some(token)) => {
+            let token = token.trim();
+            anyhow::ensure!(
+                !token.contains(char::is_whitespace),
+                "{TOKEN_ENV} holds whitespace inside the token"
+            );
+            Ok(Some(token.to_string()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
+    let client = Client {
+        token: token(args.token_file.as_ref())?,
+        api: args.api,
+    };
     match args.command {
         Command::List {
             reason,
@@ -83,12 +134,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             if let Some(d) = device {
                 query.push(format!("device_id={d}"));
             }
-            let body = http(
-                &args.api,
-                "GET",
-                &format!("/dead-letters?{}", query.join("&")),
-                None,
-            )?;
+            let body = client.http("GET", &format!("/dead-letters?{}", query.join("&")), None)?;
             let letters: Vec<Summary> = serde_json::from_str(&body)?;
             println!(
                 "{:<48} {:<12} {:<24} {:<16} {:>8}",
@@ -108,7 +154,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Show { id } => println!(
             "{}",
-            http(&args.api, "GET", &format!("/dead-letters/{id}"), None)?
+            client.http("GET", &format!("/dead-letters/{id}"), None)?
         ),
         Command::Replay {
             ids,
@@ -121,14 +167,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 anyhow::bail!("say which: --id, --reason, --device or --all");
             }
             let mut req = ReplayRequest {
+                all,
                 dry_run,
                 ..ReplayRequest::default()
             };
             req.filter.ids = ids;
             req.filter.reason = reason;
             req.filter.device_id = device;
-            let body = http(
-                &args.api,
+            let body = client.http(
                 "POST",
                 "/dead-letters/replay",
                 Some(&serde_json::to_string(&req)?),
@@ -151,15 +197,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One request to the API, waiting as long as it takes (a replay of many letters may); the
-/// body of a 2xx answer, else an error with it.
-fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
-    let response = probe::blocking::request(addr, method, path, body, None)?;
-    anyhow::ensure!(
-        response.is_success(),
-        "{method} {path}: HTTP {}: {}",
-        response.status,
-        response.body
-    );
-    Ok(response.body)
+impl Client {
+    /// One request to the API, waiting as long as it takes (a replay of many letters may);
+    /// the body of a 2xx answer, else an error with the API's message.
+    fn http(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
+        let authorization = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|a| ("Authorization", a.as_str()))
+            .collect();
+        let response =
+            probe::blocking::request_with_headers(&self.api, method, path, &headers, body, None)
+                .with_context(|| format!("{method} {path}"))?;
+        if response.is_success() {
+            return Ok(response.body);
+        }
+        if response.status == 401 {
+            match self.token {
+                None => anyhow::bail!(
+                    "the dead-letter API at {} wants a bearer token (HTTP 401): give it with \
+                     --token-file FILE, IOTP_DLQ_TOKEN_FILE or {TOKEN_ENV}",
+                    self.api
+                ),
+                Some(_) => anyhow::bail!(
+                    "the dead-letter API at {} refused the token (HTTP 401): it is not the \
+                     one in the service's api_token_file",
+                    self.api
+                ),
+            }
+        }
+        // The API answers errors as {"error": "…"}; anything else is shown as it came.
+        let message = serde_json::from_str::<serde_json::Value>(&response.body)
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+            .unwrap_or(response.body);
+        anyhow::bail!("{method} {path}: HTTP {}: {message}", response.status)
+    }
 }
