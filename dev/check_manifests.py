@@ -67,7 +67,7 @@ ALLOWED_ENV = {
     "iotp-upserter": DEAD_LETTERING | STORE_KEYS,
     "iotp-aggregator": DEAD_LETTERING | STORE_KEYS | {REGISTRY_KEY},
     "iotp-dlq-handler": COMMON_KEYS | KAFKA_KEYS | STORE_KEYS
-    | {"IOTP_FILE__AMQP_URI", "IOTP__API_LISTEN"},
+    | {"IOTP_FILE__AMQP_URI", "IOTP__API_LISTEN", "IOTP__API_TOKEN_FILE"},
     "iotp-topology": {"IOTP__KAFKA__BROKERS", "IOTP_AMQP_URI"},
 }
 SERVICES = [b for b in ALLOWED_ENV if b != "iotp-topology"]

@@ -40,7 +40,8 @@ pub const SERVICES: [&str; 6] = [
 ];
 
 /// Problems shared by Compose and Kubernetes: references to nothing, files a setting names
-/// that are not mounted, a readiness check on another port than the admin port.
+/// that are not mounted, a readiness check on another port than the admin port, a dead-letter
+/// API off loopback without its bearer token (the service would refuse to start).
 pub fn launch_problems(launches: &[Launch]) -> Vec<String> {
     let mut out = Vec::new();
     for l in launches {
@@ -65,6 +66,18 @@ pub fn launch_problems(launches: &[Launch]) -> Vec<String> {
                     l.source
                 ));
             }
+        }
+        let api = l.env.get("IOTP__API_LISTEN");
+        let api_off_loopback = api
+            .and_then(|v| v.parse::<SocketAddr>().ok())
+            .is_some_and(|a| !a.ip().to_canonical().is_loopback());
+        if api_off_loopback && !l.env.contains_key("IOTP__API_TOKEN_FILE") {
+            out.push(format!(
+                "{}: the dead-letter API listens on {} without IOTP__API_TOKEN_FILE (the service \
+                 refuses to start: off loopback it needs a bearer token)",
+                l.source,
+                api.map(String::as_str).unwrap_or_default()
+            ));
         }
         match (&l.readiness, admin_port(l)) {
             (Some((path, port)), Some(admin)) if path == "/readyz" && *port == admin => {}

@@ -57,6 +57,7 @@ pub type ExternalSecrets = &'static [(&'static str, &'static [&'static str])];
 pub const PROD_SECRETS: ExternalSecrets = &[
     ("iotp-rabbitmq", &["uri"]),
     ("iotp-mongodb", &["uri"]),
+    ("iotp-dlq-api", &["token"]),
     ("mosquitto-tls", &["ca.crt", "tls.crt", "tls.key"]),
     ("mqtt-bridge-tls", &["ca.crt", "tls.crt", "tls.key"]),
 ];

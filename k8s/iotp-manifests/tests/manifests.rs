@@ -138,6 +138,30 @@ fn a_secret_key_or_mounted_file_the_service_needs_but_the_overlay_lacks_is_found
 }
 
 #[test]
+fn a_dead_letter_api_off_loopback_without_its_token_file_is_found() {
+    // The variable gone: the API on 0.0.0.0 would have no token.
+    let p = dev_problems_after(|y| {
+        y.replacen(
+            "name: IOTP__API_TOKEN_FILE",
+            "name: IOTP__API_TOKEN_PATH",
+            1,
+        )
+    });
+    assert!(
+        p.iter()
+            .any(|p| p.contains("dlq-handler") && p.contains("without IOTP__API_TOKEN_FILE")),
+        "{p:?}"
+    );
+    // The Secret's key renamed: the file the variable names is not mounted.
+    let p = dev_problems_after(|y| y.replacen("\n  token: ", "\n  tokn: ", 1));
+    assert!(
+        p.iter()
+            .any(|p| p.contains("IOTP__API_TOKEN_FILE") && p.contains("nothing mounts")),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn a_probe_or_service_on_a_port_the_service_does_not_listen_on_is_found() {
     let p = dev_problems_after(|y| y.replacen("value: 0.0.0.0:9200", "value: 0.0.0.0:9300", 1));
     assert!(
