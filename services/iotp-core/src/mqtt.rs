@@ -175,7 +175,10 @@ impl MqttConfig {
             .set_receive_maximum(Some(self.max_in_flight))
             .set_manual_acks(true)
             // Acks for a whole window, subscriptions and the disconnect must fit without blocking.
-            .set_request_channel_capacity(usize::from(self.max_in_flight) * 2 + 16);
+            .set_request_channel_capacity(usize::from(self.max_in_flight) * 2 + 16)
+            // The acks queued when the event loop wakes go out in one write, not one each
+            // (vendor/rumqttc/IOTP.md).
+            .set_max_request_batch(usize::from(self.max_in_flight));
         Ok(AsyncClient::new(
             opts,
             usize::from(self.max_in_flight) * 2 + 16,
