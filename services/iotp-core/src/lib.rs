@@ -7,6 +7,7 @@ pub mod admin;
 pub mod amqp;
 pub mod config;
 pub mod consume;
+pub mod crypto;
 pub mod dead_letter;
 pub mod ingress;
 pub mod kafka;
