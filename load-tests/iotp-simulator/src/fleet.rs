@@ -63,10 +63,12 @@ impl Target {
         let mut ca = iotp_pki::Ca::open(dir)?;
         let validity = iotp_pki::Validity::days(30)?;
         let ca_file = ca.ca_file();
+        let files =
+            ca.ensure_devices(&self.tenant, plans.iter().map(|p| p.id.as_str()), validity)?;
         plans
             .iter()
-            .map(|p| {
-                let (cert, key) = ca.ensure_device(&self.tenant, &p.id, validity)?;
+            .zip(files)
+            .map(|(p, (cert, key))| {
                 let transport = iotp_core::mqtt::tls_transport(&ca_file, Some(&cert), Some(&key))?;
                 Ok((p.id.clone(), transport))
             })

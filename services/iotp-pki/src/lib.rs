@@ -271,6 +271,8 @@ pub struct Ca {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,
     index: Index,
+    /// Within [`Ca::ensure_devices`]: the index is written once at the end.
+    defer_index: bool,
 }
 
 impl std::fmt::Debug for Ca {
@@ -379,6 +381,7 @@ impl Ca {
             dir: dir.to_path_buf(),
             issuer: Issuer::new(params, key),
             index: Index::default(),
+            defer_index: false,
         };
         ca.save_index()?;
         ca.write_crl(None, 30)?;
@@ -409,6 +412,7 @@ impl Ca {
             dir: dir.to_path_buf(),
             issuer,
             index,
+            defer_index: false,
         })
     }
 
@@ -463,6 +467,24 @@ impl Ca {
             });
         }
         self.issue_device_unchecked(tenant, device, validity)
+    }
+
+    /// [`Ca::ensure_device`] for many devices of `tenant`, writing the index once (a fleet of
+    /// thousands would otherwise rewrite it thousands of times); files in `devices`' order.
+    pub fn ensure_devices<'a>(
+        &mut self,
+        tenant: &str,
+        devices: impl IntoIterator<Item = &'a str>,
+        validity: Validity,
+    ) -> Result<Vec<(PathBuf, PathBuf)>> {
+        self.defer_index = true;
+        let files: Result<Vec<_>> = devices
+            .into_iter()
+            .map(|d| self.ensure_device(tenant, d, validity))
+            .collect();
+        self.defer_index = false;
+        self.save_index()?;
+        files
     }
 
     /// The device's certificate and key files: its current ones if it holds a valid
@@ -775,7 +797,9 @@ impl Ca {
             0o644,
         )?;
         self.index.certs.push(entry.clone());
-        self.save_index()?;
+        if !self.defer_index {
+            self.save_index()?;
+        }
         Ok(Issued {
             entry,
             cert_file,

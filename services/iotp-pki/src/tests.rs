@@ -436,3 +436,25 @@ fn ensure_device_reuses_a_valid_certificate_and_issues_otherwise() {
     let statuses: Vec<_> = ca.list().iter().map(|e| e.status(now)).collect();
     assert_eq!(statuses, ["revoked", "valid"]);
 }
+
+#[test]
+fn ensure_devices_issues_a_fleet_and_writes_the_index_once_at_the_end() {
+    let dir = scratch("fleet");
+    let mut ca = Ca::init(&dir, "ca", 30).unwrap();
+    ca.issue_device("t", "d1", year()).unwrap();
+    let files = ca.ensure_devices("t", ["d0", "d1", "d2"], year()).unwrap();
+    assert_eq!(files.len(), 3);
+    assert_eq!(
+        files[1],
+        ca.device_files("t", "d1"),
+        "d1 kept its certificate"
+    );
+    let reopened = Ca::open(&dir).unwrap();
+    assert_eq!(reopened.list().len(), 3);
+    let err = ca
+        .ensure_devices("t", ["ok", "bad/name"], year())
+        .unwrap_err();
+    assert!(matches!(err, PkiError::BadName { .. }));
+    // What was issued before the error is in the index.
+    assert_eq!(Ca::open(&dir).unwrap().list().len(), 4);
+}
