@@ -1,10 +1,12 @@
 //! Creates the pipeline's Kafka topics and RabbitMQ topology from `schemas/topology.toml`;
 //! prints it; safe to run again.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use iotp_contract::topology::topology;
+use iotp_core::amqp::AmqpTls;
 use iotp_core::kafka::{ensure_topics, KafkaConfig};
 
 #[derive(Parser)]
@@ -31,6 +33,15 @@ enum Command {
             default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
         )]
         amqp: String,
+        /// CA certificates (PEM) for an `amqps://` URI, added to the system's.
+        #[arg(long, env = "IOTP_AMQP_CA_FILE")]
+        amqp_ca_file: Option<PathBuf>,
+        /// Client certificate (PEM) for an `amqps://` URI.
+        #[arg(long, env = "IOTP_AMQP_CERT_FILE", requires = "amqp_key_file")]
+        amqp_cert_file: Option<PathBuf>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, env = "IOTP_AMQP_KEY_FILE", requires = "amqp_cert_file")]
+        amqp_key_file: Option<PathBuf>,
         /// Skip RabbitMQ.
         #[arg(long)]
         kafka_only: bool,
@@ -76,8 +87,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             brokers,
             replication,
             amqp,
+            amqp_ca_file,
+            amqp_cert_file,
+            amqp_key_file,
             kafka_only,
         } => {
+            let tls = AmqpTls {
+                ca_file: amqp_ca_file,
+                cert_file: amqp_cert_file,
+                key_file: amqp_key_file,
+            };
+            let problems = tls.problems("--amqp-*-file", &amqp);
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("; "));
+            }
             let kafka = KafkaConfig {
                 brokers,
                 ..KafkaConfig::default()
@@ -90,7 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 created
             );
             if !kafka_only {
-                let connection = iotp_core::amqp::connect(&amqp).await?;
+                let connection = iotp_core::amqp::connect_with(&amqp, &tls).await?;
                 let channel = connection.create_channel().await?;
                 let queues =
                     iotp_core::amqp::declare_topology(&channel, &topology().rabbitmq).await?;
