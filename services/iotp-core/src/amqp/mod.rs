@@ -121,3 +121,26 @@ pub async fn connect_with(uri: &str, tls: &AmqpTls) -> lapin::Result<Connection>
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_rules_name_their_section() {
+        let tls = AmqpTls {
+            cert_file: Some(PathBuf::from("/nonexistent/client.pem")),
+            ..AmqpTls::default()
+        };
+        let problems = tls.problems("io.dead_letter.amqp_tls", "amqp://h:5672/%2f");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("io.dead_letter.amqp_tls.cert_file and"));
+        assert!(problems[1].contains("/nonexistent/client.pem"));
+        assert!(problems[2].contains("not amqps://"));
+        assert!(AmqpTls::default()
+            .problems("amqp_tls", "amqp://h:5672/%2f")
+            .is_empty());
+        let err = tls.load().expect_err("unreadable");
+        assert!(err.to_string().contains("/nonexistent/client.pem"), "{err}");
+    }
+}

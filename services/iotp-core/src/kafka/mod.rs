@@ -314,3 +314,101 @@ impl KafkaConfig {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("iotp-kafka-sec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn get(c: &ClientConfig, key: &str) -> Option<String> {
+        c.get(key).map(str::to_string)
+    }
+
+    #[test]
+    fn tls_and_sasl_settings_become_librdkafka_properties() {
+        let password = file("sasl-password", "kafka-pw-1\n");
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            ssl_ca_location: Some(PathBuf::from("/etc/iotp/kafka/ca.pem")),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("iotp-parser".into()),
+            sasl_password_file: Some(password),
+            ..KafkaConfig::default()
+        };
+        let c = kafka.base("parser-0").expect("config");
+        assert_eq!(get(&c, "security.protocol").as_deref(), Some("sasl_ssl"));
+        assert_eq!(
+            get(&c, "ssl.ca.location").as_deref(),
+            Some("/etc/iotp/kafka/ca.pem")
+        );
+        assert_eq!(get(&c, "sasl.mechanism").as_deref(), Some("SCRAM-SHA-512"));
+        assert_eq!(get(&c, "sasl.username").as_deref(), Some("iotp-parser"));
+        assert_eq!(get(&c, "sasl.password").as_deref(), Some("kafka-pw-1"));
+        // Debug shows the settings (the file's path), never the password.
+        let printed = format!("{kafka:?}");
+        assert!(!printed.contains("kafka-pw-1"), "{printed}");
+        assert!(printed.contains("sasl-password"), "{printed}");
+        assert!(!format!("{c:?}").contains("kafka-pw-1"));
+    }
+
+    #[test]
+    fn an_unreadable_password_file_fails_the_client_naming_the_file() {
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_plaintext".into(),
+            sasl_mechanism: Some("PLAIN".into()),
+            sasl_username: Some("u".into()),
+            sasl_password_file: Some(PathBuf::from("/nonexistent/kafka-pw")),
+            ..KafkaConfig::default()
+        };
+        let err = kafka.producer("p").err().expect("no password");
+        assert!(err.to_string().contains("/nonexistent/kafka-pw"), "{err}");
+        assert!(kafka
+            .problems()
+            .iter()
+            .any(|p| p.contains("sasl_password_file")));
+    }
+
+    #[test]
+    fn inconsistent_security_settings_are_all_reported() {
+        let kafka = KafkaConfig {
+            security_protocol: "tls".into(),
+            ..KafkaConfig::default()
+        };
+        assert_eq!(kafka.problems().len(), 1, "{:?}", kafka.problems());
+        let cert = file("client.pem", "");
+        let kafka = KafkaConfig {
+            ssl_certificate_location: Some(cert),
+            sasl_username: Some("u".into()),
+            properties: [("sasl.password".to_string(), "x".to_string())].into(),
+            ..KafkaConfig::default()
+        };
+        let problems = kafka.problems().join("\n");
+        for expected in [
+            "kafka.ssl_certificate_location needs kafka.security_protocol ssl",
+            "go together",
+            "kafka.sasl_username needs",
+            "kafka.properties.sasl.password: use the kafka.sasl_password_file",
+        ] {
+            assert!(problems.contains(expected), "{expected} not in {problems}");
+        }
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            ..KafkaConfig::default()
+        };
+        assert!(kafka.problems()[0].contains("needs kafka.sasl_mechanism"));
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            sasl_mechanism: Some("GSSAPI".into()),
+            ..KafkaConfig::default()
+        };
+        assert!(kafka.problems()[0].contains("GSSAPI"));
+        assert!(KafkaConfig::default().problems().is_empty());
+    }
+}
