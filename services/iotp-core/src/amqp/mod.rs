@@ -140,7 +140,11 @@ mod tests {
         assert!(AmqpTls::default()
             .problems("amqp_tls", "amqp://h:5672/%2f")
             .is_empty());
-        let err = tls.load().expect_err("unreadable");
+        let pair = AmqpTls {
+            key_file: Some(PathBuf::from("/nonexistent/client.key")),
+            ..tls
+        };
+        let err = pair.load().expect_err("unreadable");
         assert!(err.to_string().contains("/nonexistent/client.pem"), "{err}");
     }
 }
