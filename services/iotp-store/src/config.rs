@@ -275,4 +275,40 @@ mod tests {
         assert_eq!(store.watermark().await.expect("watermark"), i64::MIN);
         let _ = std::fs::remove_file(path);
     }
+
+    #[test]
+    fn mongodb_credentials_need_the_uri_a_user_and_readable_files() {
+        let without_uri = StoreConfig {
+            mongodb_user: Some("u".into()),
+            mongodb_tls: true,
+            ..StoreConfig::default()
+        };
+        let problems = without_uri.problems().join("\n");
+        assert!(
+            problems.contains("store.mongodb_user needs store.mongodb_uri"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("store.mongodb_tls needs store.mongodb_uri"),
+            "{problems}"
+        );
+        let config = StoreConfig {
+            mongodb_uri: Some("mongodb://db-0:27017".into()),
+            mongodb_password_file: Some("/nonexistent/pw".into()),
+            mongodb_tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..StoreConfig::default()
+        };
+        let problems = config.problems().join("\n");
+        for expected in [
+            "store.mongodb_tls_ca_file needs store.mongodb_tls = true",
+            "store.mongodb_password_file needs store.mongodb_user",
+            "cannot read /nonexistent/pw",
+            "cannot read /nonexistent/ca.pem",
+        ] {
+            assert!(problems.contains(expected), "{expected} not in {problems}");
+        }
+        // The password file's path prints; it is not a secret.
+        let printed = format!("{config:?}");
+        assert!(printed.contains("/nonexistent/pw"), "{printed}");
+    }
 }
