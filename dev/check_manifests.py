@@ -53,6 +53,7 @@ BRIDGE_KEYS = {
     "IOTP__MQTT__TLS__CA_FILE",
     "IOTP__MQTT__TLS__CERT_FILE",
     "IOTP__MQTT__TLS__KEY_FILE",
+    "IOTP__MQTT__IDENTITY",
     "IOTP__RAW_TOPIC",
 }
 # The parser runs on the Kafka stage runtime, which publishes dead letters to RabbitMQ.

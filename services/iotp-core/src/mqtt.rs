@@ -61,6 +61,28 @@ pub struct MqttConfig {
     /// it received was acknowledged.
     #[serde(with = "humantime_serde")]
     pub drain_quiet: Duration,
+    /// Where the bridge takes the device's authenticated identity (the raw envelope's
+    /// `clientIdentity`) from: `none`, or `acl` (see [`Identity::Acl`]).
+    pub identity: Identity,
+}
+
+/// How the bridge learns which device sent a PUBLISH.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// No authenticated identity: `clientIdentity` stays empty and the topic alone names the
+    /// device.
+    #[default]
+    None,
+    /// The broker's ACL: devices authenticate with their own certificate (the certificate's
+    /// name is the MQTT username) and the broker lets each publish only on
+    /// `iot/{its tenant}/{its device}/…` (`pattern write iot/%u/…` in the project's
+    /// Mosquitto ACL). So a PUBLISH the bridge receives on `iot/{tenant}/{device}/…` was
+    /// sent by that device, and the bridge records `tenant/device` as `clientIdentity`; the
+    /// parser dead-letters a record whose tenant and device disagree with it
+    /// (`identity_mismatch`). It holds only where that ACL is in force: the bridge sees
+    /// the topic, not the publisher's certificate (Mosquitto passes no identity to subscribers).
+    Acl,
 }
 
 /// PEM files for TLS.
@@ -101,6 +123,7 @@ impl Default for MqttConfig {
             presence_prefix: "iotp-bridges".into(),
             orphan_after: Duration::from_secs(30),
             drain_quiet: Duration::from_secs(1),
+            identity: Identity::None,
         }
     }
 }
@@ -212,6 +235,10 @@ impl MqttConfig {
             opts.set_credentials(user, "");
         }
         if let Some(tls) = &self.tls {
+            crate::tls::record_expiry("mqtt", "ca", &tls.ca_file);
+            if let Some(cert) = &tls.cert_file {
+                crate::tls::record_expiry("mqtt", "client", cert);
+            }
             opts.set_transport(tls_transport(
                 &tls.ca_file,
                 tls.cert_file.as_deref(),
