@@ -26,6 +26,7 @@ build:
 lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --locked --workspace --exclude rumqttc --all-targets -- -D warnings   # vendor/rumqttc is upstream code
+	$(CARGO) deny check bans licenses sources   # deny.toml; advisories need github.com, unreachable here
 	$(VENV)/bin/python dev/check_manifests.py   # docker-compose.yml and k8s/ against topology.toml and the upstream schemas
 	dev/k8s_lint.sh   # the rendered k8s overlays: checkov, kubernetes-validate --strict
 	$(VENV)/bin/python dev/check_monitoring.py   # alert rules (promtool check + unit tests), dashboard queries, docs/metrics.md against metrics.rs

@@ -53,6 +53,7 @@ BRIDGE_KEYS = {
     "IOTP__MQTT__TLS__CA_FILE",
     "IOTP__MQTT__TLS__CERT_FILE",
     "IOTP__MQTT__TLS__KEY_FILE",
+    "IOTP__MQTT__IDENTITY",
     "IOTP__RAW_TOPIC",
 }
 # The parser runs on the Kafka stage runtime, which publishes dead letters to RabbitMQ.
@@ -86,14 +87,20 @@ MOSQUITTO_SHARED = (
     "max_inflight_messages",
     "sys_interval",
 )
-# Production Mosquitto: mutual TLS, the certificate's CN is the username the ACL matches.
+# Production Mosquitto (and dev/mosquitto-tls.conf): mutual TLS 1.2+, the certificate's CN is
+# the username the ACL matches, revoked certificates refused (the CRL).
 MOSQUITTO_PRODUCTION = {
+    "tls_version": "tlsv1.2",
     "require_certificate": "true",
     "use_identity_as_username": "true",
     "allow_anonymous": "false",
 }
-MOSQUITTO_ACL_LINES = ("pattern write iot/%u/+", "user iotp-bridge", "topic read iot/#",
-                       "topic read $SYS/broker/#", "topic readwrite iotp-bridges/#")
+MOSQUITTO_TLS_FILES = ("cafile", "certfile", "keyfile", "crlfile", "acl_file")
+# dev/mosquitto.acl, which k8s must carry unchanged: devices write only their own telemetry
+# and heartbeat topics and read only their own command topic; the bridge reads telemetry.
+MOSQUITTO_ACL_LINES = ("pattern write iot/%u/+", "pattern read cmd/%u", "user iotp-bridge",
+                       "topic read iot/#", "topic read $SYS/broker/#",
+                       "topic readwrite iotp-bridges/#")
 
 # Common::default() in services/iotp-core/src/config.rs.
 DEFAULT_SHUTDOWN_DEADLINE = "25s"
@@ -709,7 +716,33 @@ def check_compose_mosquitto(checks: Checks, containers: list[Container], dev_tex
     checks.run("compose Mosquitto renders dev/mosquitto.conf (same sizing and persistence)", check)
 
 
-def check_k8s_mosquitto(checks: Checks, k8s: K8s, containers: list[Container], dev_text: str) -> None:
+def tls_problems(settings: dict[str, list[str]]) -> list[str]:
+    problems = [f"{key} is {settings.get(key)}, want [{value!r}]"
+                for key, value in MOSQUITTO_PRODUCTION.items() if settings.get(key) != [value]]
+    return problems + [f"no {key}" for key in MOSQUITTO_TLS_FILES if key not in settings]
+
+
+def acl_problems(acl: str) -> list[str]:
+    lines = {line.strip() for line in acl.splitlines()}
+    return [f"dev/mosquitto.acl lacks `{line}`" for line in MOSQUITTO_ACL_LINES if line not in lines]
+
+
+def check_dev_tls_mosquitto(checks: Checks, dev_text: str, tls_text: str, dev_acl: str) -> None:
+    """dev/mosquitto-tls.conf: dev/mosquitto.conf's sizing, mutual TLS, the CRL, the ACL."""
+
+    def check() -> list[str]:
+        settings = mosquitto_settings(tls_text)
+        problems = compare_mosquitto(settings, mosquitto_settings(dev_text))
+        problems += tls_problems(settings)
+        if settings.get("acl_file") != ["@ACL@"]:
+            problems.append(f"acl_file is {settings.get('acl_file')}, want ['@ACL@'] (dev/mosquitto.acl)")
+        return problems + acl_problems(dev_acl)
+
+    checks.run("dev/mosquitto-tls.conf: dev/mosquitto.conf sizing, TLS 1.2+, client certificates, CRL, ACL", check)
+
+
+def check_k8s_mosquitto(checks: Checks, k8s: K8s, containers: list[Container], dev_text: str,
+                        dev_acl: str) -> None:
     def mounted_file(broker: Container, path: str) -> str | None:
         """Contents of `path` if it comes from a ConfigMap volume of the broker's pod."""
         pod = broker.owner["spec"]["template"]["spec"]
@@ -734,18 +767,14 @@ def check_k8s_mosquitto(checks: Checks, k8s: K8s, containers: list[Container], d
             return [f"{broker.where}: config {config_path} does not come from a ConfigMap"]
         settings = mosquitto_settings(text)
         problems = compare_mosquitto(settings, mosquitto_settings(dev_text))
-        problems += [f"{key} is {settings.get(key)}, want [{value!r}]"
-                     for key, value in MOSQUITTO_PRODUCTION.items() if settings.get(key) != [value]]
-        for key in ("cafile", "certfile", "keyfile"):
-            if key not in settings:
-                problems.append(f"no {key}")
+        problems += tls_problems(settings)
         acl_path = settings.get("acl_file", [""])[0]
         acl = mounted_file(broker, acl_path)
         if acl is None:
             problems.append(f"acl_file {acl_path!r} does not come from a ConfigMap")
-        else:
-            acl_lines = {line.strip() for line in acl.splitlines()}
-            problems += [f"ACL lacks `{line}`" for line in MOSQUITTO_ACL_LINES if line not in acl_lines]
+        elif acl.strip() != dev_acl.strip():
+            problems.append(f"the ACL in {acl_path} differs from dev/mosquitto.acl (copy it over)")
+        problems += acl_problems(dev_acl)
         problems += bridge_port_problems(containers, settings)
         problems += [f"{c.where}: no {key} (the broker requires a client certificate)"
                      for c in deployed(containers, BRIDGE)
@@ -753,7 +782,8 @@ def check_k8s_mosquitto(checks: Checks, k8s: K8s, containers: list[Container], d
                                  "IOTP__MQTT__TLS__KEY_FILE") if key not in c.env]
         return problems
 
-    checks.run("k8s Mosquitto config: dev/mosquitto.conf sizing and persistence, mutual TLS, ACL", check)
+    checks.run("k8s Mosquitto config: dev/mosquitto.conf sizing and persistence, mutual TLS, CRL, "
+               "the ACL of dev/mosquitto.acl", check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,6 +813,8 @@ def main() -> int:
                                                      "docker-compose.embedded.yml")}
         overlays = {f"k8s {name}": K8s(ROOT / "k8s" / "overlays" / name) for name in ("dev", "prod")}
         dev_mosquitto = (ROOT / "dev" / "mosquitto.conf").read_text()
+        dev_tls = (ROOT / "dev" / "mosquitto-tls.conf").read_text()
+        dev_acl = (ROOT / "dev" / "mosquitto.acl").read_text()
     except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError, subprocess.CalledProcessError) as e:
         print(f"FAIL reading the files: {e} {getattr(e, 'stderr', '')}")
         print("0 passed, 1 failed")
@@ -806,7 +838,9 @@ def main() -> int:
         check_k8s_services(checks, k8s, k8s.containers)
         runs.append((label, k8s.containers, "Job", brokers))
     # Production Mosquitto: mutual TLS and the ACL (dev runs it without certificates).
-    check_k8s_mosquitto(checks, overlays["k8s prod"], overlays["k8s prod"].containers, dev_mosquitto)
+    check_k8s_mosquitto(checks, overlays["k8s prod"], overlays["k8s prod"].containers, dev_mosquitto,
+                        dev_acl)
+    check_dev_tls_mosquitto(checks, dev_mosquitto, dev_tls, dev_acl)
 
     for label, containers, tool_kind, brokers in runs:
         print(f"== {label}: configuration")

@@ -15,7 +15,20 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential perl python3 python3-venv >/dev/null
 fi
+# rdkafka's `ssl` feature builds librdkafka against the system OpenSSL, found by pkg-config
+# (not vendored: that would compile OpenSSL from source in every clean build).
+if ! command -v pkg-config >/dev/null || ! pkg-config --exists openssl 2>/dev/null; then
+  echo "[setup] installing libssl-dev and pkg-config (Kafka TLS: librdkafka links OpenSSL)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
 command -v cargo >/dev/null || { echo "[setup] cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
+# cargo-deny checks the dependency graph's licences, bans and sources (`make lint`, deny.toml).
+# Built from crates.io once per machine (325 s here, beside other builds).
+if ! command -v cargo-deny >/dev/null; then
+  echo "[setup] installing cargo-deny (cargo install --locked; a few minutes, once)" >&2
+  cargo install --locked cargo-deny
+fi
 
 # fastavro for the contract's interop test; PyYAML and jsonschema for dev/check_manifests.py.
 if ! "$VENV/bin/python" -c "import fastavro, yaml, jsonschema" 2>/dev/null; then

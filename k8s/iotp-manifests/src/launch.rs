@@ -58,7 +58,10 @@ pub const PROD_SECRETS: ExternalSecrets = &[
     ("iotp-rabbitmq", &["uri"]),
     ("iotp-mongodb", &["uri"]),
     ("iotp-dlq-api", &["token"]),
-    ("mosquitto-tls", &["ca.crt", "tls.crt", "tls.key"]),
+    (
+        "mosquitto-tls",
+        &["ca.crt", "tls.crt", "tls.key", "crl.pem"],
+    ),
     ("mqtt-bridge-tls", &["ca.crt", "tls.crt", "tls.key"]),
 ];
 

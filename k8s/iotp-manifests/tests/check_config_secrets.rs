@@ -13,9 +13,10 @@ use std::process::{Command, Output};
 use iotp_manifests::root;
 
 /// Every secret below; none may be printed.
-const SECRETS: [&str; 9] = [
+const SECRETS: [&str; 10] = [
     "amqp-pw-S3CRET",
     "mongo-pw-S3CRET",
+    "mongo-user-pw-S3CRET",
     "mongo-tls-S3CRET",
     "kafka-sasl-S3CRET",
     "kafka-key-S3CRET",
@@ -48,24 +49,49 @@ fn services() -> Vec<String> {
 fn environment(service: &str, scratch: &std::path::Path) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     let mut set = |k: &str, v: &str| env.insert(k.to_string(), v.to_string());
+    // Files the settings name: a secret's file (its contents never printed, its path is) and
+    // certificates (checked to exist at start).
+    let secret_file = |name: &str, text: &str| {
+        let path = scratch.join(format!("{service}-{name}"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let sasl_password = secret_file("kafka-sasl-password", "kafka-sasl-S3CRET\n");
+    let ca = secret_file("ca.pem", "");
+    let cert = secret_file("client.pem", "");
+    let key = secret_file("client.key", "");
     set("IOTP__KAFKA__BROKERS", "kafka-0.example:9092");
+    set("IOTP__KAFKA__SECURITY_PROTOCOL", "sasl_ssl");
+    set("IOTP__KAFKA__SSL_CA_LOCATION", &ca);
+    set("IOTP__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512");
+    set("IOTP__KAFKA__SASL_USERNAME", "pipeline-user");
+    set("IOTP__KAFKA__SASL_PASSWORD_FILE", &sasl_password);
     set(
         "IOTP__KAFKA__PROPERTIES",
-        r#"{"security.protocol"="sasl_ssl", "sasl.username"="pipeline-user", "sasl.password"="kafka-sasl-S3CRET", "ssl.key.password"="kafka-key-S3CRET", "ssl.keystore.password"="kafka-keystore-S3CRET", "ssl.key.pem"="-----BEGIN PRIVATE KEY-----kafka-pem-S3CRET", "sasl.oauthbearer.client.secret"="kafka-oauth-S3CRET"}"#,
+        r#"{"ssl.key.password"="kafka-key-S3CRET", "ssl.keystore.password"="kafka-keystore-S3CRET", "ssl.key.pem"="-----BEGIN PRIVATE KEY-----kafka-pem-S3CRET", "sasl.oauthbearer.client.secret"="kafka-oauth-S3CRET"}"#,
     );
-    let amqp = "amqp://iotp:amqp-pw-S3CRET@rabbitmq.example:5672/%2f";
+    let amqp = "amqps://iotp:amqp-pw-S3CRET@rabbitmq.example:5671/%2f";
+    let amqp_tls = |section: &str, set: &mut dyn FnMut(&str, &str) -> Option<String>| {
+        set(&format!("{section}__CA_FILE"), &ca);
+        set(&format!("{section}__CERT_FILE"), &cert);
+        set(&format!("{section}__KEY_FILE"), &key);
+    };
     match service {
         "iotp-mqtt-bridge" => {
             set("IOTP__DEAD_LETTER__AMQP_URI", amqp);
+            amqp_tls("IOTP__DEAD_LETTER__AMQP_TLS", &mut set);
+            set("IOTP__MQTT__IDENTITY", "acl");
             set("IOTP__MQTT__HOST", "mosquitto.example");
             set("IOTP__MQTT__USERNAME", "bridge-user");
             set("IOTP__MQTT__PASSWORD", "mqtt-pw-S3CRET");
         }
         "iotp-dlq-handler" => {
             set("IOTP__AMQP_URI", amqp);
+            amqp_tls("IOTP__AMQP_TLS", &mut set);
         }
         _ => {
             set("IOTP__IO__DEAD_LETTER__AMQP_URI", amqp);
+            amqp_tls("IOTP__IO__DEAD_LETTER__AMQP_TLS", &mut set);
         }
     }
     if matches!(service, "iotp-parser" | "iotp-enricher" | "iotp-aggregator") {
@@ -85,6 +111,12 @@ fn environment(service: &str, scratch: &std::path::Path) -> BTreeMap<String, Str
         )
         .unwrap();
         set("IOTP_FILE__STORE__MONGODB_URI", &file.display().to_string());
+        let password = secret_file("mongodb-password", "mongo-user-pw-S3CRET\n");
+        set("IOTP__STORE__MONGODB_USER", "iotp-service-user");
+        set("IOTP__STORE__MONGODB_PASSWORD_FILE", &password);
+        set("IOTP__STORE__MONGODB_AUTH_SOURCE", "admin");
+        set("IOTP__STORE__MONGODB_TLS", "true");
+        set("IOTP__STORE__MONGODB_TLS_CA_FILE", &ca);
     }
     env
 }
@@ -143,14 +175,20 @@ fn no_service_prints_a_secret_given_through_the_environment() {
         // The rest stays readable: hosts, users, the non-secret properties.
         let mut visible = vec![
             "kafka-0.example:9092",
-            "amqp://iotp:***@rabbitmq.example:5672/%2f",
-            "\"sasl.username\" = \"pipeline-user\"",
-            "\"security.protocol\" = \"sasl_ssl\"",
-            "\"sasl.password\" = \"***\"",
+            "amqps://iotp:***@rabbitmq.example:5671/%2f",
+            "sasl_username = \"pipeline-user\"",
+            "security_protocol = \"sasl_ssl\"",
+            "\"ssl.key.password\" = \"***\"",
+            // Paths of secret files and certificates print; their contents never do.
+            "kafka-sasl-password",
+            "client.pem",
+            "client.key",
         ];
         if env.contains_key("IOTP_FILE__STORE__MONGODB_URI") {
             visible.push("mongodb://iotp:***@mongo-0.example:27017,mongo-1.example:27017/iotp");
             visible.push("tlsCertificateKeyFilePassword=***");
+            visible.push("mongodb_user = \"iotp-service-user\"");
+            visible.push("mongodb-password");
         }
         if service == "iotp-mqtt-bridge" {
             visible.extend(["mosquitto.example", "bridge-user", "password = \"***\""]);

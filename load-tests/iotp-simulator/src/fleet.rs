@@ -3,10 +3,13 @@
 //! ledger of which message the broker acknowledged (PUBACK matched to the message by packet
 //! id; a retransmission after a reconnect keeps its packet id).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rumqttc::Transport;
 use serde::Serialize;
 
 use crate::plan::{DevicePlan, Fault};
@@ -27,6 +30,9 @@ pub struct Target {
     pub seq_start: u64,
     /// Topics are `{prefix}/{tenant}/{deviceId}/{kind}`; the pipeline's prefix is `iot`.
     pub topic_prefix: String,
+    /// An iotp-pki CA directory: each device connects over TLS with its own certificate
+    /// (CN `tenant/deviceId`) from it, issued on first use; `None`: plain TCP.
+    pub tls: Option<PathBuf>,
 }
 
 impl Target {
@@ -39,7 +45,34 @@ impl Target {
             tenant: tenant.to_string(),
             seq_start: 0,
             topic_prefix: topic_prefix.to_string(),
+            tls: None,
         }
+    }
+
+    /// The same, each device over TLS with its own certificate from the CA in `ca_dir`.
+    pub fn with_tls(mut self, ca_dir: Option<PathBuf>) -> Self {
+        self.tls = ca_dir;
+        self
+    }
+
+    /// Each device's TLS transport (certificates issued where missing), by device id.
+    fn transports(&self, plans: &[DevicePlan]) -> anyhow::Result<HashMap<String, Transport>> {
+        let Some(dir) = &self.tls else {
+            return Ok(HashMap::new());
+        };
+        let mut ca = iotp_pki::Ca::open(dir)?;
+        let validity = iotp_pki::Validity::days(30)?;
+        let ca_file = ca.ca_file();
+        let files =
+            ca.ensure_devices(&self.tenant, plans.iter().map(|p| p.id.as_str()), validity)?;
+        plans
+            .iter()
+            .zip(files)
+            .map(|(p, (cert, key))| {
+                let transport = iotp_core::mqtt::tls_transport(&ca_file, Some(&cert), Some(&key))?;
+                Ok((p.id.clone(), transport))
+            })
+            .collect()
     }
 }
 
@@ -166,15 +199,17 @@ pub async fn run(
         started: Instant::now(),
         progress,
     });
+    let mut transports = target.transports(&plans)?;
     let mut tasks = Vec::with_capacity(total_devices);
     for (n, plan) in plans.into_iter().enumerate() {
         let run = run.clone();
+        let transport = transports.remove(&plan.id);
         let delay = scenario
             .ramp_up
             .mul_f64(n as f64 / total_devices.max(1) as f64);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            session::run_device(plan, run).await
+            session::run_device(plan, run, transport).await
         }));
     }
     let mut devices = Vec::with_capacity(tasks.len());

@@ -99,6 +99,7 @@ async fn main() -> ExitCode {
         tenant: args.tenant.clone(),
         seq_start: args.seq_start,
         topic_prefix: "iot".into(),
+        tls: scenario.tls.then(|| scenario.ca_dir.clone()).flatten(),
     };
     let plans = plan::plan(&scenario);
     let devices = plans.len();

@@ -51,6 +51,15 @@ pub struct Scenario {
     pub kafka_engine: String,
     /// What to break while the fleet publishes (nothing by default).
     pub chaos: Chaos,
+    /// Mutual TLS between devices, bridge and broker: the run starts its own Mosquitto from
+    /// dev/mosquitto-tls.conf (ACL dev/mosquitto.acl), and every device connects with its own
+    /// certificate (CN `tenant/deviceId`), the bridge with the `iotp-bridge` identity, all
+    /// from the CA in `ca_dir`.
+    pub tls: bool,
+    /// The iotp-pki CA directory of a TLS run (created if it holds no CA; certificates are
+    /// issued where missing); unset: a new CA in the run's report directory. The simulator
+    /// binary (`iotp-simulator`) needs it set to use TLS.
+    pub ca_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Scenario {
@@ -73,6 +82,8 @@ impl Default for Scenario {
             ceiling: false,
             kafka_engine: String::new(),
             chaos: Chaos::default(),
+            tls: false,
+            ca_dir: None,
         }
     }
 }
@@ -154,6 +165,9 @@ impl Scenario {
             out.push("kafka_engine must be sqlite or memory".to_string());
         }
         out.extend(self.chaos.problems());
+        if self.ca_dir.is_some() && !self.tls {
+            out.push("ca_dir needs tls = true".to_string());
+        }
         let f = &self.faults;
         let per_message = f.duplicate_sends + f.clock_skew + f.malformed + f.oversized;
         let capacity = self.devices as u64 * self.messages_per_device;
@@ -211,11 +225,27 @@ mod tests {
                 "latency",
                 "mid",
                 "smoke",
+                "smoke-tls",
                 "soak",
                 "standard",
                 "standard-unthrottled"
             ]
         );
+    }
+
+    #[test]
+    fn a_ca_dir_without_tls_is_a_problem() {
+        let s = Scenario {
+            ca_dir: Some("pki".into()),
+            ..Scenario::default()
+        };
+        assert!(s.problems().iter().any(|p| p.contains("ca_dir needs tls")));
+        let s = Scenario {
+            tls: true,
+            ca_dir: Some("pki".into()),
+            ..Scenario::default()
+        };
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
     }
 
     #[test]

@@ -1,20 +1,36 @@
 //! The smoke scenario through the whole pipeline, as `make load-test` runs the standard one:
 //! the real Mosquitto, RabbitMQ and a Tansu of its own, the six service binaries, and the
-//! audit. Needs the brokers `make up` starts and the Tansu it builds.
+//! audit; then the same over mutual TLS (smoke-tls: the run's own Mosquitto from
+//! dev/mosquitto-tls.conf, a certificate per device). Needs the brokers `make up` starts and
+//! the Tansu it builds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One run at a time: both use the same Kafka and admin ports.
+static ONE_RUN: Mutex<()> = Mutex::new(());
 
 #[test]
 fn the_smoke_scenario_ends_with_nothing_lost_duplicated_or_unexpected() {
+    smoke("smoke");
+}
+
+#[test]
+fn the_smoke_scenario_over_mutual_tls_ends_the_same() {
+    smoke("smoke-tls");
+}
+
+fn smoke(scenario: &str) {
+    let _one = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
     let load = Path::new(env!("CARGO_BIN_EXE_iotp-load"));
     let bin_dir = load.parent().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out: PathBuf = std::env::temp_dir().join(format!("iotp-smoke-{}", std::process::id()));
+    let out: PathBuf = std::env::temp_dir().join(format!("iotp-{scenario}-{}", std::process::id()));
     let status = std::process::Command::new(load)
         .current_dir(&root)
         .arg("--scenario")
-        .arg(root.join("load-tests/scenarios/smoke.toml"))
+        .arg(root.join(format!("load-tests/scenarios/{scenario}.toml")))
         .arg("--bin-dir")
         .arg(bin_dir)
         .arg("--out")
@@ -56,7 +72,7 @@ fn the_smoke_scenario_ends_with_nothing_lost_duplicated_or_unexpected() {
     assert!(out.join("rate.svg").exists() && out.join("report.md").exists());
     assert!(
         status.success(),
-        "iotp-load exited {status}; report in {}",
+        "{scenario}: iotp-load exited {status}; report in {}",
         out.display()
     );
     let _ = std::fs::remove_dir_all(&out);

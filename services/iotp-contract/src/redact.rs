@@ -12,7 +12,8 @@
 //! - the whole value of a key that names a secret ([`is_secret_key`]): a Kafka property such as
 //!   `sasl.password`, `ssl.key.password`, `ssl.keystore.password`, `ssl.key.pem` or
 //!   `sasl.oauthbearer.client.secret`, the MQTT `password`, and any value nested under such a
-//!   key.
+//!   key; but not a key that names a file (`mongodb_password_file`, `ssl.keystore.location`):
+//!   its value is a path, and the secret stays in the file.
 //!
 //! A string is taken for a URI with a password if it has `://` and, after it, an `@` preceded
 //! by a `:`. A password with unencoded `/`, `?` or `@` in it is still hidden (everything up to
@@ -40,9 +41,17 @@ const SECRET_ENDINGS: [&str; 5] = ["key.pem", "token", "api_key", "apikey", "acc
 /// and the OAUTHBEARER configuration, which may carry credentials.
 const SECRET_KEYS: [&str; 2] = ["ssl_key", "sasl.oauthbearer.config"];
 
+/// Endings of a key's name that make its value the path of a file, not the secret it may
+/// hold (`sasl_password_file`, `mongodb_password_file`, `ssl.keystore.location`): the path is
+/// printed, the file's contents never are.
+const PATH_ENDINGS: [&str; 3] = ["_file", ".location", "_location"];
+
 /// Whether a setting of this name holds a secret (case does not matter).
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
+    if PATH_ENDINGS.iter().any(|e| key.ends_with(e)) {
+        return false;
+    }
     SECRET_WORDS.iter().any(|w| key.contains(w))
         || SECRET_ENDINGS.iter().any(|e| key.ends_with(e))
         || SECRET_KEYS.contains(&key.as_str())

@@ -126,6 +126,19 @@ pub fn load<C: ServiceConfig>(file: Option<&Path>) -> Result<C, ConfigError> {
     load_from(file, Env::prefixed(ENV_PREFIX).split("__"), files)
 }
 
+/// A secret kept in a file (a password, a token): its contents less one trailing newline
+/// (`\n` or `\r\n`). The error names the file, never its contents.
+pub fn read_secret(path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            let text = text.strip_suffix('\r').unwrap_or(text);
+            Ok(text.to_string())
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
 /// The settings `IOTP_FILE__SECTION__KEY=path` variables name, read from their files. A file
 /// that cannot be read is a configuration problem; its contents are never in the message.
 fn from_files(
@@ -139,13 +152,9 @@ fn from_files(
             continue;
         };
         let key = key.split("__").collect::<Vec<_>>().join(".").to_lowercase();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let text = text.strip_suffix('\n').unwrap_or(&text);
-                let text = text.strip_suffix('\r').unwrap_or(text);
-                values.push((key, text.to_string()));
-            }
-            Err(e) => problems.push(format!("{name}: cannot read {path}: {e}")),
+        match read_secret(Path::new(&path)) {
+            Ok(text) => values.push((key, text)),
+            Err(e) => problems.push(format!("{name}: {e}")),
         }
     }
     if problems.is_empty() {

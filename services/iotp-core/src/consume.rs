@@ -83,6 +83,11 @@ impl StageIo {
         if self.batch_max == 0 {
             out.push("io.batch_max must be at least 1".into());
         }
+        out.extend(
+            self.dead_letter
+                .amqp_tls
+                .problems("io.dead_letter.amqp_tls", &self.dead_letter.amqp_uri),
+        );
         out
     }
 }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod amqp;
 pub mod config;
 pub mod consume;
+pub mod crypto;
 pub mod dead_letter;
 pub mod ingress;
 pub mod kafka;
@@ -21,6 +22,7 @@ pub mod shutdown;
 pub mod stage;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tls;
 
 /// mimalloc for every service: glibc's malloc and free were about a sixth of the parser's and
 /// the bridge's CPU in `perf` profiles under load (docs/performance.md).

@@ -74,6 +74,10 @@ pub struct Metrics {
     /// Consumer-group leaves on the way out, by stage and outcome (`left`: the coordinator no
     /// longer lists the member; `unconfirmed`: its partitions wait for the session timeout).
     pub consumer_group_leaves_total: IntCounterVec,
+    /// notAfter (Unix seconds) of each configured TLS certificate, by link (`kafka`, `amqp`,
+    /// `mongodb`) and role (`client`: presented by this service; `ca`: trusted by it); set
+    /// when the client that uses it is built (`crate::tls`).
+    pub tls_cert_expiry_timestamp_seconds: IntGaugeVec,
 }
 
 impl Metrics {
@@ -232,6 +236,13 @@ impl Metrics {
                 ),
                 &["stage", "outcome"],
             )?,
+            tls_cert_expiry_timestamp_seconds: IntGaugeVec::new(
+                Opts::new(
+                    "iotp_tls_cert_expiry_timestamp_seconds",
+                    "notAfter of each configured TLS certificate, Unix seconds",
+                ),
+                &["link", "role"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.up.clone()))?;
@@ -282,6 +293,8 @@ impl Metrics {
             .register(Box::new(m.consumer_lag_messages.clone()))?;
         m.registry
             .register(Box::new(m.consumer_group_leaves_total.clone()))?;
+        m.registry
+            .register(Box::new(m.tls_cert_expiry_timestamp_seconds.clone()))?;
         Ok(m)
     }
 

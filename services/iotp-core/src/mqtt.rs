@@ -1,13 +1,16 @@
 //! MQTT 5 client settings: persistent session, manual acknowledgements, receive maximum as the
 //! in-flight bound, optional TLS with a client certificate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
 use iotp_contract::topology::topology;
@@ -58,6 +61,28 @@ pub struct MqttConfig {
     /// it received was acknowledged.
     #[serde(with = "humantime_serde")]
     pub drain_quiet: Duration,
+    /// Where the bridge takes the device's authenticated identity (the raw envelope's
+    /// `clientIdentity`) from: `none`, or `acl` (see [`Identity::Acl`]).
+    pub identity: Identity,
+}
+
+/// How the bridge learns which device sent a PUBLISH.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// No authenticated identity: `clientIdentity` stays empty and the topic alone names the
+    /// device.
+    #[default]
+    None,
+    /// The broker's ACL: devices authenticate with their own certificate (the certificate's
+    /// name is the MQTT username) and the broker lets each publish only on
+    /// `iot/{its tenant}/{its device}/…` (`pattern write iot/%u/…` in the project's
+    /// Mosquitto ACL). So a PUBLISH the bridge receives on `iot/{tenant}/{device}/…` was
+    /// sent by that device, and the bridge records `tenant/device` as `clientIdentity`; the
+    /// parser dead-letters a record whose tenant and device disagree with it
+    /// (`identity_mismatch`). It holds only where that ACL is in force: the bridge sees
+    /// the topic, not the publisher's certificate (Mosquitto passes no identity to subscribers).
+    Acl,
 }
 
 /// PEM files for TLS.
@@ -98,6 +123,7 @@ impl Default for MqttConfig {
             presence_prefix: "iotp-bridges".into(),
             orphan_after: Duration::from_secs(30),
             drain_quiet: Duration::from_secs(1),
+            identity: Identity::None,
         }
     }
 }
@@ -212,19 +238,63 @@ impl MqttConfig {
             opts.set_credentials(user, "");
         }
         if let Some(tls) = &self.tls {
-            let ca = std::fs::read(&tls.ca_file)?;
-            let client_auth = match (&tls.cert_file, &tls.key_file) {
-                (Some(cert), Some(key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
-                _ => None,
-            };
-            opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
-                ca,
-                alpn: None,
-                client_auth,
-            }));
+            crate::tls::record_expiry("mqtt", "ca", &tls.ca_file);
+            if let Some(cert) = &tls.cert_file {
+                crate::tls::record_expiry("mqtt", "client", cert);
+            }
+            opts.set_transport(tls_transport(
+                &tls.ca_file,
+                tls.cert_file.as_deref(),
+                tls.key_file.as_deref(),
+            )?);
         }
         Ok(opts)
     }
+}
+
+/// MQTT over TLS trusting only the CA in `ca` (PEM, one or more certificates), with the
+/// client certificate `cert` and its key `key` (PEM, PKCS#8, SEC1 or PKCS#1) when given: the
+/// bridge's identity, or a device's (the simulator). Installs the process's rustls crypto
+/// provider first ([`crate::crypto`]).
+pub fn tls_transport(
+    ca: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> anyhow::Result<Transport> {
+    crate::crypto::install_default_provider();
+    let read = |what: &str, path: &Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "{what} {}: no certificate in it",
+            path.display()
+        );
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read("mqtt TLS CA file", ca)? {
+        roots
+            .add(c)
+            .map_err(|e| anyhow::anyhow!("mqtt TLS CA file {}: {e}", ca.display()))?;
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let chain = read("mqtt TLS certificate", cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| anyhow::anyhow!("mqtt TLS key {}: {e}", key.display()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                anyhow::anyhow!("mqtt TLS client certificate {}: {e}", cert.display())
+            })?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => anyhow::bail!("mqtt TLS: a client certificate and its key go together"),
+    };
+    Ok(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(config),
+    )))
 }
 
 /// Presence of a replica that is connected.

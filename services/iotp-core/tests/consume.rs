@@ -56,6 +56,7 @@ async fn fixture(exchange: &str) -> Fixture {
         dead_letter: DeadLetterConfig {
             amqp_uri: amqp_uri(),
             exchange: exchange.to_string(),
+            ..Default::default()
         },
         ..StageIo::default()
     };

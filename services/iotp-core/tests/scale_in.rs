@@ -126,6 +126,7 @@ async fn a_scaled_in_replica_hands_its_partitions_to_the_survivor_at_once() {
         dead_letter: DeadLetterConfig {
             amqp_uri: amqp_uri(),
             exchange: "unused".into(),
+            ..Default::default()
         },
         ..StageIo::default()
     };

@@ -28,7 +28,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use iotp_contract::topology::RabbitTopology;
 use iotp_contract::{Codec, DeadLetter};
 use iotp_core::amqp::source::header_flag;
-use iotp_core::amqp::AmqpSource;
+use iotp_core::amqp::{AmqpSource, AmqpTls};
 use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::dead_letter::{DeadLetterConfig, DeadLetterPublisher, AMQP_TRANSIENT};
 use iotp_core::kafka::sink::{refusal, Refusal};
@@ -61,6 +61,8 @@ pub struct DlqConfig {
     pub kafka: KafkaConfig,
     /// RabbitMQ URI. Never logged.
     pub amqp_uri: String,
+    /// TLS for an `amqps://` `amqp_uri`: custom CA, client certificate.
+    pub amqp_tls: AmqpTls,
     /// The dead-letter queues and exchanges (defaults: `schemas/topology.toml`); one delay
     /// queue per `retry_delays` entry, so that many retries before a letter is parked.
     pub rabbitmq: RabbitTopology,
@@ -96,6 +98,7 @@ impl Default for DlqConfig {
             common: Common::default(),
             kafka: KafkaConfig::default(),
             amqp_uri: DeadLetterConfig::default().amqp_uri,
+            amqp_tls: AmqpTls::default(),
             rabbitmq: RabbitTopology::default(),
             transient_reasons: vec!["registry_unavailable".into(), "store_unavailable".into()],
             prefetch: 100,
@@ -115,6 +118,7 @@ impl ServiceConfig for DlqConfig {
     fn validate(&self) -> Vec<String> {
         let mut out = self.kafka.problems();
         out.extend(self.store.problems());
+        out.extend(self.amqp_tls.problems("amqp_tls", &self.amqp_uri));
         if self.prefetch == 0 {
             out.push("prefetch must be at least 1".into());
         }
@@ -189,6 +193,7 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
 
     let consume = Consume {
         uri: config.amqp_uri.clone(),
+        tls: config.amqp_tls.clone(),
         prefetch: config.prefetch,
         queues: [
             config.rabbitmq.incoming_queue.clone(),
@@ -199,6 +204,7 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
     let publisher = DeadLetterPublisher::new(DeadLetterConfig {
         amqp_uri: config.amqp_uri.clone(),
         exchange: String::new(),
+        amqp_tls: config.amqp_tls.clone(),
     })?;
     let mut handler = Handler {
         codec: Codec::latest()?,
@@ -271,6 +277,7 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
 /// Where the handler consumes, to open the consumers again after RabbitMQ went away.
 struct Consume {
     uri: String,
+    tls: AmqpTls,
     prefetch: u16,
     queues: [String; 2],
 }
@@ -278,7 +285,7 @@ struct Consume {
 impl Consume {
     async fn open(&self, tag: &str) -> lapin::Result<AmqpSource> {
         let queues = [self.queues[0].as_str(), self.queues[1].as_str()];
-        AmqpSource::open(&self.uri, self.prefetch, &queues, tag).await
+        AmqpSource::open(&self.uri, &self.tls, self.prefetch, &queues, tag).await
     }
 
     /// Open again, with the runtime's backoff, for as long as it takes (no work is in hand,

@@ -99,6 +99,7 @@ impl Rig {
         let mut publisher = DeadLetterPublisher::new(DeadLetterConfig {
             amqp_uri: amqp_uri(),
             exchange: topo.dead_letter_exchange.clone(),
+            ..Default::default()
         })
         .unwrap();
         let ids: Vec<String> = (0..2).map(|i| format!("enricher/{source}/0/{i}")).collect();

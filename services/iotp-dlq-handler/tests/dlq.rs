@@ -119,6 +119,7 @@ impl Rig {
                 dead_letter: DeadLetterConfig {
                     amqp_uri: amqp_uri(),
                     exchange: topo.dead_letter_exchange.clone(),
+                    ..Default::default()
                 },
                 ..StageIo::default()
             },
@@ -392,6 +393,7 @@ async fn letters_kafka_refuses_for_good_are_parked_not_retried() {
     let mut publisher = DeadLetterPublisher::new(DeadLetterConfig {
         amqp_uri: amqp_uri(),
         exchange: rig.dlq.rabbitmq.dead_letter_exchange.clone(),
+        ..Default::default()
     })
     .unwrap();
     let letter = |id: &str, reason: &str| DeadLetter {

@@ -3,6 +3,9 @@
 //! that does not fit the layout is forwarded with empty identity for the parser to reject.
 //! A PUBLISH whose envelope Kafka refuses for good (over `message.max.bytes`) becomes a dead
 //! letter of stage `mqtt-bridge` on RabbitMQ (`dead_letter`) and is then acknowledged.
+//! With `mqtt.identity = "acl"` the envelope's `clientIdentity` is `tenant/deviceId` from the
+//! topic, which the broker's ACL let only that device publish on
+//! (`iotp_core::mqtt::Identity::Acl`); the parser refuses a record that disagrees with it.
 
 use std::collections::HashMap;
 
@@ -12,7 +15,7 @@ use iotp_core::config::{Common, ServiceConfig};
 use iotp_core::dead_letter::DeadLetterConfig;
 use iotp_core::ingress::{self, IngressStage};
 use iotp_core::kafka::KafkaConfig;
-use iotp_core::mqtt::MqttConfig;
+use iotp_core::mqtt::{Identity, MqttConfig};
 use iotp_core::service::Context;
 use iotp_core::stage::{Output, StageError};
 use rumqttc::v5::mqttbytes::v5::Publish;
@@ -65,13 +68,14 @@ impl ServiceConfig for BridgeConfig {
 /// Run the bridge.
 pub async fn run(ctx: Context, config: BridgeConfig) -> anyhow::Result<()> {
     let replica = ctx.replica.clone();
+    let identity = config.mqtt.identity;
     ingress::run(
         ctx,
         config.mqtt,
         config.kafka,
         config.raw_topic,
         config.dead_letter,
-        move || Bridge::new(replica.clone()),
+        move || Bridge::new(replica.clone(), identity),
     )
     .await
 }
@@ -112,14 +116,17 @@ pub fn parse_topic(topic: &str) -> Option<TopicIdentity<'_>> {
 /// The bridge stage: PUBLISH → raw envelope.
 pub struct Bridge {
     bridge_id: String,
+    identity: Identity,
     codec: Codec<RawEnvelope>,
 }
 
 impl Bridge {
-    /// A stage that signs envelopes with `bridge_id`.
-    pub fn new(bridge_id: String) -> anyhow::Result<Self> {
+    /// A stage that signs envelopes with `bridge_id` and fills `clientIdentity` as `identity`
+    /// says.
+    pub fn new(bridge_id: String, identity: Identity) -> anyhow::Result<Self> {
         Ok(Self {
             bridge_id,
+            identity,
             codec: Codec::latest()?,
         })
     }
@@ -136,6 +143,12 @@ impl Bridge {
             None => (String::new(), String::new(), String::new()),
         };
         let properties = publish.properties.as_ref();
+        // Under `acl` the broker let only this device publish on its topic; an odd topic
+        // (no device) vouches for nobody.
+        let client_identity = match self.identity {
+            Identity::Acl if !device_id.is_empty() => Some(format!("{tenant}/{device_id}")),
+            _ => None,
+        };
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
         RawEnvelope {
             envelope_id: uuid::Uuid::now_v7()
@@ -148,7 +161,7 @@ impl Bridge {
             content_type: properties.and_then(|p| p.content_type.clone()),
             payload: publish.payload.to_vec(),
             received_at,
-            client_identity: None,
+            client_identity,
             bridge_id: self.bridge_id.clone(),
             redelivered: publish.dup,
             user_properties: properties
@@ -208,7 +221,7 @@ mod tests {
 
     #[test]
     fn envelope_keeps_payload_and_properties_and_is_keyed_by_device() {
-        let mut bridge = Bridge::new("bridge-0".into()).expect("stage");
+        let mut bridge = Bridge::new("bridge-0".into(), Identity::None).expect("stage");
         let mut publish = Publish::new(
             "iot/acme/m-1/heartbeat",
             QoS::AtLeastOnce,
@@ -244,6 +257,38 @@ mod tests {
         assert!(env.redelivered);
         assert_eq!(env.received_at, 42);
         assert_eq!(env.bridge_id, "bridge-0");
+        assert_eq!(
+            env.client_identity, None,
+            "identity = none vouches for nobody"
+        );
+    }
+
+    #[test]
+    fn acl_identity_is_the_topics_tenant_and_device() {
+        let mut bridge = Bridge::new("b".into(), Identity::Acl).expect("stage");
+        let codec = Codec::<RawEnvelope>::latest().expect("codec");
+        let mut identity = |topic: &str| {
+            let publish = Publish::new(topic, QoS::AtLeastOnce, vec![1u8], None);
+            let record = bridge.map(&publish, 1).expect("map");
+            codec.decode(&record.value).expect("decode").client_identity
+        };
+        assert_eq!(
+            identity("iot/acme/m-1/telemetry").as_deref(),
+            Some("acme/m-1")
+        );
+        assert_eq!(
+            identity("iot/beta/m-1/heartbeat").as_deref(),
+            Some("beta/m-1")
+        );
+        assert_eq!(identity("iot/acme"), None, "an odd topic names no device");
+    }
+
+    #[test]
+    fn identity_setting_reads_acl_and_refuses_others() {
+        let c: BridgeConfig = toml::from_str("[mqtt]\nidentity = \"acl\"\n").expect("acl");
+        assert_eq!(c.mqtt.identity, Identity::Acl);
+        assert_eq!(BridgeConfig::default().mqtt.identity, Identity::None);
+        assert!(toml::from_str::<BridgeConfig>("[mqtt]\nidentity = \"cert\"\n").is_err());
     }
 
     #[test]
@@ -259,7 +304,7 @@ mod tests {
 
     #[test]
     fn odd_topic_is_forwarded_not_dropped() {
-        let mut bridge = Bridge::new("b".into()).expect("stage");
+        let mut bridge = Bridge::new("b".into(), Identity::None).expect("stage");
         let publish = Publish::new("iot/acme", QoS::AtLeastOnce, vec![9u8], None);
         let record = bridge.map(&publish, 1).expect("map");
         assert_eq!(record.key, b"iot/acme");

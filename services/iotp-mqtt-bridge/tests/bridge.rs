@@ -399,3 +399,25 @@ async fn an_oversized_publish_is_dead_lettered_and_acknowledged() {
         "no second dead letter"
     );
 }
+
+/// `mqtt.identity = "acl"`: every record carries the device the topic names as its
+/// authenticated identity (`tenant/deviceId`), for the parser to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_identity_is_recorded_on_every_envelope() {
+    let mut s = setup("acl-identity", 2).await;
+    s.spec
+        .env
+        .push(("IOTP__MQTT__IDENTITY".into(), "acl".into()));
+    let bridge = Bridge::start(&s.spec, "bridge-acl-0");
+    bridge.wait_ready();
+    let sent = publish_fleet(s.mosquitto.port, &s.tenant, 5, 10).await;
+    let seen = read_until_complete(&s.spec.topic, &sent, Duration::from_secs(60)).await;
+    assert_none_missing(&sent, &seen);
+    for r in &seen {
+        let expected = format!("{}/{}", r.envelope.tenant, r.envelope.device_id);
+        assert_eq!(
+            r.envelope.client_identity.as_deref(),
+            Some(expected.as_str())
+        );
+    }
+}

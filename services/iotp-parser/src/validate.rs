@@ -71,6 +71,22 @@ fn check(
             ),
         ));
     }
+    // The identity the bridge recorded as authenticated (`clientIdentity`, `tenant/deviceId`)
+    // must name the tenant and device the record is filed under; empty means none was given.
+    if let Some(identity) = env.client_identity.as_deref().filter(|i| !i.is_empty()) {
+        let matches = identity
+            .split_once('/')
+            .is_some_and(|(t, d)| t == env.tenant && d == env.device_id);
+        if !matches {
+            return Err(Rejection::permanent(
+                "identity_mismatch",
+                format!(
+                    "authenticated identity {identity:?} is not the topic's {}/{}",
+                    env.tenant, env.device_id
+                ),
+            ));
+        }
+    }
     if !rules.kinds.iter().any(|k| k == &env.kind) {
         return Err(Rejection::permanent(
             "unknown_kind",

@@ -186,6 +186,14 @@ fn bad_inputs() -> Vec<(&'static str, Record)> {
             )),
         ),
         (
+            // The bridge vouched (mqtt.identity = "acl") for another device than the topic's.
+            "identity_mismatch",
+            raw_record(&RawEnvelope {
+                client_identity: Some("acme/m-2".into()),
+                ..envelope("m-1", "telemetry", None, json(reading(1)))
+            }),
+        ),
+        (
             "malformed_payload",
             raw_record(&envelope("m-1", "telemetry", None, b"{not json".to_vec())),
         ),

@@ -23,6 +23,17 @@ pub struct StoreConfig {
     pub mongodb_uri: Option<String>,
     /// MongoDB database holding every collection of the store.
     pub mongodb_database: String,
+    /// MongoDB user this service logs in as (one user per service); wins over a user in the URI.
+    pub mongodb_user: Option<String>,
+    /// File holding `mongodb_user`'s password (one trailing newline dropped), read at start.
+    pub mongodb_password_file: Option<PathBuf>,
+    /// Database the user is defined in (`authSource`; MongoDB's default: `admin`, or the URI's
+    /// database).
+    pub mongodb_auth_source: Option<String>,
+    /// Connect with TLS (as `tls=true` in the URI).
+    pub mongodb_tls: bool,
+    /// CA certificates (PEM) the server's certificate is checked against; needs `mongodb_tls`.
+    pub mongodb_tls_ca_file: Option<PathBuf>,
     /// How long each tier keeps its data. On MongoDB every service that opens the store sets
     /// the server-side TTLs from it, so give every service the same values.
     pub retention: Retention,
@@ -34,6 +45,11 @@ impl Default for StoreConfig {
             path: PathBuf::from(".run/iotp.sqlite"),
             mongodb_uri: None,
             mongodb_database: "iotp".into(),
+            mongodb_user: None,
+            mongodb_password_file: None,
+            mongodb_auth_source: None,
+            mongodb_tls: false,
+            mongodb_tls_ca_file: None,
             retention: Retention::default(),
         }
     }
@@ -64,6 +80,37 @@ impl StoreConfig {
             }
             None => {}
         }
+        let mongo_only = [
+            ("mongodb_user", self.mongodb_user.is_some()),
+            (
+                "mongodb_password_file",
+                self.mongodb_password_file.is_some(),
+            ),
+            ("mongodb_auth_source", self.mongodb_auth_source.is_some()),
+            ("mongodb_tls", self.mongodb_tls),
+            ("mongodb_tls_ca_file", self.mongodb_tls_ca_file.is_some()),
+        ];
+        for (name, set) in mongo_only {
+            if set && self.mongodb_uri.is_none() {
+                out.push(format!("store.{name} needs store.mongodb_uri"));
+            }
+        }
+        if self.mongodb_tls_ca_file.is_some() && !self.mongodb_tls {
+            out.push("store.mongodb_tls_ca_file needs store.mongodb_tls = true".into());
+        }
+        if self.mongodb_password_file.is_some() && self.mongodb_user.is_none() {
+            out.push("store.mongodb_password_file needs store.mongodb_user".into());
+        }
+        for (name, path) in [
+            ("mongodb_password_file", &self.mongodb_password_file),
+            ("mongodb_tls_ca_file", &self.mongodb_tls_ca_file),
+        ] {
+            if let Some(path) = path {
+                if let Err(e) = std::fs::metadata(path) {
+                    out.push(format!("store.{name}: cannot read {}: {e}", path.display()));
+                }
+            }
+        }
         out.extend(self.retention.problems());
         out
     }
@@ -73,8 +120,9 @@ impl StoreConfig {
     pub async fn open(&self) -> Result<Store, StoreError> {
         match &self.mongodb_uri {
             Some(uri) => {
+                let options = crate::mongo::client_options(uri, self).await?;
                 let store =
-                    MongoStore::connect(uri, &self.mongodb_database, self.retention).await?;
+                    MongoStore::connect(options, &self.mongodb_database, self.retention).await?;
                 tracing::info!(backend = "mongodb", database = %self.mongodb_database, "store opened");
                 Ok(Store::Mongo(store))
             }
@@ -226,5 +274,41 @@ mod tests {
         assert!(matches!(store, Store::Embedded(_)));
         assert_eq!(store.watermark().await.expect("watermark"), i64::MIN);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn mongodb_credentials_need_the_uri_a_user_and_readable_files() {
+        let without_uri = StoreConfig {
+            mongodb_user: Some("u".into()),
+            mongodb_tls: true,
+            ..StoreConfig::default()
+        };
+        let problems = without_uri.problems().join("\n");
+        assert!(
+            problems.contains("store.mongodb_user needs store.mongodb_uri"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("store.mongodb_tls needs store.mongodb_uri"),
+            "{problems}"
+        );
+        let config = StoreConfig {
+            mongodb_uri: Some("mongodb://db-0:27017".into()),
+            mongodb_password_file: Some("/nonexistent/pw".into()),
+            mongodb_tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..StoreConfig::default()
+        };
+        let problems = config.problems().join("\n");
+        for expected in [
+            "store.mongodb_tls_ca_file needs store.mongodb_tls = true",
+            "store.mongodb_password_file needs store.mongodb_user",
+            "cannot read /nonexistent/pw",
+            "cannot read /nonexistent/ca.pem",
+        ] {
+            assert!(problems.contains(expected), "{expected} not in {problems}");
+        }
+        // The password file's path prints; it is not a secret.
+        let printed = format!("{config:?}");
+        assert!(printed.contains("/nonexistent/pw"), "{printed}");
     }
 }

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::Outgoing;
+use rumqttc::{Outgoing, Transport};
 use tokio::sync::Semaphore;
 
 use super::{now_millis, DeviceLedger, Progress, Target};
@@ -49,7 +49,11 @@ pub(super) struct Run {
 
 /// One device's connection, from its first publish until its last PUBACK (or a stall); its
 /// ledger.
-pub(super) async fn run_device(plan: DevicePlan, run: Arc<Run>) -> anyhow::Result<DeviceLedger> {
+pub(super) async fn run_device(
+    plan: DevicePlan,
+    run: Arc<Run>,
+    transport: Option<Transport>,
+) -> anyhow::Result<DeviceLedger> {
     let t = &run.target;
     let max_inflight = run.scenario.max_inflight;
     let mut opts = MqttOptions::new(format!("sim-{}-{}", t.tenant, plan.id), &t.host, t.port);
@@ -60,6 +64,9 @@ pub(super) async fn run_device(plan: DevicePlan, run: Arc<Run>) -> anyhow::Resul
         // Slots for the device's own window only: rumqttc's default is 65,535 of them per
         // client (about 16 MiB, written at connect), 16 GiB for a fleet of 1,000.
         .set_outgoing_inflight_upper_limit(u16::try_from(max_inflight).unwrap_or(u16::MAX));
+    if let Some(transport) = transport {
+        opts.set_transport(transport);
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, max_inflight + 8);
     let shared = Arc::new(Mutex::new(Shared {
         order: VecDeque::new(),

@@ -55,8 +55,12 @@ pub async fn collect(run: &mut Run, settled: Settled) -> anyhow::Result<Outcome>
     let exit_codes = run.stack.stop_services().await;
     let mut session_leftovers = Vec::new();
     for client_id in run.stack.bridge_client_ids() {
-        let n =
-            super::leftovers::bridge_session_leftovers(&client_id, run.stack.mqtt_port()).await?;
+        let n = super::leftovers::bridge_session_leftovers(
+            &client_id,
+            run.stack.mqtt_port(),
+            run.stack.bridge_tls(),
+        )
+        .await?;
         session_leftovers.push((client_id, n));
     }
     let acks_per_second = progress

@@ -10,21 +10,30 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
+use crate::stack::BridgeTls;
+
 /// How long the broker may stay silent before the session counts as emptied.
 const QUIET: Duration = Duration::from_secs(2);
 
 /// The longest the count may take.
 const AT_MOST: Duration = Duration::from_secs(120);
 
-/// PUBLISHes the broker still held for `client_id`'s session on 127.0.0.1:`port`; the session
-/// is ended after.
-pub async fn bridge_session_leftovers(client_id: &str, port: u16) -> anyhow::Result<u64> {
+/// PUBLISHes the broker still held for `client_id`'s session on 127.0.0.1:`port` (over TLS
+/// with the bridge's identity in a TLS run); the session is ended after.
+pub async fn bridge_session_leftovers(
+    client_id: &str,
+    port: u16,
+    tls: Option<BridgeTls>,
+) -> anyhow::Result<u64> {
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(60))
         .set_clean_start(false)
         // Ends the session when this connection closes.
         .set_session_expiry_interval(Some(0))
         .set_max_packet_size(Some(2 * 1024 * 1024));
+    if let Some(tls) = tls {
+        opts.set_transport(tls.transport()?);
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let started = tokio::time::Instant::now();
     let mut connected = false;

@@ -176,6 +176,7 @@ impl Run {
     /// Devices of the run's tenant on the run's Mosquitto, on topics under `topic_prefix`.
     pub fn target(&self, topic_prefix: &str) -> Target {
         Target::local(self.stack.mqtt_port(), &self.tenant, topic_prefix)
+            .with_tls(self.stack.tls_ca_dir())
     }
 
     /// Every dead letter of the run's tenant in the archive, replayed ones included.

@@ -73,7 +73,9 @@ pub async fn prepare(mut opts: Options) -> anyhow::Result<Run> {
         out.join("logs").display()
     );
     let store = SqliteStore::open(&stack.store_path)?;
-    warm_up(&store, &warmup_tenant, stack.mqtt_port()).await?;
+    let warmup_target =
+        Target::local(stack.mqtt_port(), &warmup_tenant, "iot").with_tls(stack.tls_ca_dir());
+    warm_up(&store, warmup_target).await?;
     let kafka = KafkaConfig {
         brokers: opts.kafka.clone(),
         ..KafkaConfig::default()
@@ -121,6 +123,9 @@ fn stack_config(
         amqp_uri: opts.amqp.clone(),
         chaos: scenario.chaos.clone(),
         repo: repo_of(&opts.scenario)?,
+        tls: scenario
+            .tls
+            .then(|| scenario.ca_dir.clone().unwrap_or_else(|| out.join("pki"))),
     })
 }
 
@@ -136,7 +141,9 @@ fn repo_of(scenario: &std::path::Path) -> anyhow::Result<PathBuf> {
 
 /// One message end to end before anything is measured: every consumer has joined its group
 /// and every connection is open.
-async fn warm_up(store: &SqliteStore, tenant: &str, mqtt_port: u16) -> anyhow::Result<()> {
+async fn warm_up(store: &SqliteStore, target: Target) -> anyhow::Result<()> {
+    let tenant = target.tenant.clone();
+    let tenant = tenant.as_str();
     let started = Instant::now();
     let scenario = Scenario {
         name: "warm-up".into(),
@@ -145,7 +152,6 @@ async fn warm_up(store: &SqliteStore, tenant: &str, mqtt_port: u16) -> anyhow::R
         ramp_up: Duration::ZERO,
         ..Scenario::default()
     };
-    let target = Target::local(mqtt_port, tenant, "iot");
     fleet::run(target, &scenario, plan::plan(&scenario), Arc::default()).await?;
     while store.message_count(Some(tenant)).await? < 1 {
         anyhow::ensure!(

@@ -135,10 +135,16 @@ fn mosquitto_binary() -> PathBuf {
 }
 
 /// A Mosquitto of the run's own, from the project's `dev/mosquitto.conf` (same queue limits,
-/// persistence in `dir/mosquitto`), on a free port.
-pub async fn mosquitto(repo: &Path, dir: &Path) -> anyhow::Result<Broker> {
-    let template = std::fs::read_to_string(repo.join("dev/mosquitto.conf"))
-        .context("dev/mosquitto.conf (run from the repository's root)")?;
+/// persistence in `dir/mosquitto`), on a free port; with `tls` (a CA directory holding the
+/// broker's certificate) from `dev/mosquitto-tls.conf` and the ACL `dev/mosquitto.acl`.
+pub async fn mosquitto(repo: &Path, dir: &Path, tls: Option<&Path>) -> anyhow::Result<Broker> {
+    let file = if tls.is_some() {
+        "dev/mosquitto-tls.conf"
+    } else {
+        "dev/mosquitto.conf"
+    };
+    let template = std::fs::read_to_string(repo.join(file))
+        .with_context(|| format!("{file} (run from the repository's root)"))?;
     let data = dir.join("mosquitto");
     std::fs::create_dir_all(&data)?;
     let port = free_port()?;
@@ -147,7 +153,9 @@ pub async fn mosquitto(repo: &Path, dir: &Path) -> anyhow::Result<Broker> {
         .replace("@PORT@", &port.to_string())
         .replace("@BIND@", "127.0.0.1")
         .replace("@USER@", &user)
-        .replace("@DIR@", &data.to_string_lossy());
+        .replace("@DIR@", &data.to_string_lossy())
+        .replace("@PKI@", &tls.unwrap_or(dir).to_string_lossy())
+        .replace("@ACL@", &repo.join("dev/mosquitto.acl").to_string_lossy());
     let path = data.join("mosquitto.conf");
     std::fs::write(&path, conf)?;
     let args = vec!["-c".to_string(), path.to_string_lossy().into_owned()];

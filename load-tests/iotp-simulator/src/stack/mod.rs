@@ -80,6 +80,10 @@ pub struct StackConfig {
     pub chaos: Chaos,
     /// The repository (for `dev/mosquitto.conf`).
     pub repo: PathBuf,
+    /// The iotp-pki CA directory of a TLS run (scenario `tls`): the run starts its own
+    /// Mosquitto from dev/mosquitto-tls.conf, the bridge connects with the `iotp-bridge`
+    /// certificate. `None`: plain MQTT.
+    pub tls: Option<PathBuf>,
 }
 
 impl StackConfig {
@@ -90,6 +94,20 @@ impl StackConfig {
             "load-bridge-{}",
             self.tenants.first().map(String::as_str).unwrap_or("run")
         )
+    }
+
+    /// A TLS run's CA certificate and the bridge's certificate and key (issued by
+    /// [`Stack::start`]).
+    pub fn bridge_tls(&self) -> Option<BridgeTls> {
+        self.tls.as_ref().map(|dir| BridgeTls {
+            ca_file: dir.join(iotp_pki::CA_CERT),
+            cert_file: dir
+                .join("bridge")
+                .join(format!("{}.pem", iotp_pki::BRIDGE_NAME)),
+            key_file: dir
+                .join("bridge")
+                .join(format!("{}.key", iotp_pki::BRIDGE_NAME)),
+        })
     }
 
     /// The MQTT client id of bridge replica `index`: its persistent session.
@@ -111,6 +129,42 @@ impl StackConfig {
             parking_queue: format!("{prefix}.{}", r.parking_queue),
         }
     }
+}
+
+/// The files of the bridge's TLS identity.
+#[derive(Debug, Clone)]
+pub struct BridgeTls {
+    /// The CA certificate (the broker's issuer).
+    pub ca_file: PathBuf,
+    /// The bridge's certificate, CN `iotp-bridge`.
+    pub cert_file: PathBuf,
+    /// Its key.
+    pub key_file: PathBuf,
+}
+
+impl BridgeTls {
+    /// A TLS transport with this identity.
+    pub fn transport(&self) -> anyhow::Result<rumqttc::Transport> {
+        iotp_core::mqtt::tls_transport(&self.ca_file, Some(&self.cert_file), Some(&self.key_file))
+    }
+}
+
+/// Make the CA in `dir` (if it holds none) and issue the broker's certificate (localhost,
+/// 127.0.0.1) and the bridge's.
+fn prepare_ca(dir: &Path) -> anyhow::Result<()> {
+    let mut ca = match iotp_pki::Ca::open(dir) {
+        Ok(ca) => ca,
+        Err(iotp_pki::PkiError::NoCa(_)) => iotp_pki::Ca::init(dir, "iotp load-test CA", 30)?,
+        Err(e) => return Err(e.into()),
+    };
+    let validity = iotp_pki::Validity::days(30)?;
+    ca.issue_broker(
+        "mosquitto",
+        &["localhost".to_string(), "127.0.0.1".to_string()],
+        validity,
+    )?;
+    ca.issue_bridge(iotp_pki::BRIDGE_NAME, validity)?;
+    Ok(())
 }
 
 /// A live process of the stack as the monitor sees it.
@@ -185,8 +239,11 @@ impl Stack {
     pub async fn start(cfg: &StackConfig, registry: &Path, seed: u64) -> anyhow::Result<Self> {
         let mut cfg = cfg.clone();
         std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
-        let mosquitto = if cfg.chaos.restarts_mosquitto() {
-            let m = brokers::mosquitto(&cfg.repo, &cfg.run_dir).await?;
+        if let Some(dir) = &cfg.tls {
+            prepare_ca(dir).with_context(|| format!("the CA in {}", dir.display()))?;
+        }
+        let mosquitto = if cfg.chaos.restarts_mosquitto() || cfg.tls.is_some() {
+            let m = brokers::mosquitto(&cfg.repo, &cfg.run_dir, cfg.tls.as_deref()).await?;
             cfg.mqtt_port = m.port;
             Some(m)
         } else {
@@ -242,6 +299,16 @@ impl Stack {
             stack.scale(service, n).await?;
         }
         Ok(stack)
+    }
+
+    /// The CA directory of a TLS run.
+    pub fn tls_ca_dir(&self) -> Option<PathBuf> {
+        self.cfg.tls.clone()
+    }
+
+    /// The bridge's TLS identity in a TLS run.
+    pub fn bridge_tls(&self) -> Option<BridgeTls> {
+        self.cfg.bridge_tls()
     }
 
     /// The MQTT port the fleet and the bridge use.

@@ -102,6 +102,11 @@ pub fn spawn(sh: &Shared<'_>, service: &'static str, index: usize) -> anyhow::Re
                 // where the audit finds it.
                 .env("IOTP__DEAD_LETTER__AMQP_URI", &cfg.amqp_uri)
                 .env("IOTP__DEAD_LETTER__EXCHANGE", &sh.dead.dead_letter_exchange);
+            if let Some(tls) = cfg.bridge_tls() {
+                cmd.env("IOTP__MQTT__TLS__CA_FILE", &tls.ca_file)
+                    .env("IOTP__MQTT__TLS__CERT_FILE", &tls.cert_file)
+                    .env("IOTP__MQTT__TLS__KEY_FILE", &tls.key_file);
+            }
         }
         "dlq-handler" => {
             cmd.env("IOTP__STORE__PATH", sh.store_path)

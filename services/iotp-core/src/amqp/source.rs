@@ -21,8 +21,14 @@ pub struct AmqpSource {
 impl AmqpSource {
     /// Consume `queues` with at most `prefetch` unacknowledged deliveries; consumer tags are
     /// `{queue}-{tag}`.
-    pub async fn open(uri: &str, prefetch: u16, queues: &[&str], tag: &str) -> lapin::Result<Self> {
-        let connection = super::connect(uri).await?;
+    pub async fn open(
+        uri: &str,
+        tls: &super::AmqpTls,
+        prefetch: u16,
+        queues: &[&str],
+        tag: &str,
+    ) -> lapin::Result<Self> {
+        let connection = super::connect_with(uri, tls).await?;
         let channel = connection.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())

@@ -27,6 +27,8 @@ pub struct DeadLetterConfig {
     pub amqp_uri: String,
     /// Exchange stages publish to; the routing key is `{stage}.{reasonCode}`.
     pub exchange: String,
+    /// TLS for an `amqps://` URI: custom CA, client certificate.
+    pub amqp_tls: crate::amqp::AmqpTls,
 }
 
 impl Default for DeadLetterConfig {
@@ -34,6 +36,7 @@ impl Default for DeadLetterConfig {
         Self {
             amqp_uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             exchange: topology().rabbitmq.dead_letter_exchange.clone(),
+            amqp_tls: crate::amqp::AmqpTls::default(),
         }
     }
 }

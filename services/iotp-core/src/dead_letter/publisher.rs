@@ -68,7 +68,8 @@ impl DeadLetterPublisher {
     async fn channel(&mut self) -> Result<&Channel, PublishError> {
         let usable = matches!(&self.conn, Some((c, ch)) if c.status().connected() && ch.status().connected());
         if !usable {
-            let connection = crate::amqp::connect(&self.config.amqp_uri).await?;
+            let connection =
+                crate::amqp::connect_with(&self.config.amqp_uri, &self.config.amqp_tls).await?;
             let channel = connection.create_channel().await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())

@@ -48,7 +48,7 @@ pub async fn ensure_topics(
 /// Records ever written to `topic`: the sum of its partitions' high watermarks.
 pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> Result<i64, KafkaError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let config = kafka.base("iotp-count");
+    let config = kafka.base("iotp-count")?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = config.create()?;
@@ -76,7 +76,7 @@ pub async fn consumer_lag(
 ) -> Result<i64, KafkaError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
-    let mut config = kafka.base("iotp-lag");
+    let mut config = kafka.base("iotp-lag")?;
     config.set("group.id", group);
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {

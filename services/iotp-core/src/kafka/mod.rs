@@ -12,6 +12,7 @@ pub use admin::{consumer_lag, count_records, ensure_topics};
 pub use sink::KafkaSink;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::admin::AdminClient;
@@ -45,9 +46,43 @@ pub struct KafkaConfig {
     /// on memory when the input topic has a backlog. librdkafka's 64 MiB put the enricher at
     /// 92 MiB RSS in the standard load test here.
     pub prefetch_kib: u32,
-    /// Extra librdkafka properties, e.g. `security.protocol = "ssl"`, `ssl.ca.location`.
+    /// `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// CA certificates (PEM) the brokers' certificates are checked against
+    /// (`ssl.ca.location`); unset: the system's.
+    pub ssl_ca_location: Option<PathBuf>,
+    /// This service's client certificate (PEM, `ssl.certificate.location`), for brokers that
+    /// require one; its expiry is exported (`iotp_tls_cert_expiry_timestamp_seconds`).
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// The client certificate's private key (PEM, `ssl.key.location`).
+    pub ssl_key_location: Option<PathBuf>,
+    /// SASL mechanism (`sasl.mechanism`): `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name (`sasl.username`).
+    pub sasl_username: Option<String>,
+    /// File holding the SASL password (`sasl.password`; one trailing newline dropped), read
+    /// when a client is built: the password is in no setting, log or printed configuration.
+    pub sasl_password_file: Option<PathBuf>,
+    /// Extra librdkafka properties, e.g. `"ssl.endpoint.identification.algorithm" = "none"`.
     pub properties: BTreeMap<String, String>,
 }
+
+/// `security.protocol` values librdkafka knows.
+const SECURITY_PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+
+/// SASL mechanisms passed through (OAUTHBEARER and GSSAPI need more than a password).
+const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+/// librdkafka properties the typed settings above set; giving them in `properties` too is an error.
+const TYPED_PROPERTIES: [&str; 7] = [
+    "security.protocol",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+];
 
 impl Default for KafkaConfig {
     fn default() -> Self {
@@ -58,6 +93,13 @@ impl Default for KafkaConfig {
             compression: "none".into(),
             fetch_wait: Duration::from_millis(20),
             prefetch_kib: 8192,
+            security_protocol: "plaintext".into(),
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password_file: None,
             properties: BTreeMap::new(),
         }
     }
@@ -91,17 +133,123 @@ impl KafkaConfig {
                 ));
             }
         }
+        out.extend(self.security_problems());
         out
     }
 
-    pub(crate) fn base(&self, client_id: &str) -> ClientConfig {
+    /// The TLS and SASL rules: known protocol and mechanism, TLS files only with TLS, SASL
+    /// settings only with SASL, certificate and key together, the files readable.
+    fn security_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let protocol = self.security_protocol.as_str();
+        if !SECURITY_PROTOCOLS.contains(&protocol) {
+            out.push(format!(
+                "kafka.security_protocol {protocol:?} is not one of {}",
+                SECURITY_PROTOCOLS.join(", ")
+            ));
+        }
+        let tls = protocol.ends_with("ssl");
+        let sasl = protocol.starts_with("sasl_");
+        for key in TYPED_PROPERTIES.iter().chain(["sasl.password"].iter()) {
+            if self.properties.contains_key(*key) {
+                out.push(format!(
+                    "kafka.properties.{key}: use the kafka.{} setting",
+                    match *key {
+                        "sasl.password" => "sasl_password_file".to_string(),
+                        "sasl.mechanisms" => "sasl_mechanism".to_string(),
+                        k => k.replace('.', "_"),
+                    }
+                ));
+            }
+        }
+        let files = [
+            ("ssl_ca_location", &self.ssl_ca_location),
+            ("ssl_certificate_location", &self.ssl_certificate_location),
+            ("ssl_key_location", &self.ssl_key_location),
+        ];
+        for (name, path) in files {
+            let Some(path) = path else { continue };
+            if !tls {
+                out.push(format!(
+                    "kafka.{name} needs kafka.security_protocol ssl or sasl_ssl"
+                ));
+            }
+            if let Err(e) = std::fs::metadata(path) {
+                out.push(format!("kafka.{name}: cannot read {}: {e}", path.display()));
+            }
+        }
+        if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+            out.push(
+                "kafka.ssl_certificate_location and kafka.ssl_key_location go together".into(),
+            );
+        }
+        match (&self.sasl_mechanism, sasl) {
+            (Some(m), true) if !SASL_MECHANISMS.contains(&m.as_str()) => out.push(format!(
+                "kafka.sasl_mechanism {m:?} is not one of {}",
+                SASL_MECHANISMS.join(", ")
+            )),
+            (None, true) => out.push(format!(
+                "kafka.security_protocol {protocol} needs kafka.sasl_mechanism"
+            )),
+            _ => {}
+        }
+        let sasl_settings = [
+            ("sasl_mechanism", self.sasl_mechanism.is_some()),
+            ("sasl_username", self.sasl_username.is_some()),
+            ("sasl_password_file", self.sasl_password_file.is_some()),
+        ];
+        for (name, set) in sasl_settings {
+            if set && !sasl {
+                out.push(format!(
+                    "kafka.{name} needs kafka.security_protocol sasl_plaintext or sasl_ssl"
+                ));
+            }
+        }
+        if let Some(path) = &self.sasl_password_file {
+            if let Err(e) = std::fs::metadata(path) {
+                out.push(format!(
+                    "kafka.sasl_password_file: cannot read {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+        out
+    }
+
+    /// The settings every client shares: brokers, client id, TLS and SASL, then `properties`.
+    /// Reads the SASL password file; records the expiry of the configured certificates.
+    pub(crate) fn base(&self, client_id: &str) -> Result<ClientConfig, KafkaError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
-            .set("client.id", client_id);
+            .set("client.id", client_id)
+            .set("security.protocol", &self.security_protocol);
+        if let Some(path) = &self.ssl_ca_location {
+            crate::tls::record_expiry("kafka", "ca", path);
+            c.set("ssl.ca.location", path.display().to_string());
+        }
+        if let Some(path) = &self.ssl_certificate_location {
+            crate::tls::record_expiry("kafka", "client", path);
+            c.set("ssl.certificate.location", path.display().to_string());
+        }
+        if let Some(path) = &self.ssl_key_location {
+            c.set("ssl.key.location", path.display().to_string());
+        }
+        if let Some(mechanism) = &self.sasl_mechanism {
+            c.set("sasl.mechanism", mechanism);
+        }
+        if let Some(user) = &self.sasl_username {
+            c.set("sasl.username", user);
+        }
+        if let Some(path) = &self.sasl_password_file {
+            let password = crate::config::read_secret(path).map_err(|e| {
+                KafkaError::ClientCreation(format!("kafka.sasl_password_file: {e}"))
+            })?;
+            c.set("sasl.password", password);
+        }
         for (k, v) in &self.properties {
             c.set(k, v);
         }
-        c
+        Ok(c)
     }
 
     /// An idempotent producer: acks=all, ordered per partition, retried by librdkafka up to
@@ -112,7 +260,7 @@ impl KafkaConfig {
     /// dropped on a tick); kept until 5 (safe with idempotence on Apache Kafka) is measured
     /// on Tansu. Override with `kafka.properties."max.in.flight.requests.per.connection"`.
     pub fn producer(&self, client_id: &str) -> Result<FutureProducer, KafkaError> {
-        let mut c = self.base(client_id);
+        let mut c = self.base(client_id)?;
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("max.in.flight.requests.per.connection", "1")
@@ -132,15 +280,15 @@ impl KafkaConfig {
 
     /// Admin client for topic management.
     pub fn admin(&self, client_id: &str) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
-        self.base(client_id).create()
+        self.base(client_id)?.create()
     }
 
     /// Consumer settings for a group member: static membership from `replica` (a restarted
     /// replica with the same name takes its partitions back; one that goes away leaves the
     /// group explicitly, see [`source::KafkaSource::leave`]), offsets stored only by the
     /// runtime (auto-commit commits stored offsets only).
-    pub fn consumer_config(&self, group: &str, replica: &str) -> ClientConfig {
-        let mut c = self.base(replica);
+    pub fn consumer_config(&self, group: &str, replica: &str) -> Result<ClientConfig, KafkaError> {
+        let mut c = self.base(replica)?;
         c.set("group.id", group)
             .set("group.instance.id", replica)
             .set("enable.auto.commit", "true")
@@ -163,6 +311,104 @@ impl KafkaConfig {
             _ => leave::DEBUG_CONTEXT.to_string(),
         };
         c.set("debug", debug).set_log_level(RDKafkaLogLevel::Debug);
-        c
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("iotp-kafka-sec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn get(c: &ClientConfig, key: &str) -> Option<String> {
+        c.get(key).map(str::to_string)
+    }
+
+    #[test]
+    fn tls_and_sasl_settings_become_librdkafka_properties() {
+        let password = file("sasl-password", "kafka-pw-1\n");
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            ssl_ca_location: Some(PathBuf::from("/etc/iotp/kafka/ca.pem")),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("iotp-parser".into()),
+            sasl_password_file: Some(password),
+            ..KafkaConfig::default()
+        };
+        let c = kafka.base("parser-0").expect("config");
+        assert_eq!(get(&c, "security.protocol").as_deref(), Some("sasl_ssl"));
+        assert_eq!(
+            get(&c, "ssl.ca.location").as_deref(),
+            Some("/etc/iotp/kafka/ca.pem")
+        );
+        assert_eq!(get(&c, "sasl.mechanism").as_deref(), Some("SCRAM-SHA-512"));
+        assert_eq!(get(&c, "sasl.username").as_deref(), Some("iotp-parser"));
+        assert_eq!(get(&c, "sasl.password").as_deref(), Some("kafka-pw-1"));
+        // Debug shows the settings (the file's path), never the password.
+        let printed = format!("{kafka:?}");
+        assert!(!printed.contains("kafka-pw-1"), "{printed}");
+        assert!(printed.contains("sasl-password"), "{printed}");
+        assert!(!format!("{c:?}").contains("kafka-pw-1"));
+    }
+
+    #[test]
+    fn an_unreadable_password_file_fails_the_client_naming_the_file() {
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_plaintext".into(),
+            sasl_mechanism: Some("PLAIN".into()),
+            sasl_username: Some("u".into()),
+            sasl_password_file: Some(PathBuf::from("/nonexistent/kafka-pw")),
+            ..KafkaConfig::default()
+        };
+        let err = kafka.producer("p").err().expect("no password");
+        assert!(err.to_string().contains("/nonexistent/kafka-pw"), "{err}");
+        assert!(kafka
+            .problems()
+            .iter()
+            .any(|p| p.contains("sasl_password_file")));
+    }
+
+    #[test]
+    fn inconsistent_security_settings_are_all_reported() {
+        let kafka = KafkaConfig {
+            security_protocol: "tls".into(),
+            ..KafkaConfig::default()
+        };
+        assert_eq!(kafka.problems().len(), 1, "{:?}", kafka.problems());
+        let cert = file("client.pem", "");
+        let kafka = KafkaConfig {
+            ssl_certificate_location: Some(cert),
+            sasl_username: Some("u".into()),
+            properties: [("sasl.password".to_string(), "x".to_string())].into(),
+            ..KafkaConfig::default()
+        };
+        let problems = kafka.problems().join("\n");
+        for expected in [
+            "kafka.ssl_certificate_location needs kafka.security_protocol ssl",
+            "go together",
+            "kafka.sasl_username needs",
+            "kafka.properties.sasl.password: use the kafka.sasl_password_file",
+        ] {
+            assert!(problems.contains(expected), "{expected} not in {problems}");
+        }
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            ..KafkaConfig::default()
+        };
+        assert!(kafka.problems()[0].contains("needs kafka.sasl_mechanism"));
+        let kafka = KafkaConfig {
+            security_protocol: "sasl_ssl".into(),
+            sasl_mechanism: Some("GSSAPI".into()),
+            ..KafkaConfig::default()
+        };
+        assert!(kafka.problems()[0].contains("GSSAPI"));
+        assert!(KafkaConfig::default().problems().is_empty());
     }
 }

@@ -37,7 +37,7 @@ impl KafkaSource {
         stage: &'static str,
     ) -> Result<Self, KafkaError> {
         let consumer: StreamConsumer<GroupContext> = kafka
-            .consumer_config(group, replica)
+            .consumer_config(group, replica)?
             .create_with_context(GroupContext::new())?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;

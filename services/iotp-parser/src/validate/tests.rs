@@ -216,3 +216,23 @@ fn heartbeats_need_no_readings_and_unknown_devices_pass_to_the_enricher() {
     env.device_id = "stranger".into();
     assert!(validate(&env, &Rules::default(), Some(&registry), NOW).is_ok());
 }
+
+#[test]
+fn a_client_identity_must_name_the_topics_tenant_and_device() {
+    let registry = Registry::parse(REGISTRY, Path::new("r.toml")).expect("registry");
+    let check = |identity: Option<&str>| {
+        let mut env = envelope(serde_json::to_vec(&good()).expect("json"));
+        env.client_identity = identity.map(str::to_string);
+        validate(&env, &Rules::default(), Some(&registry), NOW)
+    };
+    for accepted in [None, Some(""), Some("acme/m-1")] {
+        assert!(check(accepted).is_ok(), "{accepted:?}");
+    }
+    for refused in ["acme/m-2", "other/m-1", "acme", "acme/m-1/extra", "cn=m-1"] {
+        let r = check(Some(refused)).expect_err(refused);
+        assert_eq!(r.reason, "identity_mismatch", "{refused}");
+        // The dead letter is filed under the topic's tenant and device.
+        assert_eq!(r.tenant.as_deref(), Some("acme"));
+        assert_eq!(r.device_id.as_deref(), Some("m-1"));
+    }
+}

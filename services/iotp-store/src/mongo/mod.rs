@@ -38,11 +38,13 @@ mod archive;
 mod buckets;
 mod command;
 mod fields;
+mod options;
 mod readings;
 mod rollups;
 mod transaction;
 mod twins;
 
+pub(crate) use options::client_options;
 pub use readings::reading_docs;
 
 /// Collection of raw readings (time series).
@@ -187,11 +189,11 @@ pub struct MongoStore {
 impl MongoStore {
     /// Connect, and create or retune collections and indexes (idempotent).
     pub(crate) async fn connect(
-        uri: &str,
+        options: mongodb::options::ClientOptions,
         database: &str,
         retention: Retention,
     ) -> Result<Self, StoreError> {
-        let client = Client::with_uri_str(uri).await.map_err(mongo_error)?;
+        let client = Client::with_options(options).map_err(mongo_error)?;
         let store = Self {
             db: client.database(database),
             retention,

@@ -504,7 +504,9 @@ mod iotp_batch_tests {
     /// Queue `acks` PUBACKs, poll until each has been reported, return (writes, bytes).
     async fn ack_burst(max_request_batch: usize, acks: u16) -> (usize, usize) {
         let mut options = MqttOptions::new("batch-test", "localhost", 1883);
-        options.set_manual_acks(true).set_max_request_batch(max_request_batch);
+        options
+            .set_manual_acks(true)
+            .set_max_request_batch(max_request_batch);
         let mut eventloop = EventLoop::new(options, usize::from(acks) + 1);
         let writes = Arc::new(AtomicUsize::new(0));
         let bytes = Arc::new(AtomicUsize::new(0));
