@@ -135,6 +135,9 @@ pub struct Audit {
     pub rollups_checked: u64,
     /// Buckets that differ from the recomputation (or exist on one side only).
     pub rollups_wrong: Finding,
+    /// When some were wrong: how many still differed once the services had stopped (the
+    /// aggregator drained), which tells a fold the audit read too early from a wrong one.
+    pub rollups_wrong_after_stop: Option<u64>,
     /// Device→store latency (producedAt to the store's commit) of messages without faults.
     pub latency_ms: Percentiles,
     /// Per second.

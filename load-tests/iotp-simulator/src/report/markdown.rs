@@ -81,6 +81,15 @@ impl Report {
         ] {
             row(md, &[what.to_string(), n.to_string()]);
         }
+        if let Some(n) = a.rollups_wrong_after_stop {
+            row(
+                md,
+                &[
+                    "… still wrong once the services had stopped".to_string(),
+                    n.to_string(),
+                ],
+            );
+        }
         for (name, f) in [
             ("lost", &a.lost),
             ("duplicated", &a.duplicated),
