@@ -598,23 +598,30 @@ impl Ca {
         )
     }
 
-    /// A new certificate and key for a device that has one; the old valid ones are revoked
-    /// (reason superseded) and the CRL rewritten.
-    pub fn rotate(&mut self, tenant: &str, device: &str, validity: Validity) -> Result<Issued> {
+    /// The serials of a known device's unrevoked certificates; an error if the device has no
+    /// certificate at all, or none still valid.
+    fn valid_serials(&self, tenant: &str, device: &str) -> Result<Vec<String>> {
         check_name("tenant", tenant)?;
         check_name("device", device)?;
         let name = format!("{tenant}/{device}");
         if self.device_certs(tenant, device).next().is_none() {
             return Err(PkiError::UnknownDevice(name));
         }
-        let old: Vec<String> = self
+        let valid: Vec<String> = self
             .device_certs(tenant, device)
             .filter(|e| !e.is_revoked())
             .map(|e| e.serial.clone())
             .collect();
-        if old.is_empty() {
+        if valid.is_empty() {
             return Err(PkiError::NothingValid(name));
         }
+        Ok(valid)
+    }
+
+    /// A new certificate and key for a device that has one; the old valid ones are revoked
+    /// (reason superseded) and the CRL rewritten.
+    pub fn rotate(&mut self, tenant: &str, device: &str, validity: Validity) -> Result<Issued> {
+        let old = self.valid_serials(tenant, device)?;
         let issued = self.issue_device_unchecked(tenant, device, validity)?;
         self.mark_revoked(&old, RevocationReason::Superseded);
         self.save_index()?;
@@ -626,23 +633,7 @@ impl Ca {
     /// new CRL after a SIGHUP.
     pub fn revoke(&mut self, target: &Target) -> Result<Vec<Entry>> {
         let serials: Vec<String> = match target {
-            Target::Device { tenant, device } => {
-                check_name("tenant", tenant)?;
-                check_name("device", device)?;
-                let name = format!("{tenant}/{device}");
-                if self.device_certs(tenant, device).next().is_none() {
-                    return Err(PkiError::UnknownDevice(name));
-                }
-                let valid: Vec<String> = self
-                    .device_certs(tenant, device)
-                    .filter(|e| !e.is_revoked())
-                    .map(|e| e.serial.clone())
-                    .collect();
-                if valid.is_empty() {
-                    return Err(PkiError::NothingValid(name));
-                }
-                valid
-            }
+            Target::Device { tenant, device } => self.valid_serials(tenant, device)?,
             Target::Serial(hex) => {
                 let wanted =
                     normalise_serial(hex).ok_or_else(|| PkiError::UnknownSerial(hex.clone()))?;
