@@ -177,6 +177,22 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// What is known before signing: serial and validity are filled in by the issue.
+    fn to_issue(kind: Kind, subject: String) -> Self {
+        Self {
+            serial: String::new(),
+            kind,
+            subject,
+            tenant: None,
+            device: None,
+            hosts: Vec::new(),
+            not_before: String::new(),
+            not_after: String::new(),
+            revoked_at: None,
+            revocation_reason: None,
+        }
+    }
+
     /// Whether it has been revoked.
     pub fn is_revoked(&self) -> bool {
         self.revoked_at.is_some()
@@ -521,16 +537,9 @@ impl Ca {
     ) -> Result<Issued> {
         let (cert_file, key_file) = self.device_files(tenant, device);
         let entry = Entry {
-            serial: String::new(),
-            kind: Kind::Device,
-            subject: format!("{tenant}/{device}"),
             tenant: Some(tenant.into()),
             device: Some(device.into()),
-            hosts: Vec::new(),
-            not_before: String::new(),
-            not_after: String::new(),
-            revoked_at: None,
-            revocation_reason: None,
+            ..Entry::to_issue(Kind::Device, format!("{tenant}/{device}"))
         };
         self.issue(entry, validity, cert_file, key_file)
     }
@@ -540,18 +549,7 @@ impl Ca {
     pub fn issue_bridge(&mut self, name: &str, validity: Validity) -> Result<Issued> {
         check_name("bridge name", name)?;
         let base = self.dir.join("bridge");
-        let entry = Entry {
-            serial: String::new(),
-            kind: Kind::Bridge,
-            subject: name.into(),
-            tenant: None,
-            device: None,
-            hosts: Vec::new(),
-            not_before: String::new(),
-            not_after: String::new(),
-            revoked_at: None,
-            revocation_reason: None,
-        };
+        let entry = Entry::to_issue(Kind::Bridge, name.into());
         self.issue(
             entry,
             validity,
@@ -579,16 +577,8 @@ impl Ca {
         }
         let base = self.dir.join("broker");
         let entry = Entry {
-            serial: String::new(),
-            kind: Kind::Broker,
-            subject: first.clone(),
-            tenant: None,
-            device: None,
             hosts: hosts.to_vec(),
-            not_before: String::new(),
-            not_after: String::new(),
-            revoked_at: None,
-            revocation_reason: None,
+            ..Entry::to_issue(Kind::Broker, first.clone())
         };
         self.issue(
             entry,
