@@ -10,7 +10,7 @@
 //! ends it, and dropping it (an orphan being drained when the replica stops) closes the socket
 //! without a DISCONNECT, so the broker publishes the session's will again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +28,7 @@ use super::presence::Presence;
 use super::{IngressStage, STAGE};
 use crate::admin::Health;
 use crate::dead_letter::{self, DeadLetterConfig, DeadLetterPublisher};
-use crate::kafka::sink::{KafkaSink, Pending};
+use crate::kafka::sink::{Batch, KafkaSink};
 use crate::metrics::metrics;
 use crate::mqtt::{MqttConfig, ONLINE};
 use crate::retry::{Backoff, Halt};
@@ -44,12 +44,11 @@ pub(super) enum Role {
     Orphan,
 }
 
-/// A record produced for a PUBLISH, its confirmation still to come.
+/// The records produced for the PUBLISHes taken together, their confirmations still to come.
 struct Produced {
-    receipt: u64,
-    publish: Publish,
-    output: Output,
-    pending: Pending,
+    /// Each PUBLISH with its receipt number and its record, in receive order.
+    taken: Vec<(u64, Publish, Output)>,
+    batch: Batch,
     received: Instant,
 }
 
@@ -59,18 +58,27 @@ type FromBroker = (u64, Publish);
 /// The latest receipt number per packet id. A PUBACK is sent only for the latest receipt of
 /// its packet id: after a reconnect the broker resends unacknowledged messages under their old
 /// ids and may then reuse an id for another message, so acknowledging an older receipt could
-/// acknowledge a message Kafka has not confirmed.
-#[derive(Default)]
+/// acknowledge a message Kafka has not confirmed. Indexed by packet id (every id is used in
+/// time, so a map would grow to the same 65,536 entries, hashing on every message).
 struct Receipts {
-    latest: Mutex<HashMap<u16, u64>>,
+    latest: Mutex<Vec<u64>>,
     next: AtomicU64,
+}
+
+impl Default for Receipts {
+    fn default() -> Self {
+        Self {
+            latest: Mutex::new(vec![u64::MAX; usize::from(u16::MAX) + 1]),
+            next: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Receipts {
     fn record(&self, pkid: u16) -> u64 {
         let receipt = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut m) = self.latest.lock() {
-            m.insert(pkid, receipt);
+            m[usize::from(pkid)] = receipt;
         }
         receipt
     }
@@ -78,7 +86,7 @@ impl Receipts {
     fn is_latest(&self, pkid: u16, receipt: u64) -> bool {
         self.latest
             .lock()
-            .map(|m| m.get(&pkid) == Some(&receipt))
+            .map(|m| m[usize::from(pkid)] == receipt)
             .unwrap_or(false)
     }
 }
@@ -179,6 +187,8 @@ impl Session {
             connected: connected_tx,
             backoff,
         }));
+        // Batches of at most a window each; in practice the receive maximum bounds what is
+        // in flight, and batches are large only when many messages arrived together.
         let (produced, produced_rx) = mpsc::channel::<Produced>(window);
         let confirmer = tokio::spawn(confirm_in_order::<S>(
             produced_rx,
@@ -203,7 +213,8 @@ impl Session {
     }
 
     /// Map and produce what the broker sends until `stop` completes. `Ok(false)` if the
-    /// connection ended for good first (an orphan's owner came back).
+    /// connection ended for good first (an orphan's owner came back). What has arrived
+    /// together (up to the receive maximum) is produced and confirmed as one batch.
     pub async fn pump<S: IngressStage>(
         &mut self,
         stage: &mut S,
@@ -211,24 +222,35 @@ impl Session {
         stop: impl Future<Output = ()>,
     ) -> anyhow::Result<bool> {
         let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
+        let most = usize::from(self.mqtt.max_in_flight).max(1);
         tokio::pin!(stop);
         loop {
             let event = tokio::select! {
                 _ = &mut stop => return Ok(true),
                 event = self.from_broker.recv() => event,
             };
-            let Some((receipt, publish)) = event else {
+            let Some(first) = event else {
                 return Ok(false);
             };
             let received = Instant::now();
-            let output = stage.map(&publish, iotp_contract::now_millis())?;
-            let pending = sink.enqueue(&output).await;
-            inflight.inc();
+            let now = iotp_contract::now_millis();
+            let mut taken = Vec::with_capacity(most.min(self.from_broker.len() + 1));
+            let mut next = Some(first);
+            while let Some((receipt, publish)) = next {
+                let output = stage.map(&publish, now)?;
+                taken.push((receipt, publish, output));
+                next = if taken.len() < most {
+                    self.from_broker.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            let outputs: Vec<&Output> = taken.iter().map(|(_, _, out)| out).collect();
+            let batch = sink.enqueue_all(&outputs).await;
+            inflight.add(taken.len() as i64);
             let produced = Produced {
-                receipt,
-                publish,
-                output,
-                pending,
+                taken,
+                batch,
                 received,
             };
             if self.produced.send(produced).await.is_err() {
@@ -450,12 +472,12 @@ async fn drive(d: Driver) {
     }
 }
 
-/// Await delivery reports in receive order (the sink produces refused records again with the
-/// backoff until Kafka takes them); then PUBACK each, in receive order. This task never blocks
-/// on the MQTT client: a PUBACK that does not fit the client's request queue waits in a small
-/// local queue (packet id and receipt only), because the queue drains only while the
-/// event-loop driver polls, and the driver may itself be waiting for the stage loop, which
-/// waits for this task. At shutdown, a record Kafka has not taken stays unacknowledged.
+/// Await delivery reports a batch at a time, in receive order (the sink produces refused
+/// records again with the backoff until Kafka takes them); then PUBACK each, in receive
+/// order. This task never blocks on the MQTT client: a PUBACK that does not fit the client's
+/// request queue waits in a small local queue (packet id and receipt only), because the queue
+/// drains only while the event-loop driver polls, and the driver may itself be waiting for the
+/// stage loop, which waits for this task. At shutdown, a record Kafka has not taken stays unacknowledged.
 /// A record Kafka refuses for good is dead-lettered instead, and RabbitMQ's confirm of the
 /// dead letter stands in for Kafka's.
 async fn confirm_in_order<S: IngressStage>(
@@ -498,37 +520,37 @@ async fn confirm_in_order<S: IngressStage>(
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         };
-        let Some(p) = next else {
+        let Some(Produced {
+            taken,
+            batch,
+            received,
+        }) = next
+        else {
             open = false;
             continue;
         };
-        let Produced {
-            receipt,
-            publish,
-            output,
-            pending,
-            received,
-        } = p;
         let handed_on = async {
-            let Some(why) = sink.confirm(&output, pending, &shutdown).await? else {
-                return Ok(());
-            };
-            let identity = S::identity(&publish);
-            let letter = dead_letter::message_letter(
-                STAGE,
-                &publish.topic,
-                &publish.payload,
-                identity,
-                &why,
-            );
-            dead_letters
-                .deliver(&letter, false, &backoff, &shutdown)
-                .await
+            let outputs: Vec<&Output> = taken.iter().map(|(_, _, out)| out).collect();
+            for (i, why) in sink.confirm_all(&outputs, batch, &shutdown).await? {
+                let publish = &taken[i].1;
+                let identity = S::identity(publish);
+                let letter = dead_letter::message_letter(
+                    STAGE,
+                    &publish.topic,
+                    &publish.payload,
+                    identity,
+                    &why,
+                );
+                dead_letters
+                    .deliver(&letter, false, &backoff, &shutdown)
+                    .await?;
+            }
+            Ok(())
         };
         match handed_on.await {
             Ok(()) => {}
             Err(Halt::Shutdown) => {
-                tracing::info!("a record is not confirmed at shutdown; it stays unacknowledged");
+                tracing::info!("records not confirmed at shutdown; they stay unacknowledged");
                 open = false;
                 produced.close();
                 while produced.try_recv().is_ok() {}
@@ -536,9 +558,16 @@ async fn confirm_in_order<S: IngressStage>(
             }
             Err(Halt::Failed(e)) => return Err(e),
         }
-        latency.observe(received.elapsed().as_secs_f64());
-        inflight.dec();
-        acks.push_back((publish.pkid, receipt, publish.qos));
+        let waited = received.elapsed().as_secs_f64();
+        for _ in 0..taken.len() {
+            latency.observe(waited);
+        }
+        inflight.sub(taken.len() as i64);
+        acks.extend(
+            taken
+                .into_iter()
+                .map(|(receipt, publish, _)| (publish.pkid, receipt, publish.qos)),
+        );
     }
     dead_letters.close().await;
     Ok(())

@@ -19,7 +19,6 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 
 /// Kafka connection and client settings. Its `Debug` (in `config.rs`) hides secret properties.
@@ -252,14 +251,14 @@ impl KafkaConfig {
         Ok(c)
     }
 
-    /// An idempotent producer: acks=all, ordered per partition, retried by librdkafka up to
+    /// Settings of an idempotent producer: acks=all, ordered per partition, retried by librdkafka up to
     /// `message_timeout`.
     ///
     /// One produce request in flight per connection. Set while chasing records lost under
     /// load, before the cause turned out to be the consumer runtime (a half-gathered batch
     /// dropped on a tick); kept until 5 (safe with idempotence on Apache Kafka) is measured
     /// on Tansu. Override with `kafka.properties."max.in.flight.requests.per.connection"`.
-    pub fn producer(&self, client_id: &str) -> Result<FutureProducer, KafkaError> {
+    pub fn producer_config(&self, client_id: &str) -> Result<ClientConfig, KafkaError> {
         let mut c = self.base(client_id)?;
         c.set("enable.idempotence", "true")
             .set("acks", "all")
@@ -275,7 +274,7 @@ impl KafkaConfig {
         for (k, v) in &self.properties {
             c.set(k, v);
         }
-        c.create()
+        Ok(c)
     }
 
     /// Admin client for topic management.
@@ -367,7 +366,7 @@ mod tests {
             sasl_password_file: Some(PathBuf::from("/nonexistent/kafka-pw")),
             ..KafkaConfig::default()
         };
-        let err = kafka.producer("p").err().expect("no password");
+        let err = kafka.producer_config("p").expect_err("no password");
         assert!(err.to_string().contains("/nonexistent/kafka-pw"), "{err}");
         assert!(kafka
             .problems()

@@ -5,13 +5,22 @@
 //! unless Kafka refused a record for good ([`refusal`]): that record is handed back to the
 //! caller as [`Unproducible`], to be dead-lettered, and never produced again.
 //! Callers acknowledge upstream only after it returned `Ok`.
+//!
+//! Records are handed over and confirmed a batch at a time ([`Batch`]): librdkafka's delivery
+//! callback counts a batch's reports down and keeps only the refusals, and the batch's owner
+//! is woken once, when the last report is in — not once per record, as a future per record
+//! (rdkafka's `FutureProducer`: a oneshot channel and a wake-up each) would.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::IntCounter;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::KafkaConfig;
@@ -22,7 +31,7 @@ use crate::stage::Output;
 /// A Kafka producer with confirmations and retries.
 #[derive(Clone)]
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: Arc<ThreadedProducer<SinkContext>>,
     topic: String,
     backoff: Backoff,
     /// The produced counter of the default topic, looked up once (not per record); none for
@@ -30,8 +39,77 @@ pub struct KafkaSink {
     produced: Option<IntCounter>,
 }
 
-/// A record handed to librdkafka; its delivery report is still to come.
-pub struct Pending(Result<DeliveryFuture, KafkaError>);
+/// Records handed to librdkafka together; their delivery reports are still to come.
+#[must_use = "a batch's records are confirmed only once its reports are in"]
+pub struct Batch {
+    reports: Arc<Reports>,
+}
+
+/// The delivery reports of one [`Batch`], filled in by librdkafka's polling thread.
+struct Reports {
+    /// Records handed over whose report is not in yet, plus one while the batch is still
+    /// being handed over (so the count cannot reach zero before the last record is).
+    outstanding: AtomicUsize,
+    /// The refused records, by their index in the batch, with Kafka's error.
+    refused: Mutex<Vec<(usize, KafkaError)>>,
+    /// Woken once the count reaches zero.
+    done: Notify,
+}
+
+impl Reports {
+    fn settle(&self, n: usize) {
+        if self.outstanding.fetch_sub(n, Ordering::AcqRel) == n {
+            self.done.notify_one();
+        }
+    }
+
+    fn refuse(&self, index: usize, e: KafkaError) {
+        if let Ok(mut refused) = self.refused.lock() {
+            refused.push((index, e));
+        }
+    }
+}
+
+/// What librdkafka carries with each record to its delivery report.
+pub struct Ticket {
+    reports: Arc<Reports>,
+    index: usize,
+}
+
+/// The producer's callbacks: delivery reports go to their [`Batch`].
+pub struct SinkContext;
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<Ticket>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Ticket>) {
+        if let Err((e, _)) = result {
+            ticket.reports.refuse(ticket.index, e.clone());
+        }
+        ticket.reports.settle(1);
+    }
+}
+
+impl Batch {
+    /// Wait until every record's report is in; the refused ones, by index, in index order.
+    pub async fn reports(self) -> Vec<(usize, KafkaError)> {
+        // `notify_one` leaves a permit when nobody waits yet, so a report that lands between
+        // the check and the wait is not missed.
+        while self.reports.outstanding.load(Ordering::Acquire) > 0 {
+            self.reports.done.notified().await;
+        }
+        let mut refused = self
+            .reports
+            .refused
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        refused.sort_unstable_by_key(|(i, _)| *i);
+        refused
+    }
+}
 
 /// Dead-letter reason: the record is larger than Kafka takes (the producer's
 /// `message.max.bytes`, or the topic's `max.message.bytes`).
@@ -120,8 +198,11 @@ impl KafkaSink {
         backoff: Backoff,
     ) -> Result<Self, KafkaError> {
         let topic = topic.into();
+        let producer = kafka
+            .producer_config(client_id)?
+            .create_with_context(SinkContext)?;
         Ok(Self {
-            producer: kafka.producer(client_id)?,
+            producer: Arc::new(producer),
             produced: (!topic.is_empty()).then(|| {
                 metrics()
                     .kafka_produced_messages_total
@@ -132,9 +213,13 @@ impl KafkaSink {
         })
     }
 
-    fn record<'a>(&'a self, out: &'a Output) -> FutureRecord<'a, [u8], [u8]> {
+    fn record<'a>(
+        &'a self,
+        out: &'a Output,
+        ticket: Box<Ticket>,
+    ) -> BaseRecord<'a, [u8], [u8], Box<Ticket>> {
         let topic = out.topic.as_deref().unwrap_or(&self.topic);
-        let record = FutureRecord::to(topic)
+        let record = BaseRecord::with_opaque_to(topic, ticket)
             .key(out.key.as_slice())
             .payload(out.value.as_slice());
         if out.headers.is_empty() {
@@ -150,57 +235,113 @@ impl KafkaSink {
         record.headers(headers)
     }
 
-    /// Hand one record to librdkafka, waiting while its queue is full.
-    pub async fn enqueue(&self, out: &Output) -> Pending {
-        loop {
-            match self.producer.send_result(self.record(out)) {
-                Ok(delivery) => return Pending(Ok(delivery)),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Pending(Err(e)),
-            }
-        }
-    }
-
-    /// Wait for `pending`'s report; produce `out` again with the backoff until Kafka takes it
-    /// (`None`) or refuses it for good (`Some`: dead-letter what it was made from).
-    pub async fn confirm(
-        &self,
-        out: &Output,
-        mut pending: Pending,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Unproducible>, Halt> {
-        let mut retrying = self.backoff.start();
-        loop {
-            match report(pending).await {
-                Ok(()) => {
-                    self.count_produced(std::slice::from_ref(&out));
-                    return Ok(None);
-                }
-                Err(e) => {
-                    count_refused(&e, 1);
-                    if let Refusal::Permanent(reason) = refusal(&e) {
-                        let why = Unproducible::new(reason, out, &e);
-                        tracing::warn!(reason, error = %why.error, "kafka refused a record for good; it is dead-lettered");
-                        return Ok(Some(why));
+    /// Hand every record to librdkafka, in order, waiting while its queue is full. A record
+    /// librdkafka refuses at once (too large) is reported as refused like any other.
+    pub async fn enqueue_all(&self, outputs: &[&Output]) -> Batch {
+        let reports = Arc::new(Reports {
+            outstanding: AtomicUsize::new(outputs.len() + 1),
+            refused: Mutex::new(Vec::new()),
+            done: Notify::new(),
+        });
+        for (index, out) in outputs.iter().enumerate() {
+            let mut ticket = Box::new(Ticket {
+                reports: reports.clone(),
+                index,
+            });
+            loop {
+                match self.producer.send(self.record(out, ticket)) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                        ticket = record.delivery_opaque;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    retrying.wait(shutdown, &e).await?;
+                    Err((e, _)) => {
+                        reports.refuse(index, e);
+                        reports.settle(1);
+                        break;
+                    }
                 }
             }
-            pending = self.enqueue(out).await;
+        }
+        reports.settle(1);
+        Batch { reports }
+    }
+
+    /// Wait for `batch`'s reports (`batch` holds `outputs`, in order); produce the refused
+    /// records again with the backoff until Kafka takes them or refuses them for good.
+    /// Returns the records refused for good, by their index in `outputs` (every other one was
+    /// confirmed): dead-letter what they were made from.
+    pub async fn confirm_all(
+        &self,
+        outputs: &[&Output],
+        batch: Batch,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<(usize, Unproducible)>, Halt> {
+        let mut unproducible = Vec::new();
+        let mut retrying = self.backoff.start();
+        // The indices in `outputs` of the records in `batch`; `None`: all of them.
+        let mut todo: Option<Vec<usize>> = None;
+        let mut batch = batch;
+        loop {
+            let refused = batch.reports().await;
+            let Some((again, error)) =
+                self.settle(outputs, todo.as_deref(), refused, &mut unproducible)
+            else {
+                unproducible.sort_unstable_by_key(|(i, _)| *i);
+                return Ok(unproducible);
+            };
+            tracing::warn!(error = %error, refused = again.len(), "kafka refused records; producing them again");
+            retrying.wait(shutdown, &error).await?;
+            let records: Vec<&Output> = again.iter().map(|&i| outputs[i]).collect();
+            batch = self.enqueue_all(&records).await;
+            todo = Some(again);
         }
     }
 
-    /// Produce one record and wait for Kafka's answer, without retrying (the caller's own
-    /// retry decides, e.g. the DLQ handler's replays).
-    pub async fn send(&self, out: &Output) -> Result<(), KafkaError> {
-        let result = report(self.enqueue(out).await).await;
-        match &result {
-            Ok(()) => self.count_produced(&[out]),
-            Err(e) => count_refused(e, 1),
+    /// Count a batch's reports: the confirmed records, and the refused ones, which go to
+    /// `unproducible` (for good) or are returned to be produced again, with the last error.
+    /// `todo` maps the batch's indices to `outputs`' (`None`: the same).
+    fn settle(
+        &self,
+        outputs: &[&Output],
+        todo: Option<&[usize]>,
+        refused: Vec<(usize, KafkaError)>,
+        unproducible: &mut Vec<(usize, Unproducible)>,
+    ) -> Option<(Vec<usize>, KafkaError)> {
+        if refused.is_empty() && todo.is_none() {
+            self.count_produced(outputs);
+            return None;
         }
-        result
+        let index = |i: usize| todo.map_or(i, |t| t[i]);
+        let in_batch = todo.map_or(outputs.len(), <[usize]>::len);
+        let mut next_refused = refused.iter().map(|(i, _)| *i).peekable();
+        let mut confirmed = Vec::with_capacity(in_batch - refused.len());
+        for i in 0..in_batch {
+            if next_refused.peek() == Some(&i) {
+                next_refused.next();
+            } else {
+                confirmed.push(outputs[index(i)]);
+            }
+        }
+        self.count_produced(&confirmed);
+        let mut again = Vec::new();
+        let mut last_error = None;
+        for (i, e) in refused {
+            let i = index(i);
+            count_refused(&e, 1);
+            match refusal(&e) {
+                Refusal::Permanent(reason) => {
+                    let why = Unproducible::new(reason, outputs[i], &e);
+                    tracing::warn!(reason, error = %why.error, "kafka refused a record for good; it is dead-lettered");
+                    unproducible.push((i, why));
+                }
+                Refusal::Retry => {
+                    again.push(i);
+                    last_error = Some(e);
+                }
+            }
+        }
+        last_error.map(|e| (again, e))
     }
 
     /// Produce every record and wait until Kafka confirmed each of them or refused it for
@@ -211,47 +352,22 @@ impl KafkaSink {
         outputs: &[&Output],
         shutdown: &CancellationToken,
     ) -> Result<Vec<(usize, Unproducible)>, Halt> {
-        let mut todo: Vec<usize> = (0..outputs.len()).collect();
-        let mut unproducible = Vec::new();
-        let mut retrying = self.backoff.start();
-        loop {
-            let mut pending = Vec::with_capacity(todo.len());
-            for &i in &todo {
-                pending.push(self.enqueue(outputs[i]).await);
+        let batch = self.enqueue_all(outputs).await;
+        self.confirm_all(outputs, batch, shutdown).await
+    }
+
+    /// Produce one record and wait for Kafka's answer, without retrying (the caller's own
+    /// retry decides, e.g. the DLQ handler's replays).
+    pub async fn send(&self, out: &Output) -> Result<(), KafkaError> {
+        match self.enqueue_all(&[out]).await.reports().await.pop() {
+            None => {
+                self.count_produced(&[out]);
+                Ok(())
             }
-            let mut confirmed = Vec::with_capacity(todo.len());
-            let mut refused = Vec::new();
-            let mut last_error = None;
-            // In order, one after the other: all were handed over already, so after the first
-            // most reports are in; a `join_all` cost more than the waiting (FuturesUnordered in
-            // the parser's profile).
-            for (i, pending) in todo.into_iter().zip(pending) {
-                let out = outputs[i];
-                match report(pending).await {
-                    Ok(()) => confirmed.push(out),
-                    Err(e) => {
-                        count_refused(&e, 1);
-                        match refusal(&e) {
-                            Refusal::Permanent(reason) => {
-                                let why = Unproducible::new(reason, out, &e);
-                                tracing::warn!(reason, error = %why.error, "kafka refused a record for good; it is dead-lettered");
-                                unproducible.push((i, why));
-                            }
-                            Refusal::Retry => {
-                                refused.push(i);
-                                last_error = Some(e);
-                            }
-                        }
-                    }
-                }
+            Some((_, e)) => {
+                count_refused(&e, 1);
+                Err(e)
             }
-            self.count_produced(&confirmed);
-            let Some(error) = last_error else {
-                return Ok(unproducible);
-            };
-            tracing::warn!(error = %error, refused = refused.len(), "kafka refused records; producing them again");
-            retrying.wait(shutdown, &error).await?;
-            todo = refused;
         }
     }
 
@@ -264,24 +380,19 @@ impl KafkaSink {
     }
 
     fn count_produced(&self, outputs: &[&Output]) {
-        let default = outputs.iter().filter(|o| o.topic.is_none()).count();
+        let mut default = 0;
+        for out in outputs {
+            match out.topic.as_deref() {
+                None => default += 1,
+                Some(topic) => metrics()
+                    .kafka_produced_messages_total
+                    .with_label_values(&[topic])
+                    .inc(),
+            }
+        }
         if let (Some(produced), true) = (&self.produced, default > 0) {
-            produced.inc_by(default as u64);
+            produced.inc_by(default);
         }
-        for topic in outputs.iter().filter_map(|o| o.topic.as_deref()) {
-            metrics()
-                .kafka_produced_messages_total
-                .with_label_values(&[topic])
-                .inc();
-        }
-    }
-}
-
-async fn report(pending: Pending) -> Result<(), KafkaError> {
-    match pending.0?.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(e),
-        Err(_) => Err(KafkaError::Canceled),
     }
 }
 
@@ -353,6 +464,56 @@ mod tests {
         assert_eq!(refusal(&KafkaError::Canceled), Refusal::Retry);
     }
 
+    /// A batch of records produced again (`todo` maps its indices to the caller's list):
+    /// refusals come back under the caller's indices, retried ones with the last error.
+    #[test]
+    fn refusals_keep_the_callers_indices_across_retries() {
+        let sink = KafkaSink::new(
+            &KafkaConfig {
+                brokers: "127.0.0.1:1".into(),
+                ..KafkaConfig::default()
+            },
+            "settle-test",
+            "t",
+            Backoff::default(),
+        )
+        .expect("producer");
+        let outputs: Vec<Output> = (0..6u8).map(|i| Output::new(vec![i], vec![i])).collect();
+        let refs: Vec<&Output> = outputs.iter().collect();
+        let mut unproducible = Vec::new();
+        // The second attempt held outputs 1, 3 and 5; its records 0 and 2 were refused.
+        let refused = vec![
+            (0, production(RDKafkaErrorCode::MessageTimedOut)),
+            (2, production(RDKafkaErrorCode::MessageSizeTooLarge)),
+        ];
+        let (again, error) = sink
+            .settle(&refs, Some(&[1, 3, 5]), refused, &mut unproducible)
+            .expect("one to retry");
+        assert_eq!(again, vec![1]);
+        assert_eq!(refusal(&error), Refusal::Retry);
+        assert_eq!(unproducible.len(), 1);
+        assert_eq!(
+            (unproducible[0].0, unproducible[0].1.reason),
+            (5, OUTPUT_TOO_LARGE)
+        );
+        // Nothing refused: nothing to produce again.
+        assert!(sink
+            .settle(&refs, Some(&[1]), Vec::new(), &mut unproducible)
+            .is_none());
+        assert!(sink
+            .settle(&refs, None, Vec::new(), &mut unproducible)
+            .is_none());
+        // Only permanent refusals: nothing to produce again either.
+        let refused = vec![(4, production(RDKafkaErrorCode::InvalidRecord))];
+        assert!(sink
+            .settle(&refs, None, refused, &mut unproducible)
+            .is_none());
+        assert_eq!(
+            unproducible.last().map(|(i, w)| (*i, w.reason)),
+            Some((4, OUTPUT_REJECTED))
+        );
+    }
+
     /// librdkafka refuses a record over `message.max.bytes` in `send_result`, before any broker
     /// is involved: the sink hands it back at once instead of retrying it until it gives up.
     #[tokio::test]
@@ -389,12 +550,8 @@ mod tests {
             !refused[0].1.error.contains("xxxx"),
             "no payload in the error"
         );
-        let pending = sink.enqueue(&big).await;
-        let why = sink
-            .confirm(&big, pending, &shutdown)
-            .await
-            .expect("no halt");
-        assert_eq!(why.map(|w| w.reason), Some(OUTPUT_TOO_LARGE));
+        let err = sink.send(&big).await.expect_err("too large");
+        assert_eq!(refusal(&err), Refusal::Permanent(OUTPUT_TOO_LARGE));
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "refused at once, not retried: {:?}",
