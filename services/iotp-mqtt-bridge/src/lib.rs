@@ -93,17 +93,18 @@ pub struct TopicIdentity<'a> {
 
 /// Split `iot/{tenant}/{deviceId}/{kind}`; `None` if the topic has another shape.
 pub fn parse_topic(topic: &str) -> Option<TopicIdentity<'_>> {
-    let mut parts = topic.split('/');
-    let (Some("iot"), Some(tenant), Some(device_id), Some(kind), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return None;
-    };
-    if tenant.is_empty() || device_id.is_empty() || kind.is_empty() {
+    // Byte by byte: `str::split` cost 700 instructions a message here (callgrind). '/' is
+    // ASCII, so every cut falls on a character boundary.
+    let rest = topic.strip_prefix("iot/")?;
+    let bytes = rest.as_bytes();
+    let first = bytes.iter().position(|&b| b == b'/')?;
+    let second = first + 1 + bytes[first + 1..].iter().position(|&b| b == b'/')?;
+    let (tenant, device_id, kind) = (
+        &rest[..first],
+        &rest[first + 1..second],
+        &rest[second + 1..],
+    );
+    if tenant.is_empty() || device_id.is_empty() || kind.is_empty() || kind.contains('/') {
         return None;
     }
     Some(TopicIdentity {
@@ -133,7 +134,11 @@ impl Bridge {
 
     /// The envelope for one PUBLISH.
     pub fn envelope(&self, publish: &Publish, received_at: i64) -> RawEnvelope {
-        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        // MQTT requires UTF-8 topics; a broker that let another through still gets a record.
+        let topic = match std::str::from_utf8(&publish.topic) {
+            Ok(topic) => topic.to_owned(),
+            Err(_) => String::from_utf8_lossy(&publish.topic).into_owned(),
+        };
         let (tenant, device_id, kind) = match parse_topic(&topic) {
             Some(id) => (
                 id.tenant.to_owned(),
@@ -217,6 +222,19 @@ mod tests {
         assert_eq!(parse_topic("iot/acme/meter-1/telemetry/extra"), None);
         assert_eq!(parse_topic("iot//meter-1/telemetry"), None);
         assert_eq!(parse_topic("other/acme/meter-1/telemetry"), None);
+        assert_eq!(parse_topic("iot/acme//telemetry"), None);
+        assert_eq!(parse_topic("iot/acme/meter-1/"), None);
+        assert_eq!(parse_topic("iot/acme/meter-1//"), None);
+        assert_eq!(parse_topic("iot/"), None);
+        assert_eq!(parse_topic("iot"), None);
+        assert_eq!(
+            parse_topic("iot/ünï/dév-1/telemetry"),
+            Some(TopicIdentity {
+                tenant: "ünï",
+                device_id: "dév-1",
+                kind: "telemetry"
+            })
+        );
     }
 
     #[test]
