@@ -14,7 +14,7 @@ use super::counters::Counters;
 use super::{Driven, Run};
 use crate::fleet::{now_millis, FleetRun, Progress};
 use crate::plan::{Expected, Fault};
-use crate::report::{Drained, Usage};
+use crate::report::{Drained, Usage, CONFIRM_DRAINED_SECONDS};
 
 /// Pause between two looks at the store or the consumer groups.
 const POLL: Duration = Duration::from_millis(250);
@@ -50,12 +50,18 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
     monitor.stop_display(stored);
     let cpu_after = run.stack.cpu();
     let (memory, counters) = monitor.stop_sampling();
+    let lag_again = if lag.iter().all(|(_, l)| *l == 0) {
+        Some(confirm_drained(run).await?)
+    } else {
+        None
+    };
     Ok(Settled {
         fleet,
         progress,
         drained: Drained {
             at: drained_at,
             lag,
+            lag_again,
         },
         usage: Usage {
             cpu_before,
@@ -135,6 +141,32 @@ async fn drain_groups(run: &Run, stall: Duration) -> anyhow::Result<Vec<(String,
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Look at the consumer groups again [`CONFIRM_DRAINED_SECONDS`] after they were all at lag 0,
+/// outside the CPU window; if lag is back, wait until it is 0 again (or stalls). Returns the
+/// lag found on that second look. A fold that commits after the groups' lag read 0 made the
+/// roll-up audit fail twice here, although every bucket was right once the services stopped.
+async fn confirm_drained(run: &Run) -> anyhow::Result<i64> {
+    tokio::time::sleep(Duration::from_secs(CONFIRM_DRAINED_SECONDS)).await;
+    let again = total_lag(run).await?;
+    if again > 0 {
+        eprintln!(
+            "iotp-load: lag {again} again {CONFIRM_DRAINED_SECONDS} s after every group was at lag 0"
+        );
+        drain_groups(run, run.scenario.stall_timeout).await?;
+    }
+    Ok(again)
+}
+
+async fn total_lag(run: &Run) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for c in &topology().kafka.consumers {
+        for topic in &c.topics {
+            total += consumer_lag(&run.kafka, &c.group, topic).await?;
+        }
+    }
+    Ok(total)
 }
 
 /// Tells when a value polled again and again stopped moving.

@@ -31,6 +31,9 @@ pub struct Drained {
     pub at: i64,
     /// The lag each consumer group had left then (all 0 unless stuck).
     pub lag: Vec<(String, i64)>,
+    /// The lag found when looking again a few seconds after every group was at lag 0
+    /// (`Some(0)`: none; the audit waits until it is 0 again).
+    pub lag_again: Option<i64>,
 }
 
 /// What the run cost each process, measured from /proc while it lasted.
@@ -118,6 +121,7 @@ impl Report {
             passed,
             acks_per_second: outcome.acks_per_second,
             lag_left: outcome.drained.lag,
+            lag_again: outcome.drained.lag_again,
             hops: outcome.hops,
             stages: outcome.stages,
             exit_codes: outcome.exit_codes,

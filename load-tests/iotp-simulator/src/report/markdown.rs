@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::Report;
+use super::{Report, CONFIRM_DRAINED_SECONDS};
 use crate::audit::{Finding, Percentiles};
 
 impl Report {
@@ -152,6 +152,13 @@ impl Report {
                 format!(" — NOT drained: {:?}", self.lag_left)
             }
         );
+        if let Some(lag) = self.lag_again.filter(|l| *l > 0) {
+            let _ = writeln!(
+                md,
+                "- **Lag again after lag 0**: {lag} records found {} s later; the audit waited until it was 0 again.",
+                CONFIRM_DRAINED_SECONDS
+            );
+        }
         match (&self.ceiling, self.efficiency) {
             (Some(c), Some(e)) => {
                 let _ = writeln!(

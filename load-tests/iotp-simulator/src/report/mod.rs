@@ -21,6 +21,10 @@ pub mod spread;
 pub use build::{Drained, Outcome, PerProcess, Setting, Usage};
 pub use chart::{svg_chart, Series};
 
+/// How long after every consumer group reached lag 0 the load tool looks again before it
+/// audits: longer than the aggregator's batch linger (1 s) plus the auto-commit interval (1 s).
+pub const CONFIRM_DRAINED_SECONDS: u64 = 3;
+
 /// The machine the run was on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
@@ -150,6 +154,8 @@ pub struct Report {
     pub groups_drained_seconds: f64,
     /// Lag each consumer group had left at the end (all 0 unless stuck).
     pub lag_left: Vec<(String, i64)>,
+    /// Lag found on a second look a few seconds after the first lag 0 (`Some(0)`: none).
+    pub lag_again: Option<i64>,
     /// Counts per hop (services' counters and records per topic), run and warm-up together.
     pub hops: Vec<(String, i64)>,
     /// Forward-only ceiling, if measured.
