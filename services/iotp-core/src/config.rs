@@ -54,6 +54,8 @@ pub struct Common {
     /// Async worker threads: 1 runs everything on the main thread (blocking store calls still
     /// get their own threads).
     pub worker_threads: usize,
+    /// Span export over OTLP (off unless an endpoint is set; README, "Tracing").
+    pub tracing: crate::trace::TracingConfig,
 }
 
 impl Default for Common {
@@ -66,6 +68,7 @@ impl Default for Common {
             log_level: "info".into(),
             backoff: crate::retry::Backoff::default(),
             worker_threads: 1,
+            tracing: crate::trace::TracingConfig::default(),
         }
     }
 }
@@ -229,6 +232,7 @@ fn describe(mut e: figment::Error) -> String {
 
 fn validate_common(common: &Common) -> Vec<String> {
     let mut problems = common.backoff.problems();
+    problems.extend(common.tracing.problems());
     if common.worker_threads == 0 {
         problems.push("common.worker_threads must be at least 1".into());
     }

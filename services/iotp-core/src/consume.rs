@@ -4,12 +4,17 @@
 //! Kafka and RabbitMQ confirmed every one, and only then store the batch's offsets
 //! (auto-commit commits stored offsets only). A crash anywhere before that replays the batch:
 //! at-least-once, made exactly-once by idempotent writes downstream.
-//! Memory is bounded by one batch.
+//! Memory is bounded by one batch. Outputs carry their input's trace context; with export on,
+//! each batch is a span linked to its messages' traces ([`crate::trace`]).
 
 use std::time::{Duration, Instant};
 
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use rdkafka::message::BorrowedMessage;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use crate::dead_letter::{DeadLetterConfig, DeadLetterPublisher};
 use crate::kafka::source::{self, KafkaSource};
@@ -19,6 +24,7 @@ use crate::outbox::Outbox;
 use crate::retry::Halt;
 use crate::service::Context;
 use crate::stage::{Input, Output, Rejection, Stage, StageError, Verdict};
+use crate::trace::{self, BatchSpan, Links};
 
 /// Where a stage reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,13 +173,66 @@ async fn on_batch<S: Stage>(
     if batch.is_empty() {
         return Ok(());
     }
-    let inflight = metrics().inflight_messages.with_label_values(&[S::NAME]);
-    inflight.set(batch.len() as i64);
     let inputs: Vec<Input<'_>> = batch.iter().map(source::input).collect();
+    if !trace::enabled() {
+        return handle_batch(ctx, stage, outbox, source, &inputs, None).await;
+    }
+    // One span per batch, linked to the trace of each message; the store's spans are its
+    // children and the batch's log lines carry its trace id.
+    let mut links = Links::default();
+    for input in &inputs {
+        links.add(input.traceparent);
+    }
+    let topics: Vec<&str> = topics_of(&inputs);
+    let span = BatchSpan::start(
+        format!("process {}", topics.join(",")),
+        SpanKind::Consumer,
+        None,
+        vec![
+            KeyValue::new("iotp.stage", S::NAME),
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", topics.join(",")),
+        ],
+        links,
+    );
+    let result = handle_batch(ctx, stage, outbox, source, &inputs, Some(&span))
+        .with_context(span.context())
+        .instrument(span.log())
+        .await;
+    span.end(match &result {
+        Ok(()) => None,
+        Err(Halt::Shutdown) => Some("shutdown before the outputs were confirmed".into()),
+        Err(Halt::Failed(e)) => Some(format!("{e:#}")),
+    });
+    result
+}
+
+/// The topics of a batch's records, each once.
+fn topics_of<'a>(inputs: &[Input<'a>]) -> Vec<&'a str> {
+    let mut topics: Vec<&str> = Vec::new();
+    for input in inputs {
+        if !topics.contains(&input.topic) {
+            topics.push(input.topic);
+        }
+    }
+    topics
+}
+
+async fn handle_batch<S: Stage>(
+    ctx: &Context,
+    stage: &mut S,
+    outbox: &mut Outbox,
+    source: &KafkaSource,
+    inputs: &[Input<'_>],
+    span: Option<&BatchSpan>,
+) -> Result<(), Halt> {
+    let inflight = metrics().inflight_messages.with_label_values(&[S::NAME]);
+    inflight.set(inputs.len() as i64);
     let started = Instant::now();
     let mut retrying = ctx.backoff.start();
-    let verdicts = loop {
-        let result = stage.process(&inputs).await;
+    let mut verdicts = loop {
+        let result = stage.process(inputs).await;
         if let Some(verdicts) = retrying.check(result, &ctx.shutdown, S::NAME).await? {
             break verdicts;
         }
@@ -189,6 +248,14 @@ async fn on_batch<S: Stage>(
             inputs.len()
         )));
     }
+    // Every output made from an input carries the input's trace context.
+    for (input, verdict) in inputs.iter().zip(verdicts.iter_mut()) {
+        if let (Some(traceparent), Verdict::Emit(outs)) = (input.traceparent, verdict) {
+            for out in outs {
+                trace::carry(traceparent, out);
+            }
+        }
+    }
     let mut outputs: Vec<(Option<&Input<'_>>, &Output)> = Vec::new();
     let mut rejects: Vec<(&Input<'_>, &Rejection)> = Vec::new();
     for (input, verdict) in inputs.iter().zip(&verdicts) {
@@ -197,9 +264,15 @@ async fn on_batch<S: Stage>(
             Verdict::Reject(r) => rejects.push((input, r)),
         }
     }
+    if let Some(span) = span {
+        span.set([
+            KeyValue::new("iotp.outputs", outputs.len() as i64),
+            KeyValue::new("iotp.rejected", rejects.len() as i64),
+        ]);
+    }
     outbox.deliver(&outputs, &rejects, &ctx.shutdown).await?;
     source
-        .store_offsets(&inputs)
+        .store_offsets(inputs)
         .map_err(|e| Halt::Failed(e.into()))?;
     delivered(ctx, stage).await?;
     metrics()

@@ -1,7 +1,7 @@
 //! The runtime every service runs on: the process shell (config, logs, admin port, metrics,
 //! shutdown), the stage runtimes (Kafka → Kafka, MQTT → Kafka) and the broker adapters they
-//! are built from (Kafka, MQTT, RabbitMQ). Stages hold logic only; this crate does the
-//! plumbing once.
+//! are built from (Kafka, MQTT, RabbitMQ), and tracing (trace context carried with every
+//! message, spans per batch). Stages hold logic only; this crate does the plumbing once.
 
 pub mod admin;
 pub mod amqp;
@@ -23,6 +23,7 @@ pub mod stage;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod tls;
+pub mod trace;
 
 /// mimalloc for every service: glibc's malloc and free were about a sixth of the parser's and
 /// the bridge's CPU in `perf` profiles under load (docs/performance.md).

@@ -1,7 +1,8 @@
 //! Handing a batch's results on: outputs to Kafka through the [`KafkaSink`], rejections to
 //! RabbitMQ as dead letters, each retried with the backoff until confirmed. An output Kafka
 //! refuses for good (too large, invalid) is not retried: the input it was made from becomes a
-//! dead letter instead, with the refusal's reason code. [`Outbox::deliver`] returns `Ok` only
+//! dead letter instead, with the refusal's reason code. A dead letter carries its record's
+//! `traceparent` as an AMQP header. [`Outbox::deliver`] returns `Ok` only
 //! when every one was confirmed, so the caller may then commit the batch.
 
 use std::collections::HashSet;
@@ -12,6 +13,7 @@ use crate::dead_letter::{self, DeadLetterPublisher};
 use crate::kafka::KafkaSink;
 use crate::retry::{Backoff, Halt};
 use crate::stage::{Input, Output, Rejection};
+use crate::trace;
 
 /// Where a stage's results go.
 pub struct Outbox {
@@ -51,25 +53,35 @@ impl Outbox {
             let refused = self.sink.send_all(&records, shutdown).await?;
             let mut lettered: HashSet<(&str, i32, i64)> = HashSet::new();
             for (i, why) in refused {
-                let letter = match outputs[i] {
+                let (letter, traceparent) = match outputs[i] {
                     (Some(input), _) => {
                         if !lettered.insert((input.topic, input.partition, input.offset)) {
                             continue;
                         }
                         let rejection = Rejection::permanent(why.reason, why.error);
-                        dead_letter::letter(self.stage, input, &rejection)
+                        let letter = dead_letter::letter(self.stage, input, &rejection);
+                        (letter, input.traceparent)
                     }
-                    (None, out) => dead_letter::output_letter(self.stage, out, &why),
+                    (None, out) => (
+                        dead_letter::output_letter(self.stage, out, &why),
+                        trace::header(out),
+                    ),
                 };
                 self.dead_letters
-                    .deliver(&letter, false, &self.backoff, shutdown)
+                    .deliver(&letter, false, traceparent, &self.backoff, shutdown)
                     .await?;
             }
         }
         for (input, rejection) in rejects {
             let letter = dead_letter::letter(self.stage, input, rejection);
             self.dead_letters
-                .deliver(&letter, rejection.transient, &self.backoff, shutdown)
+                .deliver(
+                    &letter,
+                    rejection.transient,
+                    input.traceparent,
+                    &self.backoff,
+                    shutdown,
+                )
                 .await?;
         }
         Ok(())

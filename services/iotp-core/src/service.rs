@@ -1,5 +1,5 @@
-//! The process shell every service shares: options, config, logs, admin port, signals and the
-//! drain deadline. A service's `main` is one call to [`run`].
+//! The process shell every service shares: options, config, logs, span export, admin port,
+//! signals and the drain deadline. A service's `main` is one call to [`run`].
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -14,6 +14,7 @@ use crate::logging;
 use crate::metrics::metrics;
 use crate::retry::Backoff;
 use crate::shutdown::{self, EXIT_CONFIG, EXIT_DEADLINE, EXIT_FAILED, EXIT_OK};
+use crate::trace;
 
 /// Options every service binary takes.
 #[derive(Debug, Parser)]
@@ -70,14 +71,25 @@ where
         };
     }
     logging::init(config.common());
+    let common = config.common();
+    let spans = match trace::init(service, &common.replica, &common.tracing) {
+        Ok(spans) => spans,
+        Err(e) => {
+            eprintln!("{service}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let runtime = match runtime(config.common().worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{service}: cannot start runtime: {e}");
+            spans.shutdown();
             return ExitCode::from(EXIT_FAILED);
         }
     };
     let code = runtime.block_on(supervise(service, config, body));
+    // The spans of the last batches, before the process goes.
+    spans.shutdown();
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
 }

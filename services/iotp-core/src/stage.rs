@@ -26,6 +26,9 @@ pub struct Input<'a> {
     pub payload: &'a [u8],
     /// Set when the DLQ handler put this record back for another attempt.
     pub replayed: Option<Replayed<'a>>,
+    /// Its W3C `traceparent` header, if it has one: the runtime copies it onto the outputs
+    /// made from it and onto its dead letter ([`crate::trace`]).
+    pub traceparent: Option<&'a [u8]>,
 }
 
 /// Where a replayed record comes from: read from its Kafka headers

@@ -1,6 +1,6 @@
 //! Helpers for tests that talk to the real brokers (feature `testkit`). Addresses come from
 //! `IOTP_TEST_KAFKA` and `IOTP_TEST_AMQP`, with localhost defaults; names are random so tests
-//! run in parallel.
+//! run in parallel. [`OtlpReceiver`] stands in for an OpenTelemetry collector.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
@@ -221,4 +221,181 @@ pub fn test_context(
             give_up_after,
         },
     }
+}
+
+/// One span as an OpenTelemetry collector received it ([`OtlpReceiver`]); ids in hex.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedSpan {
+    /// `service.name` of the resource that sent it (`iotp-parser`).
+    pub service: String,
+    /// Span name.
+    pub name: String,
+    /// Its trace.
+    pub trace_id: String,
+    /// Its id.
+    pub span_id: String,
+    /// Its parent's id; empty for a root span.
+    pub parent_span_id: String,
+    /// The trace and span ids it links to.
+    pub links: Vec<(String, String)>,
+    /// Attributes, their values as text.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// Its status is an error.
+    pub failed: bool,
+}
+
+impl ReceivedSpan {
+    /// Whether it links to trace `trace_id`.
+    pub fn links_to(&self, trace_id: &str) -> bool {
+        self.links.iter().any(|(t, _)| t == trace_id)
+    }
+
+    /// An attribute's value as text.
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+}
+
+/// A stand-in for an OpenTelemetry collector: an OTLP/HTTP receiver on a free local port that
+/// decodes every protobuf export sent to `/v1/traces` and keeps its spans. Services point
+/// their real exporter at [`OtlpReceiver::endpoint`].
+pub struct OtlpReceiver {
+    /// Base URL (`http://127.0.0.1:PORT`) for `common.tracing.otlp_endpoint`.
+    pub endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl OtlpReceiver {
+    /// Listen on 127.0.0.1 (a free port) on the current runtime until dropped.
+    pub async fn start() -> Self {
+        use axum::body::Bytes;
+        use axum::http::{header, StatusCode};
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        use prost::Message as _;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (kept, counted) = (spans.clone(), requests.clone());
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: Bytes| {
+                let (kept, counted) = (kept.clone(), counted.clone());
+                async move {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    let protobuf = headers
+                        .get(header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes() == b"application/x-protobuf");
+                    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                        return (StatusCode::BAD_REQUEST, Vec::new());
+                    };
+                    if !protobuf {
+                        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, Vec::new());
+                    }
+                    kept.lock().unwrap().extend(received_spans(request));
+                    (
+                        StatusCode::OK,
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await;
+        });
+        Self {
+            endpoint,
+            spans,
+            requests,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Export requests received so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wait until `done(spans)` holds (true) or `timeout` passes (false).
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            if done(&self.spans()) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn received_spans(
+    request: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> Vec<ReceivedSpan> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let text = |kv: &KeyValue| {
+        let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            Some(other) => format!("{other:?}"),
+            None => String::new(),
+        };
+        (kv.key.clone(), value)
+    };
+    let mut out = Vec::new();
+    for resource_spans in request.resource_spans {
+        let service = resource_spans
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|kv| kv.key == "service.name")
+            .map(|kv| text(kv).1)
+            .unwrap_or_default();
+        for scope in resource_spans.scope_spans {
+            for span in scope.spans {
+                out.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: span.name,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                        .collect(),
+                    attributes: span.attributes.iter().map(text).collect(),
+                    // STATUS_CODE_ERROR
+                    failed: span.status.is_some_and(|s| s.code == 2),
+                });
+            }
+        }
+    }
+    out
 }

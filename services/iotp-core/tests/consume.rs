@@ -433,3 +433,91 @@ async fn an_output_too_large_for_kafka_dead_letters_its_input_and_the_batch_comm
         "the batches with the refused outputs were committed"
     );
 }
+
+/// The trace context travels with the data, whether or not spans are exported: each output
+/// carries its input's `traceparent` header, each dead letter the same as an AMQP header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_and_dead_letters_carry_their_inputs_traceparent() {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    use lapin::types::{AMQPValue, ShortString};
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let amqp = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
+    let channel = amqp.create_channel().await.unwrap();
+    let (exchange, queue) = (unique("test.dlx."), unique("test.dlq."));
+    declare_exchange_and_queue(&channel, &exchange, &queue).await;
+    let f = fixture(&exchange).await;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .unwrap();
+    // Every third record has no trace context; "bad-…" ones are rejected.
+    let mut sent = std::collections::HashMap::new();
+    for i in 0..30 {
+        let body = if i % 10 == 4 {
+            format!("bad-{i}")
+        } else {
+            format!("ok-{i}")
+        };
+        let traceparent = (i % 3 != 0).then(iotp_core::trace::start);
+        let mut record = FutureRecord::to(&f.input).key("k").payload(&body);
+        if let Some(t) = &traceparent {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: "traceparent",
+                value: Some(t.as_str()),
+            }));
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        sent.insert(body.to_ascii_uppercase(), traceparent.clone());
+        sent.insert(body, traceparent);
+    }
+
+    let (shutdown, task) = start(&f, "upper-trace");
+    let out = read_topic(&f.output, Duration::from_secs(60), |r| r.len() >= 27).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(out.len(), 27);
+    let mut traced = 0;
+    for m in &out {
+        let body = String::from_utf8(m.payload().unwrap().to_vec()).unwrap();
+        let header = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        });
+        assert_eq!(&header, &sent[&body], "{body}");
+        traced += usize::from(header.is_some());
+    }
+    assert_eq!(traced, 18, "the 18 outputs whose inputs had one");
+
+    let mut letters = 0;
+    let codec = Codec::<DeadLetter>::latest().unwrap();
+    while let Some(msg) = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        let letter = codec.decode(&msg.delivery.data).unwrap();
+        let body = String::from_utf8(letter.payload).unwrap();
+        let header = msg
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(&ShortString::from("traceparent")).cloned())
+            .map(|v| match v {
+                AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).unwrap(),
+                other => panic!("traceparent as {other:?}"),
+            });
+        assert_eq!(&header, &sent[&body], "{body}");
+        letters += 1;
+    }
+    assert_eq!(letters, 3);
+}

@@ -276,7 +276,8 @@ async fn replay(
                 );
                 error
             };
-            crate::replay::replay(&api.sink, &a.letter)
+            // The archive keeps no trace context: a replay from it starts none.
+            crate::replay::replay(&api.sink, &a.letter, None)
                 .await
                 .map_err(|e| stopped(&e))?;
             api.store

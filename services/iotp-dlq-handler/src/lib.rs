@@ -24,19 +24,26 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
+use tracing::Instrument as _;
 
 use iotp_contract::topology::RabbitTopology;
 use iotp_contract::{Codec, DeadLetter};
-use iotp_core::amqp::source::header_flag;
+use iotp_core::amqp::source::{header_bytes, header_flag};
 use iotp_core::amqp::{AmqpSource, AmqpTls};
 use iotp_core::config::{Common, ServiceConfig};
-use iotp_core::dead_letter::{DeadLetterConfig, DeadLetterPublisher, AMQP_TRANSIENT};
+use iotp_core::dead_letter::{
+    set_traceparent, DeadLetterConfig, DeadLetterPublisher, AMQP_TRANSIENT,
+};
 use iotp_core::kafka::sink::{refusal, Refusal};
 use iotp_core::kafka::{KafkaConfig, KafkaSink};
 use iotp_core::metrics::metrics;
 use iotp_core::retry::Halt;
 use iotp_core::service::Context;
 use iotp_core::stage::StageError;
+use iotp_core::trace::{self, BatchSpan, Links};
 use iotp_store::{DeadLetterArchive, Store, StoreConfig};
 use serde::{Deserialize, Serialize};
 
@@ -239,19 +246,58 @@ pub async fn run(ctx: Context, config: DlqConfig) -> anyhow::Result<()> {
                 }
             },
         };
-        let mut retrying = ctx.backoff.start();
-        let outcome = loop {
-            let result = if queue == INCOMING {
-                handler.on_incoming(&delivery).await
-            } else {
-                handler.on_parked(&delivery).await
-            };
-            match retrying.check(result, &ctx.shutdown, "dead letter").await {
-                Ok(Some(())) => break Ok(()),
-                Ok(None) => {}
-                Err(halt) => break Err(halt),
+        // The letter's trace context (an AMQP header), kept on every next hop; with export
+        // on, handling it is a span linked to that trace.
+        let traceparent = header_bytes(&delivery, trace::HEADER);
+        let span = trace::enabled().then(|| {
+            let mut links = Links::default();
+            links.add(traceparent.as_deref());
+            let queue_name = consume.queues[queue].clone();
+            BatchSpan::start(
+                format!("process {queue_name}"),
+                SpanKind::Consumer,
+                None,
+                vec![
+                    KeyValue::new("iotp.stage", "dlq-handler"),
+                    KeyValue::new("messaging.system", "rabbitmq"),
+                    KeyValue::new("messaging.operation.type", "process"),
+                    KeyValue::new("messaging.destination.name", queue_name),
+                ],
+                links,
+            )
+        });
+        let handling = async {
+            let mut retrying = ctx.backoff.start();
+            loop {
+                let tp = traceparent.as_deref();
+                let result = if queue == INCOMING {
+                    handler.on_incoming(&delivery, tp).await
+                } else {
+                    handler.on_parked(&delivery).await
+                };
+                match retrying.check(result, &ctx.shutdown, "dead letter").await {
+                    Ok(Some(())) => break Ok(()),
+                    Ok(None) => {}
+                    Err(halt) => break Err(halt),
+                }
             }
         };
+        let outcome = match &span {
+            Some(span) => {
+                handling
+                    .with_context(span.context())
+                    .instrument(span.log())
+                    .await
+            }
+            None => handling.await,
+        };
+        if let Some(span) = span {
+            span.end(match &outcome {
+                Ok(()) => None,
+                Err(Halt::Shutdown) => Some("shutdown".into()),
+                Err(Halt::Failed(e)) => Some(format!("{e:#}")),
+            });
+        }
         if let Err(e) = AmqpSource::settle(&delivery, &outcome).await {
             // Not settled: RabbitMQ delivers it again (each hop is idempotent).
             tracing::warn!(error = %e, "cannot settle a delivery; reconnecting");
@@ -339,11 +385,20 @@ fn wrap_undecodable(d: &Delivery, error: &str) -> DeadLetter {
 }
 
 impl Handler {
-    /// A new or returning dead letter: replay it, send it to wait in a delay queue, or park it.
-    async fn on_incoming(&mut self, d: &Delivery) -> Result<(), StageError> {
+    /// A new or returning dead letter: replay it, send it to wait in a delay queue, or park it;
+    /// its `traceparent` goes with it.
+    async fn on_incoming(
+        &mut self,
+        d: &Delivery,
+        traceparent: Option<&[u8]>,
+    ) -> Result<(), StageError> {
         let letter = match self.codec.decode(&d.data) {
             Ok(l) => l,
-            Err(e) => return self.park(&wrap_undecodable(d, &e.to_string())).await,
+            Err(e) => {
+                return self
+                    .park(&wrap_undecodable(d, &e.to_string()), traceparent)
+                    .await
+            }
         };
         let transient = is_transient(
             header_flag(d, AMQP_TRANSIENT),
@@ -357,47 +412,69 @@ impl Handler {
             due,
             self.config.rabbitmq.retry_delays.len(),
         ) {
-            Route::ReplayNow => match replay::replay(&self.sink, &letter).await {
+            Route::ReplayNow => match replay::replay(&self.sink, &letter, traceparent).await {
                 Ok(()) => {
+                    trace::annotate(KeyValue::new("iotp.route", "replay"));
                     metrics()
                         .dead_letters_total
                         .with_label_values(&["dlq-handler", "retried"])
                         .inc();
                 }
                 // Nowhere to replay it to: park it where an operator sees it.
-                Err(ReplayError::NoSource(_)) => self.park(&letter).await?,
+                Err(ReplayError::NoSource(_)) => self.park(&letter, traceparent).await?,
                 // Kafka will never take it (too large for the topic now): retrying would stop
                 // this service after `give_up_after` and block the queue; park it instead.
                 Err(ReplayError::Kafka(e)) if refusal(&e) != Refusal::Retry => {
                     tracing::warn!(id = %letter.id, error = %e, "kafka refuses the replay for good; parked");
-                    self.park(&letter).await?
+                    self.park(&letter, traceparent).await?
                 }
                 Err(e) => return Err(StageError::retry(e)),
             },
             Route::Retry { attempt } => {
                 let mut headers = FieldTable::default();
                 headers.insert(ShortString::from(AMQP_RETRY_DUE), AMQPValue::Boolean(true));
+                set_traceparent(&mut headers, traceparent);
                 let exchange = &self.config.rabbitmq.retry_exchange;
                 self.publisher
                     .publish_to(exchange, &attempt.to_string(), &letter, headers)
                     .await?;
-                tracing::info!(id = %letter.id, reason = %letter.reason_code, attempt, "dead letter waits for retry");
+                trace::annotate(KeyValue::new("iotp.route", "retry"));
+                tracing::info!(
+                    id = %letter.id,
+                    reason = %letter.reason_code,
+                    attempt,
+                    trace_id = trace::trace_id(traceparent),
+                    "dead letter waits for retry"
+                );
             }
-            Route::Park => self.park(&letter).await?,
+            Route::Park => self.park(&letter, traceparent).await?,
         }
         Ok(())
     }
 
-    async fn park(&mut self, letter: &DeadLetter) -> Result<(), StageError> {
+    async fn park(
+        &mut self,
+        letter: &DeadLetter,
+        traceparent: Option<&[u8]>,
+    ) -> Result<(), StageError> {
         let queue = &self.config.rabbitmq.parking_queue;
+        let mut headers = FieldTable::default();
+        set_traceparent(&mut headers, traceparent);
         self.publisher
-            .publish_to("", queue, letter, FieldTable::default())
+            .publish_to("", queue, letter, headers)
             .await?;
+        trace::annotate(KeyValue::new("iotp.route", "park"));
         metrics()
             .dead_letters_total
             .with_label_values(&["dlq-handler", "parked"])
             .inc();
-        tracing::info!(id = %letter.id, reason = %letter.reason_code, attempts = letter.attempts, "dead letter parked");
+        tracing::info!(
+            id = %letter.id,
+            reason = %letter.reason_code,
+            attempts = letter.attempts,
+            trace_id = trace::trace_id(traceparent),
+            "dead letter parked"
+        );
         Ok(())
     }
 
@@ -410,6 +487,7 @@ impl Handler {
         let now = iotp_contract::now_millis();
         let expires = now + self.config.archive_ttl.as_millis() as i64;
         self.store.archive(&letter, now, expires).await?;
+        trace::annotate(KeyValue::new("iotp.route", "archive"));
         Ok(())
     }
 

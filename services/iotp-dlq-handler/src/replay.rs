@@ -18,9 +18,17 @@ pub enum ReplayError {
     Kafka(#[from] KafkaError),
 }
 
-/// Produce the original record and wait for Kafka's confirmation (one attempt).
-pub async fn replay(sink: &KafkaSink, letter: &DeadLetter) -> Result<(), ReplayError> {
-    let out = replay_output(letter).ok_or_else(|| ReplayError::NoSource(letter.id.clone()))?;
+/// Produce the original record, with its `traceparent` if it has one, and wait for Kafka's
+/// confirmation (one attempt).
+pub async fn replay(
+    sink: &KafkaSink,
+    letter: &DeadLetter,
+    traceparent: Option<&[u8]>,
+) -> Result<(), ReplayError> {
+    let mut out = replay_output(letter).ok_or_else(|| ReplayError::NoSource(letter.id.clone()))?;
+    if let Some(traceparent) = traceparent.filter(|t| iotp_core::trace::parse(t).is_some()) {
+        iotp_core::trace::carry(traceparent, &mut out);
+    }
     sink.send(&out).await?;
     Ok(())
 }

@@ -185,15 +185,9 @@ impl IngressStage for Bridge {
         } else {
             iotp_contract::device_key(&envelope.tenant, &envelope.device_id)
         };
-        let headers = envelope
-            .user_properties
-            .get("traceparent")
-            .map(|t| vec![("traceparent", t.clone().into_bytes())])
-            .unwrap_or_default();
-        Ok(Output {
-            headers,
-            ..Output::new(key, self.codec.encode(&envelope)?)
-        })
+        // The `traceparent` header (the device's, or a new trace) is the runtime's
+        // (`iotp_core::trace::for_publish`); the envelope keeps every user property as sent.
+        Ok(Output::new(key, self.codec.encode(&envelope)?))
     }
 
     fn identity(publish: &Publish) -> Option<(String, String)> {
@@ -254,10 +248,7 @@ mod tests {
         });
         let record = bridge.map(&publish, 42).expect("map");
         assert_eq!(record.key, b"acme/m-1");
-        assert_eq!(
-            record.headers,
-            vec![("traceparent", b"00-aa-bb-01".to_vec())]
-        );
+        assert!(record.headers.is_empty(), "trace context is the runtime's");
         let env = Codec::<RawEnvelope>::latest()
             .expect("codec")
             .decode(&record.value)
@@ -272,6 +263,10 @@ mod tests {
             ("acme", "m-1", "heartbeat")
         );
         assert_eq!(env.content_type.as_deref(), Some("application/cbor"));
+        assert_eq!(
+            env.user_properties.get("traceparent").map(String::as_str),
+            Some("00-aa-bb-01")
+        );
         assert!(env.redelivered);
         assert_eq!(env.received_at, 42);
         assert_eq!(env.bridge_id, "bridge-0");

@@ -166,6 +166,7 @@ fn inputs(values: &[Vec<u8>]) -> Vec<Input<'_>> {
             key: None,
             payload: v.as_slice(),
             replayed: None,
+            traceparent: None,
         })
         .collect()
 }

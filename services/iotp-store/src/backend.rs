@@ -1,7 +1,14 @@
 //! The configured store: [`Store`] holds whichever backend [`crate::StoreConfig::open`]
-//! picked and keeps the whole contract by delegating to it.
+//! picked and keeps the whole contract by delegating to it. Each write is a span
+//! (`store {operation}`) when it runs under one of the runtime's batch spans; otherwise (no
+//! span exporter, or a tick) it costs a look at the current context and nothing more.
+
+use std::future::Future;
 
 use iotp_contract::DeadLetter;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{global, Context, KeyValue};
 
 use crate::mongo::MongoStore;
 use crate::sqlite::SqliteStore;
@@ -30,9 +37,49 @@ macro_rules! delegate {
     };
 }
 
+impl Store {
+    /// `write` as span `store {operation}` (`records` written), a child of the current span;
+    /// untraced when there is none.
+    async fn traced<T>(
+        &self,
+        operation: &'static str,
+        records: usize,
+        write: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let parent = Context::current();
+        if !parent.has_active_span() {
+            return write.await;
+        }
+        let system = match self {
+            Store::Embedded(_) => "sqlite",
+            Store::Mongo(_) => "mongodb",
+        };
+        let tracer = global::tracer("iotp-store");
+        let span = tracer
+            .span_builder(format!("store {operation}"))
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("db.system.name", system),
+                KeyValue::new("db.operation.name", operation),
+                KeyValue::new("iotp.store.records", records as i64),
+            ])
+            .start_with_context(&tracer, &parent);
+        let cx = parent.with_span(span);
+        let result = write.with_context(cx.clone()).await;
+        if let Err(e) = &result {
+            cx.span().set_status(Status::error(e.to_string()));
+        }
+        cx.span().end();
+        result
+    }
+}
+
 impl TwinStore for Store {
     async fn apply(&self, observations: &[Observation]) -> Result<(), StoreError> {
-        delegate!(self, s => s.apply(observations))
+        self.traced("apply_twins", observations.len(), async {
+            delegate!(self, s => s.apply(observations))
+        })
+        .await
     }
 
     async fn twin(&self, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
@@ -40,7 +87,10 @@ impl TwinStore for Store {
     }
 
     async fn mark_offline(&self, now_ms: i64, missed: u32) -> Result<u64, StoreError> {
-        delegate!(self, s => s.mark_offline(now_ms, missed))
+        self.traced("mark_offline", 0, async {
+            delegate!(self, s => s.mark_offline(now_ms, missed))
+        })
+        .await
     }
 
     async fn liveness_counts(&self) -> Result<LivenessCounts, StoreError> {
@@ -50,7 +100,10 @@ impl TwinStore for Store {
 
 impl ReadingStore for Store {
     async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
-        delegate!(self, s => s.write_messages(messages))
+        self.traced("write_messages", messages.len(), async {
+            delegate!(self, s => s.write_messages(messages))
+        })
+        .await
     }
 
     async fn message_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
@@ -71,7 +124,10 @@ impl ReadingStore for Store {
     }
 
     async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {
-        delegate!(self, s => s.update_seq_gaps(devices))
+        self.traced("update_seq_gaps", devices.len(), async {
+            delegate!(self, s => s.update_seq_gaps(devices))
+        })
+        .await
     }
 }
 
@@ -82,7 +138,10 @@ impl RollupStore for Store {
         cumulative: &[String],
         watermark: i64,
     ) -> Result<FoldReport, StoreError> {
-        delegate!(self, s => s.fold(messages, cumulative, watermark))
+        self.traced("fold", messages.len(), async {
+            delegate!(self, s => s.fold(messages, cumulative, watermark))
+        })
+        .await
     }
 
     async fn watermark(&self) -> Result<i64, StoreError> {
@@ -98,7 +157,10 @@ impl RollupStore for Store {
     }
 
     async fn mark_published(&self, buckets: &[Bucket]) -> Result<(), StoreError> {
-        delegate!(self, s => s.mark_published(buckets))
+        self.traced("mark_published", buckets.len(), async {
+            delegate!(self, s => s.mark_published(buckets))
+        })
+        .await
     }
 
     async fn buckets(&self, tenant: &str, device_id: &str) -> Result<Vec<Bucket>, StoreError> {
@@ -113,7 +175,10 @@ impl DeadLetterArchive for Store {
         parked_at: i64,
         expires_at: i64,
     ) -> Result<(), StoreError> {
-        delegate!(self, s => s.archive(letter, parked_at, expires_at))
+        self.traced("archive", 1, async {
+            delegate!(self, s => s.archive(letter, parked_at, expires_at))
+        })
+        .await
     }
 
     async fn letters(&self, filter: &LetterFilter) -> Result<Vec<Archived>, StoreError> {
@@ -121,7 +186,10 @@ impl DeadLetterArchive for Store {
     }
 
     async fn mark_replayed(&self, ids: &[String], at: i64) -> Result<(), StoreError> {
-        delegate!(self, s => s.mark_replayed(ids, at))
+        self.traced("mark_replayed", ids.len(), async {
+            delegate!(self, s => s.mark_replayed(ids, at))
+        })
+        .await
     }
 
     async fn prune_letters(&self, now_ms: i64) -> Result<u64, StoreError> {

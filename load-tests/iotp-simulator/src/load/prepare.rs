@@ -113,6 +113,7 @@ fn stack_config(
             .with_context(|| format!("binaries: {}", opts.bin_dir.display()))?,
         run_dir: out.to_path_buf(),
         mqtt_port: opts.mqtt_port,
+        own_mosquitto: false,
         kafka: opts.kafka.clone(),
         tansu,
         engine: opts.kafka_engine.clone().unwrap_or_else(|| "memory".into()),

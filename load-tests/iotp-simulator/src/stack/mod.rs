@@ -57,6 +57,9 @@ pub struct StackConfig {
     pub run_dir: PathBuf,
     /// Mosquitto port (the machine's; a run with its own Mosquitto takes another).
     pub mqtt_port: u16,
+    /// Start a Mosquitto of the run's own (from `dev/mosquitto.conf`) even if nothing restarts
+    /// it: a test that must not depend on the machine's.
+    pub own_mosquitto: bool,
     /// Kafka bootstrap `host:port`.
     pub kafka: String,
     /// Start Tansu (this binary) on the `kafka` port; `None`: use a running broker.
@@ -242,7 +245,8 @@ impl Stack {
         if let Some(dir) = &cfg.tls {
             prepare_ca(dir).with_context(|| format!("the CA in {}", dir.display()))?;
         }
-        let mosquitto = if cfg.chaos.restarts_mosquitto() || cfg.tls.is_some() {
+        let mosquitto = if cfg.own_mosquitto || cfg.chaos.restarts_mosquitto() || cfg.tls.is_some()
+        {
             let m = brokers::mosquitto(&cfg.repo, &cfg.run_dir, cfg.tls.as_deref()).await?;
             cfg.mqtt_port = m.port;
             Some(m)

@@ -92,3 +92,13 @@ pub fn header_flag(d: &Delivery, name: &str) -> bool {
         .and_then(|h| h.inner().get(&ShortString::from(name)).cloned())
         .is_some_and(|v| matches!(v, AMQPValue::Boolean(true)))
 }
+
+/// A text or byte AMQP header of `d` (`traceparent`); `None` when absent or of another type.
+pub fn header_bytes(d: &Delivery, name: &str) -> Option<Vec<u8>> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get(&ShortString::from(name))? {
+        AMQPValue::LongString(v) => Some(v.as_bytes().to_vec()),
+        AMQPValue::ByteArray(v) => Some(v.as_slice().to_vec()),
+        _ => None,
+    }
+}

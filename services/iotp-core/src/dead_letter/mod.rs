@@ -14,7 +14,7 @@ use iotp_contract::DeadLetter;
 use crate::kafka::sink::Unproducible;
 use crate::stage::{Input, Output, Rejection};
 
-pub use publisher::{DeadLetterPublisher, PublishError};
+pub use publisher::{set_traceparent, DeadLetterPublisher, PublishError};
 
 /// AMQP header: the stage judged the failure transient (worth retrying).
 pub const AMQP_TRANSIENT: &str = "x-transient";

@@ -89,6 +89,17 @@ impl DeadLetterPublisher {
         letter: &DeadLetter,
         transient: bool,
     ) -> Result<(), PublishError> {
+        self.publish_traced(letter, transient, None).await
+    }
+
+    /// [`Self::publish`], with the failed record's W3C `traceparent` as an AMQP header of the
+    /// same name.
+    pub async fn publish_traced(
+        &mut self,
+        letter: &DeadLetter,
+        transient: bool,
+        traceparent: Option<&[u8]>,
+    ) -> Result<(), PublishError> {
         let key = format!("{}.{}", letter.stage, letter.reason_code);
         let exchange = self.config.exchange.clone();
         let mut headers = FieldTable::default();
@@ -96,22 +107,24 @@ impl DeadLetterPublisher {
             ShortString::from(AMQP_TRANSIENT),
             AMQPValue::Boolean(transient),
         );
+        set_traceparent(&mut headers, traceparent);
         self.publish_to(&exchange, &key, letter, headers).await
     }
 
-    /// [`Self::publish`] until RabbitMQ confirmed it, with `backoff` between attempts (a
-    /// missing topology or a letter that does not encode stops at once); counted by stage
+    /// [`Self::publish_traced`] until RabbitMQ confirmed it, with `backoff` between attempts
+    /// (a missing topology or a letter that does not encode stops at once); counted by stage
     /// and reason once confirmed.
     pub async fn deliver(
         &mut self,
         letter: &DeadLetter,
         transient: bool,
+        traceparent: Option<&[u8]>,
         backoff: &Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), Halt> {
         let mut retrying = backoff.start();
         loop {
-            match self.publish(letter, transient).await {
+            match self.publish_traced(letter, transient, traceparent).await {
                 Ok(()) => {
                     metrics()
                         .dead_letters_total
@@ -121,7 +134,12 @@ impl DeadLetterPublisher {
                 }
                 Err(e) if e.recovery() == Recovery::Stop => return Err(Halt::Failed(e.into())),
                 Err(e) => {
-                    tracing::warn!(error = %e, reason = %letter.reason_code, "dead letter not confirmed; retrying");
+                    tracing::warn!(
+                        error = %e,
+                        reason = %letter.reason_code,
+                        trace_id = crate::trace::trace_id(traceparent),
+                        "dead letter not confirmed; retrying"
+                    );
                     retrying.wait(shutdown, &e).await?;
                 }
             }
@@ -192,5 +210,15 @@ impl DeadLetterPublisher {
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
         }
+    }
+}
+
+/// Put a valid W3C `traceparent` into AMQP `headers` (anything else is left out).
+pub fn set_traceparent(headers: &mut FieldTable, traceparent: Option<&[u8]>) {
+    if let Some(value) = traceparent.filter(|v| crate::trace::parse(v).is_some()) {
+        headers.insert(
+            ShortString::from(crate::trace::HEADER),
+            AMQPValue::LongString(LongString::from(value.to_vec())),
+        );
     }
 }

@@ -62,7 +62,7 @@ where
     S: IngressStage,
     F: Fn() -> anyhow::Result<S> + Send + Sync + 'static,
 {
-    let sink = KafkaSink::new(&kafka, &ctx.replica, topic, ctx.backoff)?;
+    let sink = KafkaSink::new(&kafka, &ctx.replica, topic.clone(), ctx.backoff)?;
     let me = mqtt.client_id(&ctx.replica).to_string();
     let presence = Presence::start(&mqtt, &me, ctx.backoff)?;
     let mut stage = new_stage()?;
@@ -74,7 +74,7 @@ where
         &mqtt,
         &me,
         own,
-        (&sink, &dead_letter),
+        (&sink, &topic, &dead_letter),
         ctx.backoff,
         ctx.shutdown.clone(),
     )?;
@@ -83,6 +83,7 @@ where
         mqtt: mqtt.clone(),
         presence: presence.clone(),
         sink: sink.clone(),
+        topic,
         dead_letter,
         new_stage: Arc::new(new_stage),
         ctx: ctx.clone(),
@@ -134,6 +135,7 @@ struct Janitor<F> {
     mqtt: MqttConfig,
     presence: Presence,
     sink: KafkaSink,
+    topic: String,
     dead_letter: DeadLetterConfig,
     new_stage: Arc<F>,
     ctx: Context,
@@ -193,7 +195,7 @@ where
         &j.mqtt,
         orphan,
         Role::Orphan,
-        (&j.sink, &j.dead_letter),
+        (&j.sink, &j.topic, &j.dead_letter),
         j.ctx.backoff,
         j.ctx.shutdown.clone(),
     )?;

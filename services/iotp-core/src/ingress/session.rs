@@ -3,7 +3,9 @@
 //! maximum, so the broker (not our memory) holds what we have not taken yet. If Kafka is down,
 //! records are retried with backoff and nothing is acknowledged: the broker keeps the messages.
 //! A message whose record Kafka refuses for good (too large) is dead-lettered to RabbitMQ
-//! instead, and acknowledged in its turn once RabbitMQ confirmed the dead letter.
+//! instead, and acknowledged in its turn once RabbitMQ confirmed the dead letter. Each record
+//! carries the device's `traceparent` (or, with export on, a new trace); with export on, the
+//! records confirmed together are one span linked to their traces.
 //!
 //! A session ends one of three ways: [`Session::close`] keeps it on the broker (a restart
 //! resumes it), [`Session::leave`] unsubscribes, drains what the broker had queued for it and
@@ -33,6 +35,9 @@ use crate::metrics::metrics;
 use crate::mqtt::{MqttConfig, ONLINE};
 use crate::retry::{Backoff, Halt};
 use crate::stage::Output;
+use crate::trace::{self, BatchSpan, Links};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// Whose session this is.
 pub(super) enum Role {
@@ -158,7 +163,7 @@ impl Session {
         mqtt: &MqttConfig,
         client_id: &str,
         role: Role,
-        (sink, dead_letter): (&KafkaSink, &DeadLetterConfig),
+        (sink, topic, dead_letter): (&KafkaSink, &str, &DeadLetterConfig),
         backoff: Backoff,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
@@ -195,7 +200,7 @@ impl Session {
             client.clone(),
             receipts,
             progress.clone(),
-            sink.clone(),
+            (sink.clone(), topic.to_string()),
             (dead_letters, backoff),
             shutdown,
         ));
@@ -237,7 +242,8 @@ impl Session {
             let mut taken = Vec::with_capacity(most.min(self.from_broker.len() + 1));
             let mut next = Some(first);
             while let Some((receipt, publish)) = next {
-                let output = stage.map(&publish, now)?;
+                let mut output = stage.map(&publish, now)?;
+                trace::for_publish(device_traceparent(&publish), &mut output);
                 taken.push((receipt, publish, output));
                 next = if taken.len() < most {
                     self.from_broker.try_recv().ok()
@@ -485,13 +491,14 @@ async fn confirm_in_order<S: IngressStage>(
     client: AsyncClient,
     receipts: Arc<Receipts>,
     progress: Arc<Progress>,
-    sink: KafkaSink,
+    (sink, topic): (KafkaSink, String),
     (mut dead_letters, backoff): (DeadLetterPublisher, Backoff),
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let latency = metrics().delivery_seconds.with_label_values(&[STAGE]);
     let inflight = metrics().inflight_messages.with_label_values(&[STAGE]);
     let mut acks: VecDeque<(u16, u64, QoS)> = VecDeque::new();
+    let mut flush = Flush::default();
     let mut open = true;
     while open || !acks.is_empty() {
         while let Some(&(pkid, receipt, qos)) = acks.front() {
@@ -532,7 +539,8 @@ async fn confirm_in_order<S: IngressStage>(
         let handed_on = async {
             let outputs: Vec<&Output> = taken.iter().map(|(_, _, out)| out).collect();
             for (i, why) in sink.confirm_all(&outputs, batch, &shutdown).await? {
-                let publish = &taken[i].1;
+                let (_, publish, output) = &taken[i];
+                flush.lettered += 1;
                 let identity = S::identity(publish);
                 let letter = dead_letter::message_letter(
                     STAGE,
@@ -542,7 +550,7 @@ async fn confirm_in_order<S: IngressStage>(
                     &why,
                 );
                 dead_letters
-                    .deliver(&letter, false, &backoff, &shutdown)
+                    .deliver(&letter, false, trace::header(output), &backoff, &shutdown)
                     .await?;
             }
             Ok(())
@@ -563,14 +571,80 @@ async fn confirm_in_order<S: IngressStage>(
             latency.observe(waited);
         }
         inflight.sub(taken.len() as i64);
+        if trace::enabled() {
+            for (_, _, output) in &taken {
+                flush.add(output, received);
+            }
+            // A flush ends when the records waiting are all confirmed (their PUBACKs go out
+            // together next), or at a window's worth.
+            if produced.is_empty() || flush.links.messages() >= FLUSH_MAX {
+                flush.end(&topic);
+            }
+        }
         acks.extend(
             taken
                 .into_iter()
                 .map(|(receipt, publish, _)| (publish.pkid, receipt, publish.qos)),
         );
     }
+    flush.end(&topic);
     dead_letters.close().await;
     Ok(())
+}
+
+/// Most records one bridge flush span covers.
+const FLUSH_MAX: usize = 1000;
+
+/// The span of one bridge flush: the records confirmed together, from the first one's
+/// receipt to the last one's confirmation, linked to their traces.
+#[derive(Default)]
+struct Flush {
+    links: Links,
+    first: Option<Instant>,
+    lettered: usize,
+}
+
+impl Flush {
+    fn add(&mut self, output: &Output, received: Instant) {
+        self.links.add(trace::header(output));
+        self.first.get_or_insert(received);
+    }
+
+    fn end(&mut self, topic: &str) {
+        let Some(first) = self.first.take() else {
+            self.lettered = 0;
+            return;
+        };
+        let started = std::time::SystemTime::now().checked_sub(first.elapsed());
+        let span = BatchSpan::start(
+            format!("send {topic}"),
+            SpanKind::Producer,
+            started,
+            vec![
+                KeyValue::new("iotp.stage", STAGE),
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("messaging.destination.name", topic.to_string()),
+                KeyValue::new(
+                    "iotp.dead_lettered",
+                    std::mem::take(&mut self.lettered) as i64,
+                ),
+            ],
+            std::mem::take(&mut self.links),
+        );
+        span.end(None);
+    }
+}
+
+/// The device's `traceparent` (an MQTT 5 user property), if it sent one.
+fn device_traceparent(publish: &Publish) -> Option<&str> {
+    publish
+        .properties
+        .as_ref()?
+        .user_properties
+        .iter()
+        .find(|(k, _)| k == trace::HEADER)
+        .map(|(_, v)| v.as_str())
 }
 
 fn record_broker_counter(publish: &Publish) {

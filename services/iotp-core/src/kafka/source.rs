@@ -172,6 +172,11 @@ pub fn input<'a>(m: &'a BorrowedMessage<'a>) -> Input<'a> {
                     .and_then(|header| header.value)
             })
         }),
+        traceparent: headers.and_then(|h| {
+            h.iter()
+                .find(|header| header.key == crate::trace::HEADER)
+                .and_then(|header| header.value)
+        }),
     }
 }
 
