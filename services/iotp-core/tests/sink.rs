@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use iotp_core::kafka::sink::OUTPUT_TOO_LARGE;
-use iotp_core::kafka::{KafkaConfig, KafkaSink};
+use iotp_core::kafka::{count_records, KafkaConfig, KafkaSink};
 use iotp_core::retry::Backoff;
 use iotp_core::stage::Output;
 use iotp_core::testkit::{create_topic, kafka_brokers, read_topic, unique};
@@ -76,4 +76,12 @@ async fn a_batch_confirms_every_record_and_names_the_refused_by_index() {
     assert_eq!(got.len(), 998, "every small record once");
     assert!(!got.contains(&"v-0017".to_string()));
     assert!(got.contains(&"v-0018".to_string()) && got.contains(&"v-0999".to_string()));
+    // Every record counted, not the last batches' first ones only (the broker's ListOffsets
+    // answer on Tansu's memory engine).
+    assert_eq!(
+        count_records(&kafka(Duration::from_secs(30)), &topic)
+            .await
+            .unwrap(),
+        998
+    );
 }

@@ -47,21 +47,11 @@ pub async fn ensure_topics(
 
 /// Records ever written to `topic`: the sum of its partitions' high watermarks.
 pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> Result<i64, KafkaError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let config = kafka.base("iotp-count")?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config.create()?;
-        let timeout = Duration::from_secs(10);
-        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
-        let mut total = 0;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (_, high) = consumer.fetch_watermarks(&topic, p.id(), timeout)?;
-                total += high;
-            }
-        }
-        Ok(total)
+        let ends = high_watermarks(&config, &topic, Duration::from_secs(10))?;
+        Ok(ends.values().map(|(_, end)| end).sum())
     })
     .await
     .unwrap_or(Err(KafkaError::Canceled))
@@ -77,30 +67,89 @@ pub async fn consumer_lag(
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let mut config = kafka.base("iotp-lag")?;
+    let ends_config = config.clone();
     config.set("group.id", group);
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config.create()?;
         let timeout = Duration::from_secs(10);
-        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let ends = high_watermarks(&ends_config, &topic, timeout)?;
+        let consumer: BaseConsumer = config.create()?;
         let mut partitions = TopicPartitionList::new();
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                partitions.add_partition(&topic, p.id());
-            }
+        for p in ends.keys() {
+            partitions.add_partition(&topic, *p);
         }
         let committed = consumer.committed_offsets(partitions, timeout)?;
         let mut lag = 0;
         for e in committed.elements() {
-            let (low, high) = consumer.fetch_watermarks(&topic, e.partition(), timeout)?;
+            let (low, end) = ends.get(&e.partition()).copied().unwrap_or((0, 0));
             let at = match e.offset() {
                 Offset::Offset(o) => o,
                 _ => low,
             };
-            lag += (high - at).max(0);
+            lag += (end - at).max(0);
         }
         Ok(lag)
     })
     .await
     .unwrap_or(Err(KafkaError::Canceled))
+}
+
+/// The low watermark and the end (high watermark) of each partition of `topic`, the end read
+/// to the end. The broker's
+/// ListOffsets answer alone is not enough: Tansu 0.6.0's memory engine names its newest
+/// record *batch* and answers that batch's base offset + 1 (tansu-storage `dynostore.rs`,
+/// `list_offsets`), so a partition whose last batch holds n records read n − 1 short — and a
+/// group still working through that batch read lag 0. Reading from that answer − 1 to the
+/// partition's end gives the true end on any broker (on Apache Kafka: one record).
+fn high_watermarks(
+    base: &rdkafka::ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<i32, (i64, i64)>, KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut config = base.clone();
+    // Assigned, never subscribed and never committing: no group is joined or changed.
+    config
+        .set("group.id", "iotp-watermarks")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        // Tansu holds every fetch for its whole wait (docs/performance.md).
+        .set("fetch.wait.max.ms", "10");
+    let probe: BaseConsumer = config.create()?;
+    let metadata = probe.fetch_metadata(Some(topic), timeout)?;
+    let mut ends = std::collections::BTreeMap::new();
+    let mut from = TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, listed) = probe.fetch_watermarks(topic, p.id(), timeout)?;
+        ends.insert(p.id(), (low, listed));
+        if listed > 0 {
+            from.add_partition_offset(topic, p.id(), Offset::Offset(listed - 1))?;
+        }
+    }
+    if from.count() == 0 {
+        return Ok(ends);
+    }
+    probe.assign(&from)?;
+    let mut open: std::collections::BTreeSet<i32> =
+        from.elements().iter().map(|e| e.partition()).collect();
+    let deadline = std::time::Instant::now() + timeout;
+    while !open.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OperationTimedOut));
+        }
+        match probe.poll(left.min(Duration::from_millis(200))) {
+            Some(Ok(m)) => {
+                let (_, end) = ends.entry(m.partition()).or_insert((0, 0));
+                *end = (*end).max(m.offset() + 1);
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Ok(ends)
 }
