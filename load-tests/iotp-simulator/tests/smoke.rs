@@ -70,10 +70,141 @@ fn smoke(scenario: &str) {
     }
     assert!(audit["latency_ms"]["count"].as_u64().unwrap() > 1900);
     assert!(out.join("rate.svg").exists() && out.join("report.md").exists());
+    counters_add_up_across_hops(&report);
+    expositions_pass_promtool(&out.join("metrics"));
     assert!(
         status.success(),
         "{scenario}: iotp-load exited {status}; report in {}",
         out.display()
     );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The services' own counters, scraped from every replica's `/metrics` at the end of the run,
+/// against each other and against the records on each topic (the runs are clean: nothing is
+/// consumed twice, so every relation is exact).
+fn counters_add_up_across_hops(report: &serde_json::Value) {
+    let hops: std::collections::HashMap<String, i64> = report["hops"]
+        .as_array()
+        .expect("hops")
+        .iter()
+        .map(|h| (h[0].as_str().unwrap().to_string(), h[1].as_i64().unwrap()))
+        .collect();
+    let at = |name: &str| -> i64 {
+        *hops
+            .get(name)
+            .unwrap_or_else(|| panic!("no counter {name}: {hops:?}"))
+    };
+    for stage in ["parser", "enricher", "upserter"] {
+        assert_eq!(
+            at(&format!("{stage}: iotp_consumer_rereads_total")),
+            0,
+            "{hops:?}"
+        );
+        assert_eq!(
+            at(&format!("{stage}: iotp_consumer_offset_gaps_total")),
+            0,
+            "{hops:?}"
+        );
+    }
+    let received = at("mqtt-bridge: iotp_mqtt_received_messages_total");
+    assert!(received > 0, "{hops:?}");
+    // Every PUBLISH the bridge took was produced (or, refused by Kafka for good,
+    // dead-lettered), then acknowledged unless a later copy of it superseded it.
+    assert_eq!(
+        at("mqtt-bridge: iotp_mqtt_acked_messages_total")
+            + at("mqtt-bridge: iotp_mqtt_superseded_acks_total"),
+        received,
+        "{hops:?}"
+    );
+    let raw = at("records on iotp.raw");
+    assert_eq!(
+        at("mqtt-bridge: iotp_kafka_produced_messages_total")
+            + at("mqtt-bridge: iotp_dead_letters_total"),
+        received,
+        "{hops:?}"
+    );
+    assert_eq!(
+        at("mqtt-bridge: iotp_kafka_produced_messages_total"),
+        raw,
+        "{hops:?}"
+    );
+    // The parser: each raw record becomes a validated record or a dead letter.
+    let validated = at("records on iotp.validated");
+    assert_eq!(
+        at("parser: iotp_kafka_produced_messages_total"),
+        validated,
+        "{hops:?}"
+    );
+    assert_eq!(
+        validated + at("parser: iotp_dead_letters_total"),
+        raw,
+        "{hops:?}"
+    );
+    // The enricher: a validated record becomes an enriched one or a dead letter, or ends at
+    // the twin (heartbeats), so no more come out than went in.
+    let enriched = at("records on iotp.enriched");
+    assert_eq!(
+        at("enricher: iotp_kafka_produced_messages_total"),
+        enriched,
+        "{hops:?}"
+    );
+    assert!(
+        enriched + at("enricher: iotp_dead_letters_total") <= validated,
+        "{hops:?}"
+    );
+    assert!(
+        at("enricher: iotp_dead_letters_total") > 0,
+        "the smoke run's unknown devices"
+    );
+    // The upserter: each enriched record is stored or recognised as already stored.
+    assert_eq!(
+        at("upserter: iotp_messages_stored_total") + at("upserter: iotp_duplicates_removed_total"),
+        enriched,
+        "{hops:?}"
+    );
+}
+
+/// `promtool check metrics` on every replica's exposition as the run scraped it (promtool:
+/// `dev/setup.sh` installs the Debian package `prometheus`).
+fn expositions_pass_promtool(dir: &Path) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let services = [
+        "mqtt-bridge",
+        "parser",
+        "enricher",
+        "upserter",
+        "aggregator",
+        "dlq-handler",
+    ];
+    for s in services {
+        assert!(
+            files.iter().any(|f| f.to_string_lossy().contains(s)),
+            "no exposition of {s} in {files:?}"
+        );
+    }
+    for file in &files {
+        let text = std::fs::read(file).unwrap();
+        assert!(!text.is_empty(), "{} is empty", file.display());
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (dev/setup.sh installs the Debian package prometheus)");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &text).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics {}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

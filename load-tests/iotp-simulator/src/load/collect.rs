@@ -35,7 +35,7 @@ pub async fn collect(run: &mut Run, settled: Settled) -> anyhow::Result<Outcome>
         mut counters,
     } = settled;
     let stages = stage_latencies(&run.stack).await;
-    let hops = hop_counts(&run.stack, &mut counters, &run.kafka).await;
+    let hops = hop_counts(&run.stack, &mut counters, &run.kafka, &run.out).await;
     println!("iotp-load: auditing");
     let stored = all_stored(run).await?;
     let letters = run.letters().await?;
@@ -136,10 +136,21 @@ async fn hop_counts(
     stack: &Stack,
     counters: &mut Counters,
     kafka: &KafkaConfig,
+    out: &Path,
 ) -> Vec<(String, i64)> {
+    // Each live replica's exposition as scraped, kept beside the report (`metrics/`):
+    // the smoke test hands them to `promtool check metrics`.
+    let expositions = out.join("metrics");
+    if let Err(e) = std::fs::create_dir_all(&expositions) {
+        eprintln!("iotp-load: cannot create {}: {e}", expositions.display());
+    }
     for m in stack.members().iter().filter(|m| m.admin_port != 0) {
         if let Some(text) = scrape(m.admin_port).await {
             counters.observe(m, &text);
+            let file = expositions.join(format!("{}.prom", m.replica));
+            if let Err(e) = std::fs::write(&file, &text) {
+                eprintln!("iotp-load: cannot write {}: {e}", file.display());
+            }
         }
     }
     counters.record(now_millis());

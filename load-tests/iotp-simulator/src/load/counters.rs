@@ -11,13 +11,16 @@ use crate::stack::Member;
 
 /// The counters read per hop, by service: duplicates between hops show here (they are removed
 /// at the store).
-pub const HOP_COUNTERS: [(&str, &str); 14] = [
+pub const HOP_COUNTERS: [(&str, &str); 17] = [
     ("mqtt-bridge", "iotp_mqtt_received_messages_total"),
     ("mqtt-bridge", "iotp_mqtt_acked_messages_total"),
     ("mqtt-bridge", "iotp_mqtt_superseded_acks_total"),
     ("mqtt-bridge", "iotp_kafka_produced_messages_total"),
+    ("mqtt-bridge", "iotp_dead_letters_total"),
     ("parser", "iotp_kafka_produced_messages_total"),
+    ("parser", "iotp_dead_letters_total"),
     ("enricher", "iotp_kafka_produced_messages_total"),
+    ("enricher", "iotp_dead_letters_total"),
     ("parser", "iotp_consumer_offset_gaps_total"),
     ("enricher", "iotp_consumer_offset_gaps_total"),
     ("upserter", "iotp_consumer_offset_gaps_total"),
