@@ -50,7 +50,8 @@ pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> Result<i64, Kafk
     let config = kafka.base("iotp-count")?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let ends = high_watermarks(&config, &topic, Duration::from_secs(10))?;
+        let probe = probe(config, "iotp-count")?;
+        let ends = high_watermarks(&probe, &topic, Duration::from_secs(10))?;
         Ok(ends.values().map(|(_, end)| end).sum())
     })
     .await
@@ -64,21 +65,19 @@ pub async fn consumer_lag(
     group: &str,
     topic: &str,
 ) -> Result<i64, KafkaError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     use rdkafka::{Offset, TopicPartitionList};
-    let mut config = kafka.base("iotp-lag")?;
-    let ends_config = config.clone();
-    config.set("group.id", group);
-    let topic = topic.to_string();
+    let config = kafka.base("iotp-lag")?;
+    let (group, topic) = (group.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(10);
-        let ends = high_watermarks(&ends_config, &topic, timeout)?;
-        let consumer: BaseConsumer = config.create()?;
+        let probe = probe(config, &group)?;
+        let ends = high_watermarks(&probe, &topic, timeout)?;
         let mut partitions = TopicPartitionList::new();
         for p in ends.keys() {
             partitions.add_partition(&topic, *p);
         }
-        let committed = consumer.committed_offsets(partitions, timeout)?;
+        let committed = probe.committed_offsets(partitions, timeout)?;
         let mut lag = 0;
         for e in committed.elements() {
             let (low, end) = ends.get(&e.partition()).copied().unwrap_or((0, 0));
@@ -94,29 +93,35 @@ pub async fn consumer_lag(
     .unwrap_or(Err(KafkaError::Canceled))
 }
 
-/// The low watermark and the end (high watermark) of each partition of `topic`, the end read
-/// to the end. The broker's
-/// ListOffsets answer alone is not enough: Tansu 0.6.0's memory engine names its newest
-/// record *batch* and answers that batch's base offset + 1 (tansu-storage `dynostore.rs`,
-/// `list_offsets`), so a partition whose last batch holds n records read n − 1 short — and a
-/// group still working through that batch read lag 0. Reading from that answer − 1 to the
-/// partition's end gives the true end on any broker (on Apache Kafka: one record).
-fn high_watermarks(
-    base: &rdkafka::ClientConfig,
-    topic: &str,
-    timeout: Duration,
-) -> Result<std::collections::BTreeMap<i32, (i64, i64)>, KafkaError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-    let mut config = base.clone();
-    // Assigned, never subscribed and never committing: no group is joined or changed.
+/// A consumer of `group` that only reads: assigned, never subscribed and never committing, so
+/// no group is joined or changed; it reports each partition's end (`enable.partition.eof`).
+fn probe(
+    mut config: rdkafka::ClientConfig,
+    group: &str,
+) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {
     config
-        .set("group.id", "iotp-watermarks")
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         // Tansu holds every fetch for its whole wait (docs/performance.md).
         .set("fetch.wait.max.ms", "10");
-    let probe: BaseConsumer = config.create()?;
+    config.create()
+}
+
+/// The low watermark and the end (high watermark) of each partition of `topic`, the end read
+/// to the end with `probe`. The broker's ListOffsets answer alone is not enough: Tansu 0.6.0's
+/// memory engine names its newest record *batch* and answers that batch's base offset + 1
+/// (tansu-storage `dynostore.rs`, `list_offsets`), so a partition whose last batch holds n
+/// records read n − 1 short — and a group still working through that batch read lag 0.
+/// Reading from that answer − 1 to the partition's end gives the true end on any broker (on
+/// Apache Kafka: one record).
+fn high_watermarks(
+    probe: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<i32, (i64, i64)>, KafkaError> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Message, Offset, TopicPartitionList};
     let metadata = probe.fetch_metadata(Some(topic), timeout)?;
     let mut ends = std::collections::BTreeMap::new();
     let mut from = TopicPartitionList::new();
