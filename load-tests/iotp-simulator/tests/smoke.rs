@@ -173,15 +173,7 @@ fn expositions_pass_promtool(dir: &Path) {
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    let services = [
-        "mqtt-bridge",
-        "parser",
-        "enricher",
-        "upserter",
-        "aggregator",
-        "dlq-handler",
-    ];
-    for s in services {
+    for s in iotp_simulator::stack::SERVICES {
         assert!(
             files.iter().any(|f| f.to_string_lossy().contains(s)),
             "no exposition of {s} in {files:?}"
