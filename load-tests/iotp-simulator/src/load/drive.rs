@@ -23,6 +23,8 @@ pub struct Driven {
     pub monitor: Monitor,
     /// CPU seconds of each process when the fleet started.
     pub cpu_before: PerProcess<f64>,
+    /// Wake-ups of each process when the fleet started.
+    pub wakeups_before: PerProcess<f64>,
     /// The chaos actions done meanwhile (none unless the scenario has a timeline).
     pub chaos: Vec<Done>,
 }
@@ -33,6 +35,7 @@ pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
     let progress = Arc::new(Progress::default());
     let monitor = Monitor::start(run, &progress, publishes(&plans));
     let cpu_before = run.stack.cpu();
+    let wakeups_before = run.stack.wakeups();
     // Checked when the scenario was loaded.
     let steps = run.scenario.chaos.steps().unwrap_or_default();
     let start = Instant::now();
@@ -51,6 +54,7 @@ pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
         progress,
         monitor,
         cpu_before,
+        wakeups_before,
         chaos,
     })
 }

@@ -42,6 +42,7 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
         progress,
         mut monitor,
         cpu_before,
+        wakeups_before,
         chaos,
     } = driven;
     let (stored, _) = absorbed(run, owed(&fleet)).await?;
@@ -49,6 +50,7 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
     let drained_at = now_millis();
     monitor.stop_display(stored);
     let cpu_after = run.stack.cpu();
+    let wakeups_after = run.stack.wakeups();
     let (memory, counters) = monitor.stop_sampling();
     let lag_again = if lag.iter().all(|(_, l)| *l == 0) {
         Some(confirm_drained(run).await?)
@@ -66,6 +68,8 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
         usage: Usage {
             cpu_before,
             cpu_after,
+            wakeups_before,
+            wakeups_after,
             memory,
         },
         chaos,

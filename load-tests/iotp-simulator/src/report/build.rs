@@ -43,6 +43,11 @@ pub struct Usage {
     pub cpu_before: PerProcess<f64>,
     /// CPU seconds each process had used when every consumer group had drained.
     pub cpu_after: PerProcess<f64>,
+    /// Wake-ups (voluntary context switches) of each process's live threads when the fleet
+    /// started.
+    pub wakeups_before: PerProcess<f64>,
+    /// The same when every consumer group had drained.
+    pub wakeups_after: PerProcess<f64>,
     /// RSS of each process in bytes, one row per second of the run.
     pub memory: Vec<PerProcess<u64>>,
 }
@@ -133,6 +138,14 @@ impl Report {
     }
 }
 
+/// The value of process `name` (0 if it is not there).
+fn value(of: &PerProcess<f64>, name: &str) -> f64 {
+    of.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}
+
 impl Usage {
     /// CPU of each process over the run, and per message stored (`stored`, at least 1).
     fn cpu(&self, stored: u64) -> Vec<Cpu> {
@@ -147,10 +160,13 @@ impl Usage {
                     .map(|(_, v)| *v)
                     .unwrap_or(0.0);
                 let seconds = after - before;
+                let wakeups =
+                    (value(&self.wakeups_after, name) - value(&self.wakeups_before, name)).max(0.0);
                 Cpu {
                     process: name.clone(),
                     seconds,
                     us_per_message: seconds * 1e6 / stored,
+                    wakeups_per_message: wakeups / stored,
                 }
             })
             .collect()

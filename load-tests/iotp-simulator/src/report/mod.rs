@@ -98,6 +98,9 @@ pub struct Cpu {
     pub seconds: f64,
     /// Per message stored, µs.
     pub us_per_message: f64,
+    /// Wake-ups (voluntary context switches of its live threads) per message stored: how
+    /// often its threads blocked and were woken again, a cost the CPU seconds include.
+    pub wakeups_per_message: f64,
 }
 
 /// Memory of one process.

@@ -28,7 +28,7 @@ mod ops;
 mod process;
 mod replica;
 
-pub use process::{cpu_seconds, rss_bytes, scrape};
+pub use process::{cpu_seconds, rss_bytes, scrape, wakeups};
 use replica::{Replica, Shared};
 
 /// The services, in start order.
@@ -207,6 +207,37 @@ impl Roster {
     }
 }
 
+/// `read` summed per service over the live processes, plus what `gone` processes left; every
+/// service listed (0 when it has none), our broker when it runs.
+fn per_service<'a>(
+    roster: &'a Roster,
+    read: impl Fn(u32) -> f64,
+    gone: impl Iterator<Item = (&'a str, f64)>,
+) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = SERVICES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            roster
+                .live
+                .iter()
+                .any(|m| m.service == "tansu")
+                .then(|| "tansu".into()),
+        )
+        .map(|s| (s, 0.0))
+        .collect();
+    let live = roster
+        .live
+        .iter()
+        .map(|m| (m.service.as_str(), read(m.pid)));
+    for (service, value) in live.chain(gone) {
+        if let Some(slot) = out.iter_mut().find(|(s, _)| s == service) {
+            slot.1 += value;
+        }
+    }
+    out
+}
+
 /// A replica that exited on its own (not stopped by the run), started again.
 #[derive(Debug, Clone)]
 pub struct Crash {
@@ -348,26 +379,15 @@ impl Stack {
     /// used so far.
     pub fn cpu(&self) -> Vec<(String, f64)> {
         let roster = lock(&self.roster);
-        let mut out: Vec<(String, f64)> = SERVICES
-            .iter()
-            .map(|s| s.to_string())
-            .chain(
-                roster
-                    .live
-                    .iter()
-                    .any(|m| m.service == "tansu")
-                    .then(|| "tansu".into()),
-            )
-            .map(|s| (s, 0.0))
-            .collect();
-        let live = roster.live.iter().map(|m| (&m.service, cpu_seconds(m.pid)));
-        let gone = roster.gone_cpu.iter().map(|(s, c)| (s, *c));
-        for (service, cpu) in live.chain(gone) {
-            if let Some(slot) = out.iter_mut().find(|(s, _)| s == service) {
-                slot.1 += cpu;
-            }
-        }
-        out
+        let gone = roster.gone_cpu.iter().map(|(s, c)| (s.as_str(), *c));
+        per_service(&roster, cpu_seconds, gone)
+    }
+
+    /// Wake-ups (voluntary context switches) of each service's and our broker's live threads
+    /// so far; replicas that exited are not counted.
+    pub fn wakeups(&self) -> Vec<(String, f64)> {
+        let roster = lock(&self.roster);
+        per_service(&roster, |pid| wakeups(pid) as f64, std::iter::empty())
     }
 
     fn shared(&self) -> Shared<'_> {

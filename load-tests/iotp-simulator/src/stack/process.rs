@@ -40,6 +40,25 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / clock_ticks()
 }
 
+/// Voluntary context switches of a process's live threads: how often one of them blocked and
+/// had to be woken again (0 if it is gone). Threads that ended are not counted.
+pub fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// Resident set size of a process, bytes (0 if it is gone).
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -120,6 +139,9 @@ mod tests {
         assert!(x > 0);
         assert!(rss_bytes(pid) > 1024 * 1024);
         assert!(cpu_seconds(pid) > 0.0);
+        let before = wakeups(pid);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(wakeups(pid) > before, "a sleep is a voluntary switch");
         assert_eq!(rss_bytes(u32::MAX), 0);
         assert!(!exited(pid) && exited(u32::MAX));
     }
