@@ -224,6 +224,7 @@ mod tests {
                 "faults",
                 "latency",
                 "mid",
+                "paced",
                 "smoke",
                 "smoke-tls",
                 "soak",
