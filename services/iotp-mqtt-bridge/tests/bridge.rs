@@ -17,7 +17,10 @@ const PER_DEVICE: i64 = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acked_message_reaches_kafka_in_device_order() {
-    let s = setup("in-order", 4).await;
+    let mut s = setup("in-order", 4).await;
+    s.spec
+        .env
+        .push(("IOTP__RAW_PARTITIONING".into(), "device".into()));
     let bridge = Bridge::start(&s.spec, "bridge-order-0");
     bridge.wait_ready();
     let sent = publish_fleet(s.mosquitto.port, &s.tenant, DEVICES, PER_DEVICE).await;
@@ -31,7 +34,8 @@ async fn every_acked_message_reaches_kafka_in_device_order() {
     assert_none_missing(&sent, &seen);
     assert_eq!(seen.len(), sent.total(), "no duplicates without failures");
 
-    // Keyed tenant/deviceId, so one device stays in one partition, in publish order.
+    // With `raw_partitioning = "device"`: keyed tenant/deviceId, so one device stays in one
+    // partition, in publish order.
     let mut by_device: HashMap<&str, Vec<&Seen>> = HashMap::new();
     for s in &seen {
         by_device
@@ -95,6 +99,39 @@ fn base64_encode(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// By default the records carry no key, so librdkafka's sticky partitioner puts each
+/// batching window on one partition (one produce request per window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn by_default_records_are_unkeyed_and_windows_spread_over_partitions() {
+    let s = setup("windows", 4).await;
+    let bridge = Bridge::start(&s.spec, "bridge-windows-0");
+    bridge.wait_ready();
+    let sent = publish_fleet(s.mosquitto.port, &s.tenant, DEVICES, 20).await;
+    let seen = read_until_complete(&s.spec.topic, &sent, Duration::from_secs(60)).await;
+    assert_none_missing(&sent, &seen);
+    assert_eq!(seen.len(), sent.total(), "no duplicates without failures");
+    assert!(seen.iter().all(|r| r.key.is_empty()), "a keyed record");
+    let partitions: std::collections::BTreeSet<i32> = seen.iter().map(|r| r.partition).collect();
+    assert!(
+        partitions.len() > 1,
+        "{} records in one partition: {partitions:?}",
+        seen.len()
+    );
+    // In receive order, consecutive records share their partition: a switch per window,
+    // not (as when keyed by device) at most records.
+    let mut by_receipt: Vec<&Seen> = seen.iter().collect();
+    by_receipt.sort_by_key(|r| (r.envelope.received_at, r.partition, r.offset));
+    let switches = by_receipt
+        .windows(2)
+        .filter(|w| w[0].partition != w[1].partition)
+        .count();
+    assert!(
+        switches * 10 < seen.len(),
+        "{switches} partition switches in {} records",
+        seen.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

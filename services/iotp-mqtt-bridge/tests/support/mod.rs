@@ -321,7 +321,7 @@ pub async fn read_until_complete(topic: &str, sent: &SentLog, timeout: Duration)
         seen.push(Seen {
             partition: msg.partition(),
             offset: msg.offset(),
-            key: String::from_utf8(msg.key().unwrap().to_vec()).unwrap(),
+            key: String::from_utf8(msg.key().unwrap_or_default().to_vec()).unwrap(),
             envelope,
             seq_no,
             raw,
