@@ -63,6 +63,11 @@ pub(crate) fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
     t
 }
 
+/// Whether reading `a` (event time, value) comes before `b`: by time, then by value.
+pub fn reading_before(a: (i64, f64), b: (i64, f64)) -> bool {
+    a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).is_lt()
+}
+
 /// Fold one reading into a bucket (or start one).
 pub(crate) fn fold_reading(
     bucket: Option<Bucket>,
@@ -96,11 +101,14 @@ pub(crate) fn fold_reading(
             b.sum += value;
             b.min = b.min.min(value);
             b.max = b.max.max(value);
-            if at < b.first_at {
+            // First and last by event time; readings at the same millisecond by value, so a
+            // bucket does not depend on the order its readings arrived in (they may arrive
+            // out of order: several bridge replicas, unkeyed raw records).
+            if reading_before((at, value), (b.first_at, b.first)) {
                 b.first = value;
                 b.first_at = at;
             }
-            if at >= b.last_at {
+            if reading_before((b.last_at, b.last), (at, value)) {
                 b.last = value;
                 b.last_at = at;
             }
@@ -113,6 +121,42 @@ pub(crate) fn fold_reading(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_does_not_depend_on_the_order_its_readings_arrive_in() {
+        // Two readings in the same millisecond at each end, and a late one.
+        let readings = [
+            (1000, 5.0),
+            (1000, 2.0),
+            (1500, 7.0),
+            (1999, 1.0),
+            (1999, 9.0),
+        ];
+        let fold_all = |order: &[usize]| {
+            order.iter().fold(None, |b, &i| {
+                let (at, value) = readings[i];
+                Some(fold_reading(
+                    b,
+                    ("t", "d", "m", "hour", 0),
+                    value,
+                    at,
+                    &None,
+                    false,
+                ))
+            })
+        };
+        let a = fold_all(&[0, 1, 2, 3, 4]).expect("bucket");
+        for order in [[4, 3, 2, 1, 0], [2, 1, 4, 0, 3], [3, 0, 4, 2, 1]] {
+            let b = fold_all(&order).expect("bucket");
+            assert_eq!(
+                (b.first_at, b.first, b.last_at, b.last, b.min, b.max, b.count),
+                (a.first_at, a.first, a.last_at, a.last, a.min, a.max, a.count),
+                "{order:?}"
+            );
+        }
+        assert_eq!((a.first_at, a.first), (1000, 2.0));
+        assert_eq!((a.last_at, a.last), (1999, 9.0));
+    }
 
     fn obs(seq_no: i64, at: i64, value: f64) -> Observation {
         Observation {

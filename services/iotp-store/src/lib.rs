@@ -25,6 +25,7 @@ pub use archive::{Archived, DeadLetterArchive, LetterFilter};
 pub use backend::Store;
 pub use config::{Retention, StoreConfig};
 pub use error::StoreError;
+pub use fold::reading_before;
 pub use prune::{PruneReport, Pruning};
 pub use readings::{MessageRecord, ReadingStore, StoredMessage, WriteReport};
 pub use rollups::{Bucket, FoldReport, RollupStore, GRANULARITIES};

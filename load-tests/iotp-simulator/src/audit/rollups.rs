@@ -43,10 +43,11 @@ fn recompute(readings: &[Reading]) -> BTreeMap<Key, Fold> {
                     f.sum += v;
                     f.min = f.min.min(v);
                     f.max = f.max.max(v);
-                    if *at < f.first.0 {
+                    // The aggregator's order: by time, then by value.
+                    if iotp_store::reading_before((*at, v), f.first) {
                         f.first = (*at, v);
                     }
-                    if *at >= f.last.0 {
+                    if iotp_store::reading_before(f.last, (*at, v)) {
                         f.last = (*at, v);
                     }
                 })
