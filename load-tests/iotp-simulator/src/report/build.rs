@@ -153,13 +153,7 @@ impl Usage {
         self.cpu_after
             .iter()
             .map(|(name, after)| {
-                let before = self
-                    .cpu_before
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| *v)
-                    .unwrap_or(0.0);
-                let seconds = after - before;
+                let seconds = after - value(&self.cpu_before, name);
                 let wakeups =
                     (value(&self.wakeups_after, name) - value(&self.wakeups_before, name)).max(0.0);
                 Cpu {
