@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use iotp_contract::{EnrichedTelemetry, Header, Reading};
 use iotp_store::mongo::reading_docs;
 use iotp_store::sqlite::SqliteStore;
-use iotp_store::{MessageRecord, ReadingStore};
+use iotp_store::{MessageRecord, Observation, ReadingStore, TwinStore};
 
 /// Messages per upserter batch.
 const BATCH: usize = 500;
@@ -116,7 +116,7 @@ impl Drop for TempStore {
 }
 
 /// I/O, not a CPU hot path: the embedded store's `write_messages` of a batch of new messages
-/// (one transaction, WAL, `synchronous = NORMAL`) into a file on this machine's disk.
+/// (one transaction, WAL, `synchronous = FULL`) into a file on this machine's disk.
 fn sqlite_write_messages(c: &mut Criterion) {
     let file = TempStore::new();
     let store = SqliteStore::create(&file.0).expect("store");
@@ -150,10 +150,86 @@ fn sqlite_write_messages(c: &mut Criterion) {
     group.finish();
 }
 
+/// Devices in the enricher's twin batch and in the upserter's gap count: at moderate rates a
+/// batch holds about one message per device, so each observation is a twin of its own.
+const DEVICES: usize = 200;
+
+/// An observation of device `device` (the simulator's energy meter), message `seq_no`.
+fn observation(device: usize, seq_no: i64) -> Observation {
+    let e = enriched(device, seq_no);
+    Observation {
+        tenant: e.header.tenant,
+        device_id: e.header.device_id,
+        seq_no,
+        produced_at: e.header.produced_at,
+        readings: e
+            .readings
+            .into_iter()
+            .map(|r| (r.metric, r.value, r.unit))
+            .collect(),
+        firmware: Some("1.4.2".into()),
+        config_version: Some("cfg-7".into()),
+        heartbeat_secs: Some(60),
+    }
+}
+
+/// I/O and SQLite's CPU: the enricher's twin write (`TwinStore::apply`) of a batch holding one
+/// observation for each of 200 devices (read, fold and write each twin, one transaction), per
+/// observation; then the upserter's per-tick gap count (`update_seq_gaps`) for the same
+/// devices, per device.
+fn sqlite_twins(c: &mut Criterion) {
+    let file = TempStore::new();
+    let store = SqliteStore::create(&file.0).expect("store");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut next_seq_no = 0;
+    let mut group = c.benchmark_group("store/sqlite_twins_apply_io");
+    group.throughput(Throughput::Elements(DEVICES as u64));
+    group.bench_function("batch_200_devices", |b| {
+        b.iter_batched(
+            || {
+                next_seq_no += 1;
+                (0..DEVICES)
+                    .map(|d| observation(d, next_seq_no))
+                    .collect::<Vec<_>>()
+            },
+            |observations| {
+                runtime
+                    .block_on(store.apply(black_box(&observations)))
+                    .expect("apply");
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+    let records: Vec<MessageRecord> = (0..DEVICES)
+        .map(|d| MessageRecord::from(enriched(d, 0)))
+        .collect();
+    runtime
+        .block_on(store.write_messages(&records))
+        .expect("write");
+    let devices: Vec<(String, String)> = records
+        .iter()
+        .map(|m| (m.tenant.clone(), m.device_id.clone()))
+        .collect();
+    let mut group = c.benchmark_group("store/sqlite_update_seq_gaps_io");
+    group.throughput(Throughput::Elements(DEVICES as u64));
+    group.bench_function("devices_200", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(store.update_seq_gaps(black_box(&devices)))
+                .expect("gaps")
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     message_records,
     mongo_reading_docs,
-    sqlite_write_messages
+    sqlite_write_messages,
+    sqlite_twins
 );
 criterion_main!(benches);

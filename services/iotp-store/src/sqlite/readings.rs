@@ -199,19 +199,23 @@ impl ReadingStore for SqliteStore {
         self.with(move |conn| {
             let tx = write_transaction(conn)?;
             let mut total = 0u64;
-            for (tenant, device) in &devices {
-                let gaps: i64 = tx
-                    .query_row(
-                        "SELECT max_seq - min_seq + 1 - stored FROM seq_stats WHERE tenant = ?1 AND device_id = ?2",
-                        params![tenant, device],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(sqlite_error)?
-                    .unwrap_or(0);
-                tx.execute("UPDATE twins SET seq_gaps = ?3 WHERE tenant = ?1 AND device_id = ?2", params![tenant, device, gaps])
+            {
+                // Cached: run for every device touched since the last tick.
+                let mut count = tx
+                    .prepare_cached("SELECT max_seq - min_seq + 1 - stored FROM seq_stats WHERE tenant = ?1 AND device_id = ?2")
                     .map_err(sqlite_error)?;
-                total += gaps.max(0) as u64;
+                let mut set = tx
+                    .prepare_cached("UPDATE twins SET seq_gaps = ?3 WHERE tenant = ?1 AND device_id = ?2 AND seq_gaps IS NOT ?3")
+                    .map_err(sqlite_error)?;
+                for (tenant, device) in &devices {
+                    let gaps: i64 = count
+                        .query_row(params![tenant, device], |r| r.get(0))
+                        .optional()
+                        .map_err(sqlite_error)?
+                        .unwrap_or(0);
+                    set.execute(params![tenant, device, gaps]).map_err(sqlite_error)?;
+                    total += gaps.max(0) as u64;
+                }
             }
             tx.commit().map_err(sqlite_error)?;
             Ok(total)

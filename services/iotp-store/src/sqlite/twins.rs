@@ -13,11 +13,7 @@ use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::fold::fold;
 use crate::{LivenessCounts, Observation, StoreError, Twin, TwinStore};
 
-/// The columns [`twin_row`] reads, in its order.
-const TWIN_COLUMNS: &str = "tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, \
-     config_version, heartbeat_secs, online, alarms, seq_gaps";
-
-/// A `twins` row as a [`Twin`]: the one mapping from the table (columns [`TWIN_COLUMNS`]).
+/// A `twins` row as a [`Twin`]: the one mapping from the table (the columns [`READ_TWIN`] selects).
 /// `last_values` and `alarms` are JSON text; text that does not parse is corrupt data.
 fn twin_row(r: &Row<'_>) -> rusqlite::Result<Twin> {
     Ok(Twin {
@@ -47,15 +43,29 @@ fn json_text<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Backend(format!("twin as JSON: {e}")))
 }
 
+/// One twin by its key, with the columns [`twin_row`] reads, in its order.
+const READ_TWIN: &str = "SELECT tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, \
+     config_version, heartbeat_secs, online, alarms, seq_gaps FROM twins WHERE tenant = ?1 AND device_id = ?2";
+
+/// A folded twin written back: inserted, or its row updated (all but `seq_gaps`, which the
+/// upserter keeps).
+const WRITE_TWIN: &str = "INSERT INTO twins (tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, config_version, heartbeat_secs, online, alarms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+     ON CONFLICT (tenant, device_id) DO UPDATE SET
+       last_seq_no = excluded.last_seq_no, last_seen_at = excluded.last_seen_at,
+       last_values = excluded.last_values, firmware = excluded.firmware,
+       config_version = excluded.config_version, heartbeat_secs = excluded.heartbeat_secs,
+       online = excluded.online, alarms = excluded.alarms";
+
 fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
-    conn.prepare_cached(&format!(
-        "SELECT {TWIN_COLUMNS} FROM twins WHERE tenant = ?1 AND device_id = ?2"
-    ))
-    .and_then(|mut stmt| {
-        stmt.query_row(params![tenant, device_id], twin_row)
-            .optional()
-    })
-    .map_err(sqlite_error)
+    // Cached: compiling the statement cost more than running it, and this runs once per device
+    // in every batch.
+    conn.prepare_cached(READ_TWIN)
+        .and_then(|mut stmt| {
+            stmt.query_row(params![tenant, device_id], twin_row)
+                .optional()
+        })
+        .map_err(sqlite_error)
 }
 
 impl TwinStore for SqliteStore {
@@ -72,16 +82,10 @@ impl TwinStore for SqliteStore {
                 };
                 twins.insert(key, fold(current, obs));
             }
+            let mut write = tx.prepare_cached(WRITE_TWIN).map_err(sqlite_error)?;
             for t in twins.values() {
-                tx.execute(
-                    "INSERT INTO twins (tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, config_version, heartbeat_secs, online, alarms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                     ON CONFLICT (tenant, device_id) DO UPDATE SET
-                       last_seq_no = excluded.last_seq_no, last_seen_at = excluded.last_seen_at,
-                       last_values = excluded.last_values, firmware = excluded.firmware,
-                       config_version = excluded.config_version, heartbeat_secs = excluded.heartbeat_secs,
-                       online = excluded.online, alarms = excluded.alarms",
-                    params![
+                write
+                    .execute(params![
                         t.tenant,
                         t.device_id,
                         t.last_seq_no,
@@ -92,10 +96,10 @@ impl TwinStore for SqliteStore {
                         t.heartbeat_secs.map(|h| h as i64),
                         t.online,
                         json_text(&t.alarms)?,
-                    ],
-                )
-                .map_err(sqlite_error)?;
+                    ])
+                    .map_err(sqlite_error)?;
             }
+            drop(write);
             tx.commit().map_err(sqlite_error)
         })
         .await
