@@ -104,11 +104,12 @@ impl RollupStore for SqliteStore {
                         .map_err(sqlite_error)?;
                 }
             }
-            tx.execute(
+            // Cached, as every statement run once per batch: compiling it cost more than running it.
+            tx.prepare_cached(
                 "INSERT INTO rollup_state (name, value) VALUES ('watermark', ?1)
                  ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
-                params![watermark],
             )
+            .and_then(|mut stmt| stmt.execute(params![watermark]))
             .map_err(sqlite_error)?;
             tx.commit().map_err(sqlite_error)?;
             Ok(report)

@@ -47,8 +47,8 @@ fn json_text<T: Serialize>(value: &T) -> Result<String, StoreError> {
 const READ_TWIN: &str = "SELECT tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, \
      config_version, heartbeat_secs, online, alarms, seq_gaps FROM twins WHERE tenant = ?1 AND device_id = ?2";
 
-/// A folded twin written back: inserted, or its row updated (all but `seq_gaps`, which the
-/// upserter keeps).
+/// A new twin inserted, or a stored one whose `online` changed written back (all columns but
+/// `seq_gaps`, which the upserter keeps).
 const WRITE_TWIN: &str = "INSERT INTO twins (tenant, device_id, last_seq_no, last_seen_at, last_values, firmware, config_version, heartbeat_secs, online, alarms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
      ON CONFLICT (tenant, device_id) DO UPDATE SET
@@ -56,6 +56,15 @@ const WRITE_TWIN: &str = "INSERT INTO twins (tenant, device_id, last_seq_no, las
        last_values = excluded.last_values, firmware = excluded.firmware,
        config_version = excluded.config_version, heartbeat_secs = excluded.heartbeat_secs,
        online = excluded.online, alarms = excluded.alarms";
+
+/// A stored twin whose `online` did not change written back: the same parameters as
+/// [`WRITE_TWIN`] (`?9` unused), and the index on `online` is left alone. Most writes are
+/// these: a device that keeps sending stays online. The row was read in the same write
+/// transaction, so it is there.
+const UPDATE_TWIN: &str = "UPDATE twins SET
+       last_seq_no = ?3, last_seen_at = ?4, last_values = ?5, firmware = ?6,
+       config_version = ?7, heartbeat_secs = ?8, alarms = ?10
+     WHERE tenant = ?1 AND device_id = ?2";
 
 fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
     // Cached: compiling the statement cost more than running it, and this runs once per device
@@ -73,17 +82,31 @@ impl TwinStore for SqliteStore {
         let observations = observations.to_vec();
         self.with(move |conn| {
             let tx = write_transaction(conn)?;
-            let mut twins: HashMap<(String, String), Twin> = HashMap::new();
+            // Each device's twin as read (`None`: not stored yet) and as folded so far.
+            let mut twins: HashMap<(&str, &str), (Option<Twin>, Twin)> = HashMap::new();
             for obs in &observations {
-                let key = (obs.tenant.clone(), obs.device_id.clone());
-                let current = match twins.remove(&key) {
-                    Some(t) => Some(t),
-                    None => read_twin(&tx, &obs.tenant, &obs.device_id)?,
+                let key = (obs.tenant.as_str(), obs.device_id.as_str());
+                let entry = match twins.remove(&key) {
+                    Some((stored, folded)) => (stored, fold(Some(folded), obs)),
+                    None => {
+                        let stored = read_twin(&tx, &obs.tenant, &obs.device_id)?;
+                        let folded = fold(stored.clone(), obs);
+                        (stored, folded)
+                    }
                 };
-                twins.insert(key, fold(current, obs));
+                twins.insert(key, entry);
             }
-            let mut write = tx.prepare_cached(WRITE_TWIN).map_err(sqlite_error)?;
-            for t in twins.values() {
+            let mut insert = tx.prepare_cached(WRITE_TWIN).map_err(sqlite_error)?;
+            let mut update = tx.prepare_cached(UPDATE_TWIN).map_err(sqlite_error)?;
+            for (stored, t) in twins.values() {
+                // Observations already folded in (a replay, a batch consumed again) change nothing.
+                if stored.as_ref() == Some(t) {
+                    continue;
+                }
+                let write = match stored {
+                    Some(s) if s.online == t.online => &mut update,
+                    _ => &mut insert,
+                };
                 write
                     .execute(params![
                         t.tenant,
@@ -99,7 +122,7 @@ impl TwinStore for SqliteStore {
                     ])
                     .map_err(sqlite_error)?;
             }
-            drop(write);
+            drop((insert, update));
             tx.commit().map_err(sqlite_error)
         })
         .await
