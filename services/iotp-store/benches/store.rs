@@ -115,14 +115,21 @@ impl Drop for TempStore {
     }
 }
 
-/// I/O, not a CPU hot path: the embedded store's `write_messages` of a batch of new messages
-/// (one transaction, WAL, `synchronous = FULL`) into a file on this machine's disk.
-fn sqlite_write_messages(c: &mut Criterion) {
+/// A new embedded store in a temporary file (removed when the first value is dropped), and a
+/// runtime to call it from.
+fn sqlite_store() -> (TempStore, SqliteStore, tokio::runtime::Runtime) {
     let file = TempStore::new();
     let store = SqliteStore::create(&file.0).expect("store");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
+    (file, store, runtime)
+}
+
+/// I/O, not a CPU hot path: the embedded store's `write_messages` of a batch of new messages
+/// (one transaction, WAL, `synchronous = FULL`) into a file on this machine's disk.
+fn sqlite_write_messages(c: &mut Criterion) {
+    let (_file, store, runtime) = sqlite_store();
     // Each batch continues the devices' sequence numbers: every message is new, as in steady
     // state (redeliveries would be the cheaper duplicate path).
     let mut next_seq_no = 0;
@@ -178,11 +185,7 @@ fn observation(device: usize, seq_no: i64) -> Observation {
 /// observation; then the upserter's per-tick gap count (`update_seq_gaps`) for the same
 /// devices, per device.
 fn sqlite_twins(c: &mut Criterion) {
-    let file = TempStore::new();
-    let store = SqliteStore::create(&file.0).expect("store");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
+    let (_file, store, runtime) = sqlite_store();
     let mut next_seq_no = 0;
     let mut group = c.benchmark_group("store/sqlite_twins_apply_io");
     group.throughput(Throughput::Elements(DEVICES as u64));
