@@ -25,6 +25,8 @@ pub struct Driven {
     pub cpu_before: PerProcess<f64>,
     /// Wake-ups of each process when the fleet started.
     pub wakeups_before: PerProcess<f64>,
+    /// Bytes each process had written to storage when the fleet started.
+    pub disk_before: PerProcess<f64>,
     /// The chaos actions done meanwhile (none unless the scenario has a timeline).
     pub chaos: Vec<Done>,
 }
@@ -36,6 +38,7 @@ pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
     let monitor = Monitor::start(run, &progress, publishes(&plans));
     let cpu_before = run.stack.cpu();
     let wakeups_before = run.stack.wakeups();
+    let disk_before = run.stack.disk_written();
     // Checked when the scenario was loaded.
     let steps = run.scenario.chaos.steps().unwrap_or_default();
     let start = Instant::now();
@@ -55,6 +58,7 @@ pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
         monitor,
         cpu_before,
         wakeups_before,
+        disk_before,
         chaos,
     })
 }

@@ -43,6 +43,7 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
         mut monitor,
         cpu_before,
         wakeups_before,
+        disk_before,
         chaos,
     } = driven;
     let (stored, _) = absorbed(run, owed(&fleet)).await?;
@@ -51,6 +52,7 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
     monitor.stop_display(stored);
     let cpu_after = run.stack.cpu();
     let wakeups_after = run.stack.wakeups();
+    let disk_after = run.stack.disk_written();
     let (memory, counters) = monitor.stop_sampling();
     let lag_again = if lag.iter().all(|(_, l)| *l == 0) {
         Some(confirm_drained(run).await?)
@@ -70,6 +72,8 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
             cpu_after,
             wakeups_before,
             wakeups_after,
+            disk_before,
+            disk_after,
             memory,
         },
         chaos,

@@ -48,6 +48,10 @@ pub struct Usage {
     pub wakeups_before: PerProcess<f64>,
     /// The same when every consumer group had drained.
     pub wakeups_after: PerProcess<f64>,
+    /// Bytes each process had written to storage when the fleet started.
+    pub disk_before: PerProcess<f64>,
+    /// The same when every consumer group had drained.
+    pub disk_after: PerProcess<f64>,
     /// RSS of each process in bytes, one row per second of the run.
     pub memory: Vec<PerProcess<u64>>,
 }
@@ -154,13 +158,17 @@ impl Usage {
             .iter()
             .map(|(name, after)| {
                 let seconds = after - value(&self.cpu_before, name);
-                let wakeups =
-                    (value(&self.wakeups_after, name) - value(&self.wakeups_before, name)).max(0.0);
+                let grew = |before: &PerProcess<f64>, after: &PerProcess<f64>| {
+                    (value(after, name) - value(before, name)).max(0.0)
+                };
+                let wakeups = grew(&self.wakeups_before, &self.wakeups_after);
+                let disk = grew(&self.disk_before, &self.disk_after);
                 Cpu {
                     process: name.clone(),
                     seconds,
                     us_per_message: seconds * 1e6 / stored,
                     wakeups_per_message: wakeups / stored,
+                    disk_bytes_per_message: disk / stored,
                 }
             })
             .collect()

@@ -101,6 +101,9 @@ pub struct Cpu {
     /// Wake-ups (voluntary context switches of its live threads) per message stored: how
     /// often its threads blocked and were woken again, a cost the CPU seconds include.
     pub wakeups_per_message: f64,
+    /// Bytes written to storage per message stored: the store writers' pages (WAL frames,
+    /// checkpoints), Tansu's files when its engine is SQLite.
+    pub disk_bytes_per_message: f64,
 }
 
 /// Memory of one process.

@@ -28,7 +28,7 @@ mod ops;
 mod process;
 mod replica;
 
-pub use process::{cpu_seconds, rss_bytes, scrape, wakeups};
+pub use process::{cpu_seconds, disk_written, rss_bytes, scrape, wakeups};
 use replica::{Replica, Shared};
 
 /// The services, in start order.
@@ -388,6 +388,12 @@ impl Stack {
     pub fn wakeups(&self) -> Vec<(String, f64)> {
         let roster = lock(&self.roster);
         per_service(&roster, |pid| wakeups(pid) as f64, std::iter::empty())
+    }
+
+    /// Bytes each service's and our broker's live processes wrote to storage so far.
+    pub fn disk_written(&self) -> Vec<(String, f64)> {
+        let roster = lock(&self.roster);
+        per_service(&roster, |pid| disk_written(pid) as f64, std::iter::empty())
     }
 
     fn shared(&self) -> Shared<'_> {

@@ -59,6 +59,21 @@ pub fn wakeups(pid: u32) -> u64 {
         .sum()
 }
 
+/// Bytes a process caused to be written to storage so far (`write_bytes` of /proc/`pid`/io:
+/// files, not sockets; counted when pages are dirtied, before they reach the disk), 0 if it
+/// is gone. The store writers' I/O, which does not depend on how fast the machine is.
+pub fn disk_written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("write_bytes:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Resident set size of a process, bytes (0 if it is gone).
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -144,6 +159,24 @@ mod tests {
         assert!(wakeups(pid) > before, "a sleep is a voluntary switch");
         assert_eq!(rss_bytes(u32::MAX), 0);
         assert!(!exited(pid) && exited(u32::MAX));
+    }
+
+    #[test]
+    fn a_file_written_counts_as_disk_written() {
+        use std::io::Write;
+        let pid = std::process::id();
+        // Beside the sources: on a disk (a temp directory may be in memory).
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("disk-written-{pid}.tmp"));
+        let before = disk_written(pid);
+        let mut f = std::fs::File::create(&path).expect("create");
+        f.write_all(&vec![7u8; 1 << 20]).expect("write");
+        f.sync_all().expect("sync");
+        drop(f);
+        let after = disk_written(pid);
+        let _ = std::fs::remove_file(&path);
+        assert!(after >= before + (1 << 20), "{before} → {after}");
+        assert_eq!(disk_written(u32::MAX), 0);
     }
 
     #[tokio::test]
