@@ -40,6 +40,16 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / clock_ticks()
 }
 
+/// The number after `key` in a `key: value` file of /proc (`status`, `io`), if the file has it.
+fn proc_value(file: impl AsRef<std::path::Path>, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 /// Voluntary context switches of a process's live threads: how often one of them blocked and
 /// had to be woken again (0 if it is gone). Threads that ended are not counted.
 pub fn wakeups(pid: u32) -> u64 {
@@ -48,14 +58,7 @@ pub fn wakeups(pid: u32) -> u64 {
     };
     tasks
         .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse::<u64>().ok())
-        })
+        .filter_map(|t| proc_value(t.path().join("status"), "voluntary_ctxt_switches"))
         .sum()
 }
 
@@ -63,29 +66,12 @@ pub fn wakeups(pid: u32) -> u64 {
 /// files, not sockets; counted when pages are dirtied, before they reach the disk), 0 if it
 /// is gone. The store writers' I/O, which does not depend on how fast the machine is.
 pub fn disk_written(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("write_bytes:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
+    proc_value(format!("/proc/{pid}/io"), "write_bytes").unwrap_or(0)
 }
 
 /// Resident set size of a process, bytes (0 if it is gone).
 pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    proc_value(format!("/proc/{pid}/status"), "VmRSS").map_or(0, |kb| kb * 1024)
 }
 
 /// Whether the process has exited (a zombie, or gone).
@@ -154,9 +140,17 @@ mod tests {
         assert!(x > 0);
         assert!(rss_bytes(pid) > 1024 * 1024);
         assert!(cpu_seconds(pid) > 0.0);
-        let before = wakeups(pid);
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(wakeups(pid) > before, "a sleep is a voluntary switch");
+        // Wake-ups are read off a process of their own: in this one, another test's thread
+        // that ends takes its switches out of the sum.
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.05; sleep 0.05; sleep 5"])
+            .spawn()
+            .expect("sh");
+        std::thread::sleep(Duration::from_millis(400));
+        let woken = wakeups(shell.id());
+        let _ = shell.kill();
+        let _ = shell.wait();
+        assert!(woken > 0, "waiting for a child is a voluntary switch");
         assert_eq!(rss_bytes(u32::MAX), 0);
         assert!(!exited(pid) && exited(u32::MAX));
     }
