@@ -25,7 +25,7 @@ build:
 
 lint: setup
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings   # vendor/rumqttc allows clippy in its lib.rs: upstream code
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings   # vendor/rumqttc and vendor/rdkafka allow clippy in their lib.rs: upstream code
 	$(CARGO) deny check bans licenses sources   # deny.toml; advisories need github.com, unreachable here
 	$(VENV)/bin/python dev/check_manifests.py   # docker-compose.yml and k8s/ against topology.toml and the upstream schemas
 	dev/k8s_lint.sh   # the rendered k8s overlays: checkov, kubernetes-validate --strict
