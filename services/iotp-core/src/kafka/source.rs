@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -57,6 +58,12 @@ impl KafkaSource {
     /// A batch starting with `first`: more records until `max` or `linger` has passed. Not
     /// cancel-safe (taken records would be lost while later offsets are committed): run it
     /// to completion.
+    ///
+    /// Records already queued are taken at once; when the queue runs dry, the batch sleeps
+    /// out the rest of `linger` and then takes what came meanwhile. Waiting for each record
+    /// instead woke this task once for every partition of every fetch response (librdkafka
+    /// calls the queue's wake-up for each partition's records it hands over), a thread
+    /// switch each, for records that would have waited for the linger anyway.
     pub async fn fill<'c>(
         &'c self,
         first: BorrowedMessage<'c>,
@@ -68,21 +75,30 @@ impl KafkaSource {
             batch.push(first);
         }
         let until = tokio::time::Instant::now() + linger;
-        while batch.len() < max {
-            match tokio::time::timeout_at(until, self.consumer.recv()).await {
-                // The broker went away mid-batch: hand on what was taken; the next wait for
-                // a first record sees the error again.
-                Ok(Err(e)) if broker_unavailable(&e) => break,
-                Ok(msg) => {
-                    let msg = msg?;
-                    if self.accept(&msg) {
-                        batch.push(msg);
+        // One stream for the whole batch: `recv` registers a waker slot per record.
+        let mut queued = self.consumer.stream();
+        loop {
+            while batch.len() < max {
+                match queued.next().now_or_never() {
+                    Some(Some(Ok(msg))) => {
+                        if self.accept(&msg) {
+                            batch.push(msg);
+                        }
                     }
+                    // The broker went away mid-batch: hand on what was taken; the next
+                    // wait for a first record sees the error again.
+                    Some(Some(Err(e))) if broker_unavailable(&e) => return Ok(batch),
+                    Some(Some(Err(e))) => return Err(e),
+                    // Nothing queued (or an event the client handled itself, such as a
+                    // log line: what follows it is taken after the sleep).
+                    Some(None) | None => break,
                 }
-                Err(_) => break,
             }
+            if batch.len() >= max || tokio::time::Instant::now() >= until {
+                return Ok(batch);
+            }
+            tokio::time::sleep_until(until).await;
         }
-        Ok(batch)
     }
 
     fn accept(&self, m: &BorrowedMessage<'_>) -> bool {
