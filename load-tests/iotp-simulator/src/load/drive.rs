@@ -11,7 +11,7 @@ use super::monitor::Monitor;
 use super::Run;
 use crate::fleet::{self, FleetRun, Progress};
 use crate::plan::{self, DevicePlan, Step};
-use crate::report::PerProcess;
+use crate::report::{PerProcess, Totals};
 
 /// What driving the fleet produced.
 pub struct Driven {
@@ -21,12 +21,8 @@ pub struct Driven {
     pub progress: Arc<Progress>,
     /// Still watching: the pipeline drains after the fleet is done.
     pub monitor: Monitor,
-    /// CPU seconds of each process when the fleet started.
-    pub cpu_before: PerProcess<f64>,
-    /// Wake-ups of each process when the fleet started.
-    pub wakeups_before: PerProcess<f64>,
-    /// Bytes each process had written to storage when the fleet started.
-    pub disk_before: PerProcess<f64>,
+    /// What each process had used when the fleet started.
+    pub before: PerProcess<Totals>,
     /// The chaos actions done meanwhile (none unless the scenario has a timeline).
     pub chaos: Vec<Done>,
 }
@@ -36,9 +32,7 @@ pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
     let plans = plan::plan(&run.scenario);
     let progress = Arc::new(Progress::default());
     let monitor = Monitor::start(run, &progress, publishes(&plans));
-    let cpu_before = run.stack.cpu();
-    let wakeups_before = run.stack.wakeups();
-    let disk_before = run.stack.disk_written();
+    let before = run.stack.totals();
     // Checked when the scenario was loaded.
     let steps = run.scenario.chaos.steps().unwrap_or_default();
     let start = Instant::now();
@@ -56,9 +50,7 @@ pub async fn drive(run: &Run) -> anyhow::Result<Driven> {
         fleet: fleet?,
         progress,
         monitor,
-        cpu_before,
-        wakeups_before,
-        disk_before,
+        before,
         chaos,
     })
 }

@@ -41,18 +41,14 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
         fleet,
         progress,
         mut monitor,
-        cpu_before,
-        wakeups_before,
-        disk_before,
+        before,
         chaos,
     } = driven;
     let (stored, _) = absorbed(run, owed(&fleet)).await?;
     let lag = drain_groups(run, run.scenario.stall_timeout).await?;
     let drained_at = now_millis();
     monitor.stop_display(stored);
-    let cpu_after = run.stack.cpu();
-    let wakeups_after = run.stack.wakeups();
-    let disk_after = run.stack.disk_written();
+    let after = run.stack.totals();
     let (memory, counters) = monitor.stop_sampling();
     let lag_again = if lag.iter().all(|(_, l)| *l == 0) {
         Some(confirm_drained(run).await?)
@@ -68,12 +64,8 @@ pub async fn settle(run: &Run, driven: Driven) -> anyhow::Result<Settled> {
             lag_again,
         },
         usage: Usage {
-            cpu_before,
-            cpu_after,
-            wakeups_before,
-            wakeups_after,
-            disk_before,
-            disk_after,
+            before,
+            after,
             memory,
         },
         chaos,

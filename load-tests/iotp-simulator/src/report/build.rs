@@ -36,22 +36,24 @@ pub struct Drained {
     pub lag_again: Option<i64>,
 }
 
+/// What a process had used so far, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// CPU seconds.
+    pub cpu_seconds: f64,
+    /// Wake-ups (voluntary context switches) of its live threads.
+    pub wakeups: f64,
+    /// Bytes written to storage.
+    pub disk_bytes: f64,
+}
+
 /// What the run cost each process, measured from /proc while it lasted.
 #[derive(Debug, Clone, Default)]
 pub struct Usage {
-    /// CPU seconds each process had used when the fleet started.
-    pub cpu_before: PerProcess<f64>,
-    /// CPU seconds each process had used when every consumer group had drained.
-    pub cpu_after: PerProcess<f64>,
-    /// Wake-ups (voluntary context switches) of each process's live threads when the fleet
-    /// started.
-    pub wakeups_before: PerProcess<f64>,
+    /// What each process had used when the fleet started.
+    pub before: PerProcess<Totals>,
     /// The same when every consumer group had drained.
-    pub wakeups_after: PerProcess<f64>,
-    /// Bytes each process had written to storage when the fleet started.
-    pub disk_before: PerProcess<f64>,
-    /// The same when every consumer group had drained.
-    pub disk_after: PerProcess<f64>,
+    pub after: PerProcess<Totals>,
     /// RSS of each process in bytes, one row per second of the run.
     pub memory: Vec<PerProcess<u64>>,
 }
@@ -142,27 +144,23 @@ impl Report {
     }
 }
 
-/// The value of process `name` (0 if it is not there).
-fn value(of: &PerProcess<f64>, name: &str) -> f64 {
-    of.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
-        .unwrap_or(0.0)
-}
-
 impl Usage {
     /// CPU of each process over the run, and per message stored (`stored`, at least 1).
     fn cpu(&self, stored: u64) -> Vec<Cpu> {
         let stored = stored.max(1) as f64;
-        self.cpu_after
+        self.after
             .iter()
             .map(|(name, after)| {
-                let seconds = after - value(&self.cpu_before, name);
-                let grew = |before: &PerProcess<f64>, after: &PerProcess<f64>| {
-                    (value(after, name) - value(before, name)).max(0.0)
-                };
-                let wakeups = grew(&self.wakeups_before, &self.wakeups_after);
-                let disk = grew(&self.disk_before, &self.disk_after);
+                let before = self
+                    .before
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, b)| *b)
+                    .unwrap_or_default();
+                let seconds = after.cpu_seconds - before.cpu_seconds;
+                // Counted over live threads and processes: a replica that exited lowers them.
+                let wakeups = (after.wakeups - before.wakeups).max(0.0);
+                let disk = (after.disk_bytes - before.disk_bytes).max(0.0);
                 Cpu {
                     process: name.clone(),
                     seconds,

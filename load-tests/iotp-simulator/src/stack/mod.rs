@@ -22,6 +22,7 @@ use tokio::process::Command;
 
 use crate::chaos::Chaos;
 use crate::load::ServiceEnv;
+use crate::report::{PerProcess, Totals};
 
 mod brokers;
 mod ops;
@@ -375,25 +376,31 @@ impl Stack {
         lock(&self.roster).bridge_ids.iter().cloned().collect()
     }
 
-    /// CPU seconds each service (all its replicas, the exited ones included) and our broker
-    /// used so far.
-    pub fn cpu(&self) -> Vec<(String, f64)> {
+    /// What each service (all its replicas) and our broker had used so far: CPU seconds (the
+    /// exited replicas' included), and the wake-ups (voluntary context switches) of the live
+    /// threads and the bytes the live processes wrote to storage (replicas that exited are not
+    /// counted in those two).
+    pub fn totals(&self) -> PerProcess<Totals> {
         let roster = lock(&self.roster);
         let gone = roster.gone_cpu.iter().map(|(s, c)| (s.as_str(), *c));
-        per_service(&roster, cpu_seconds, gone)
-    }
-
-    /// Wake-ups (voluntary context switches) of each service's and our broker's live threads
-    /// so far; replicas that exited are not counted.
-    pub fn wakeups(&self) -> Vec<(String, f64)> {
-        let roster = lock(&self.roster);
-        per_service(&roster, |pid| wakeups(pid) as f64, std::iter::empty())
-    }
-
-    /// Bytes each service's and our broker's live processes wrote to storage so far.
-    pub fn disk_written(&self) -> Vec<(String, f64)> {
-        let roster = lock(&self.roster);
-        per_service(&roster, |pid| disk_written(pid) as f64, std::iter::empty())
+        let cpu = per_service(&roster, cpu_seconds, gone);
+        let woke = per_service(&roster, |pid| wakeups(pid) as f64, std::iter::empty());
+        let wrote = per_service(&roster, |pid| disk_written(pid) as f64, std::iter::empty());
+        let of = |list: &[(String, f64)], name: &str| {
+            list.iter()
+                .find(|(n, _)| n == name)
+                .map_or(0.0, |(_, v)| *v)
+        };
+        cpu.iter()
+            .map(|(name, seconds)| {
+                let totals = Totals {
+                    cpu_seconds: *seconds,
+                    wakeups: of(&woke, name),
+                    disk_bytes: of(&wrote, name),
+                };
+                (name.clone(), totals)
+            })
+            .collect()
     }
 
     fn shared(&self) -> Shared<'_> {
