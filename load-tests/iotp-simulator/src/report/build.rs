@@ -11,6 +11,14 @@ use super::{steady_rate, Cpu, FleetSummary, Machine, Memory, Report, StageLatenc
 /// One reading per process (services by name, and `tansu`): (process, value).
 pub type PerProcess<T> = Vec<(String, T)>;
 
+/// The reading of process `name` in `of` (the default if it is not there).
+pub fn reading<T: Copy + Default>(of: &[(String, T)], name: &str) -> T {
+    of.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_default()
+}
+
 /// What was run, where: the report's header.
 #[derive(Debug, Clone)]
 pub struct Setting {
@@ -151,12 +159,7 @@ impl Usage {
         self.after
             .iter()
             .map(|(name, after)| {
-                let before = self
-                    .before
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, b)| *b)
-                    .unwrap_or_default();
+                let before = reading(&self.before, name);
                 let seconds = after.cpu_seconds - before.cpu_seconds;
                 // Counted over live threads and processes: a replica that exited lowers them.
                 let wakeups = (after.wakeups - before.wakeups).max(0.0);

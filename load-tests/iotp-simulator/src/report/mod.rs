@@ -18,7 +18,7 @@ mod faults;
 mod markdown;
 pub mod spread;
 
-pub use build::{Drained, Outcome, PerProcess, Setting, Totals, Usage};
+pub use build::{reading, Drained, Outcome, PerProcess, Setting, Totals, Usage};
 pub use chart::{svg_chart, Series};
 
 /// How long after every consumer group reached lag 0 the load tool looks again before it

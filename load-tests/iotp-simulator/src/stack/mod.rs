@@ -22,7 +22,7 @@ use tokio::process::Command;
 
 use crate::chaos::Chaos;
 use crate::load::ServiceEnv;
-use crate::report::{PerProcess, Totals};
+use crate::report::{reading, PerProcess, Totals};
 
 mod brokers;
 mod ops;
@@ -386,17 +386,12 @@ impl Stack {
         let cpu = per_service(&roster, cpu_seconds, gone);
         let woke = per_service(&roster, |pid| wakeups(pid) as f64, std::iter::empty());
         let wrote = per_service(&roster, |pid| disk_written(pid) as f64, std::iter::empty());
-        let of = |list: &[(String, f64)], name: &str| {
-            list.iter()
-                .find(|(n, _)| n == name)
-                .map_or(0.0, |(_, v)| *v)
-        };
         cpu.iter()
             .map(|(name, seconds)| {
                 let totals = Totals {
                     cpu_seconds: *seconds,
-                    wakeups: of(&woke, name),
-                    disk_bytes: of(&wrote, name),
+                    wakeups: reading(&woke, name),
+                    disk_bytes: reading(&wrote, name),
                 };
                 (name.clone(), totals)
             })
