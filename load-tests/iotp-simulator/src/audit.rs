@@ -202,7 +202,12 @@ pub fn audit(
     for d in &run.devices {
         let mut found: HashMap<i64, &StoredMessage> = HashMap::new();
         for m in by_device.get(d.id.as_str()).into_iter().flatten() {
-            found.insert(m.seq_no - start, m);
+            // A store whose rows are not keyed by (deviceId, seqNo) would list a duplicate
+            // as a row of its own.
+            if found.insert(m.seq_no - start, m).is_some() {
+                a.duplicated
+                    .add(|| format!("{}/{}: stored twice", d.id, m.seq_no));
+            }
         }
         for i in 0..d.acks.len() {
             let acked = d.acks[i] > 0;

@@ -14,8 +14,8 @@ use crate::mongo::MongoStore;
 use crate::sqlite::SqliteStore;
 use crate::{
     Archived, Bucket, DeadLetterArchive, FoldReport, LetterFilter, LivenessCounts, MessageRecord,
-    Observation, PruneReport, Pruning, ReadingStore, Retention, RollupStore, StoreError,
-    StoredMessage, Twin, TwinStore, WriteReport,
+    Observation, PageCursor, PruneReport, Pruning, ReadingStore, Retention, RollupStore,
+    StoreError, StoredPage, Twin, TwinStore, WriteReport,
 };
 
 /// The configured store: whichever backend [`crate::StoreConfig::open`] picked, keeping the
@@ -117,9 +117,9 @@ impl ReadingStore for Store {
     async fn stored_messages(
         &self,
         tenant: &str,
-        after: Option<(String, i64)>,
+        after: Option<&PageCursor>,
         limit: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    ) -> Result<StoredPage, StoreError> {
         delegate!(self, s => s.stored_messages(tenant, after, limit))
     }
 

@@ -27,6 +27,8 @@ pub use config::{Retention, StoreConfig};
 pub use error::StoreError;
 pub use fold::reading_before;
 pub use prune::{PruneReport, Pruning};
-pub use readings::{MessageRecord, ReadingStore, StoredMessage, WriteReport};
+pub use readings::{
+    MessageRecord, PageCursor, ReadingStore, StoredMessage, StoredPage, WriteReport,
+};
 pub use rollups::{Bucket, FoldReport, RollupStore, GRANULARITIES};
 pub use twins::{LastValue, LivenessCounts, Observation, Twin, TwinStore};

@@ -80,6 +80,47 @@ pub struct StoredMessage {
     pub readings: i64,
 }
 
+/// Where a page of [`ReadingStore::stored_messages`] ended: give it back for the page after.
+/// Each store pages in the order it keeps (the embedded store by arrival, MongoDB by deviceId
+/// and seqNo), so a cursor is good only for the kind of store that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor(Position);
+
+/// The last message of a page, as its store finds it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Position {
+    /// The embedded store's row number.
+    Row(i64),
+    /// (deviceId, seqNo).
+    Key(String, i64),
+}
+
+impl PageCursor {
+    pub(crate) fn new(position: Position) -> Self {
+        Self(position)
+    }
+
+    pub(crate) fn position(&self) -> &Position {
+        &self.0
+    }
+}
+
+/// The error for a cursor another kind of store made.
+pub(crate) fn foreign_cursor(position: &Position) -> StoreError {
+    StoreError::Backend(format!(
+        "page cursor {position:?} was made by another kind of store"
+    ))
+}
+
+/// A page of stored messages.
+#[derive(Debug, Clone)]
+pub struct StoredPage {
+    /// The page's messages, in the store's order.
+    pub messages: Vec<StoredMessage>,
+    /// Where to go on from; `None` when this page was the last.
+    pub next: Option<PageCursor>,
+}
+
 /// The readings part of the storage contract (raw tier).
 ///
 /// No method retries by itself; each may be called again after a transient error
@@ -108,18 +149,20 @@ pub trait ReadingStore: Send + Sync + 'static {
         &self,
         tenant: Option<&str>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// A tenant's stored messages ordered by (deviceId, seqNo), the page after `after`
-    /// (exclusive), at most `limit`. A read: safe to call again.
+    /// A tenant's stored messages, at most `limit`, from the start or from where the page
+    /// of `after` ended, in the store's own order (see [`PageCursor`]). A read: safe to call
+    /// again.
     fn stored_messages(
         &self,
         tenant: &str,
-        after: Option<(String, i64)>,
+        after: Option<&PageCursor>,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<StoredMessage>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<StoredPage, StoreError>> + Send;
     /// Recompute the seqNo gaps of these devices (numbers between the lowest and highest
     /// stored that were never stored) into their twins; returns the total over them. The
-    /// embedded store keeps each device's lowest, highest and count as it writes (so this is
-    /// one row per device, and expiring old readings does not turn them into gaps).
+    /// embedded store reads them off its dedup guard, each device's runs of seqNos stored (so
+    /// this is a row or a few per device, and expiring old readings does not turn them into
+    /// gaps).
     ///
     /// Safe to call again: each device's count is computed afresh and set, not added to.
     fn update_seq_gaps(

@@ -172,11 +172,13 @@ async fn all_stored(run: &Run) -> anyhow::Result<Vec<StoredMessage>> {
     loop {
         let page = run
             .store
-            .stored_messages(&run.tenant, after.clone(), PAGE)
+            .stored_messages(&run.tenant, after.as_ref(), PAGE)
             .await?;
-        let Some(last) = page.last() else { break };
-        after = Some((last.device_id.clone(), last.seq_no));
-        out.extend(page);
+        out.extend(page.messages);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
     }
     Ok(out)
 }

@@ -11,7 +11,10 @@ use mongodb::Collection;
 
 use super::command::{code_error, mongo_error, DUPLICATE_KEY};
 use super::{key_id, MongoStore, MESSAGE_KEYS, READINGS, TWINS};
-use crate::{MessageRecord, ReadingStore, StoreError, StoredMessage, WriteReport};
+use crate::readings::{foreign_cursor, Position};
+use crate::{
+    MessageRecord, PageCursor, ReadingStore, StoreError, StoredMessage, StoredPage, WriteReport,
+};
 
 /// How long a writer may hold a pending key before another may take it over.
 const LEASE: Duration = Duration::from_secs(60);
@@ -223,9 +226,14 @@ impl ReadingStore for MongoStore {
     async fn stored_messages(
         &self,
         tenant: &str,
-        after: Option<(String, i64)>,
+        after: Option<&PageCursor>,
         limit: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    ) -> Result<StoredPage, StoreError> {
+        let after = match after.map(PageCursor::position) {
+            None => None,
+            Some(Position::Key(device, seq_no)) => Some((device.clone(), *seq_no)),
+            Some(other) => return Err(foreign_cursor(other)),
+        };
         let keys: Vec<Document> = self
             .collection(MESSAGE_KEYS)
             .find(stored_page_filter(tenant, after.as_ref()))
@@ -253,8 +261,15 @@ impl ReadingStore for MongoStore {
                 readings: 0,
             })
             .collect();
+        let next = out
+            .last()
+            .filter(|_| out.len() == limit)
+            .map(|m| PageCursor::new(Position::Key(m.device_id.clone(), m.seq_no)));
         let (Some(first), Some(last)) = (out.first(), out.last()) else {
-            return Ok(out);
+            return Ok(StoredPage {
+                messages: out,
+                next,
+            });
         };
         let pipeline = vec![
             doc! { "$match": {
@@ -287,7 +302,10 @@ impl ReadingStore for MongoStore {
                 .copied()
                 .unwrap_or(0);
         }
-        Ok(out)
+        Ok(StoredPage {
+            messages: out,
+            next,
+        })
     }
 
     async fn update_seq_gaps(&self, devices: &[(String, String)]) -> Result<u64, StoreError> {

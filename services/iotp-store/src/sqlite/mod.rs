@@ -15,6 +15,7 @@ mod archive;
 mod prune;
 mod readings;
 mod rollups;
+mod runs;
 mod twins;
 
 /// The embedded store: one connection to the file, used by one operation at a time on the
@@ -48,6 +49,25 @@ fn sqlite_error(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// The raw tier, in arrival order (the rowid): a commit's messages share pages. Its dedup guard
+/// is `message_runs` (`runs.rs`); `messages_time` serves retention.
+const MESSAGES: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    seq_no INTEGER NOT NULL,
+    msg_id TEXT NOT NULL,
+    produced_at INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    site TEXT,
+    asset TEXT,
+    profile TEXT NOT NULL,
+    stored_at INTEGER NOT NULL,
+    readings TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS messages_time ON messages (produced_at);
+";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS twins (
     tenant TEXT NOT NULL,
@@ -63,37 +83,22 @@ CREATE TABLE IF NOT EXISTS twins (
     seq_gaps INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, device_id)
 );
-CREATE TABLE IF NOT EXISTS messages (
+CREATE TABLE IF NOT EXISTS message_runs (
     tenant TEXT NOT NULL,
     device_id TEXT NOT NULL,
-    seq_no INTEGER NOT NULL,
-    msg_id TEXT NOT NULL,
-    produced_at INTEGER NOT NULL,
-    received_at INTEGER NOT NULL,
-    site TEXT,
-    asset TEXT,
-    profile TEXT NOT NULL,
-    stored_at INTEGER NOT NULL,
-    readings TEXT NOT NULL DEFAULT '[]',
-    PRIMARY KEY (tenant, device_id, seq_no)
+    lo INTEGER NOT NULL,
+    hi INTEGER NOT NULL,
+    last_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device_id, lo)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS seq_stats (
+CREATE TABLE IF NOT EXISTS rollup_runs (
     tenant TEXT NOT NULL,
     device_id TEXT NOT NULL,
-    min_seq INTEGER NOT NULL,
-    max_seq INTEGER NOT NULL,
-    stored INTEGER NOT NULL,
-    PRIMARY KEY (tenant, device_id)
+    lo INTEGER NOT NULL,
+    hi INTEGER NOT NULL,
+    last_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device_id, lo)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rollup_applied (
-    tenant TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    seq_no INTEGER NOT NULL,
-    produced_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant, device_id, seq_no)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rollup_applied_time ON rollup_applied (produced_at);
-CREATE INDEX IF NOT EXISTS messages_time ON messages (produced_at);
 
 CREATE TABLE IF NOT EXISTS rollups (
     tenant TEXT NOT NULL,
@@ -162,9 +167,9 @@ impl SqliteStore {
         // must survive power loss; in WAL mode NORMAL can lose the last ones.
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sqlite_error)?;
-        // The hot set of a writer is one leaf page per device in each table it inserts into
-        // (about 3,000 pages for 1,000 devices); SQLite's 2 MiB default re-read them from the
-        // OS on every batch (half the upserter's CPU was the kernel copying pages, perf).
+        // The hot set of the writers: the twins and the roll-up buckets of every device (about
+        // 1,000 pages for 1,000 devices); SQLite's 2 MiB default re-read them from the OS on
+        // every batch (half the upserter's CPU was the kernel copying pages, perf).
         conn.pragma_update(None, "cache_size", -(CACHE_KIB as i64))
             .map_err(sqlite_error)?;
         conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
@@ -172,24 +177,12 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(sqlite_error)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_error)?;
+        conn.execute_batch(MESSAGES).map_err(sqlite_error)?;
         // Columns added after a table first shipped: a store file from an older version gains them.
         add_column_if_missing(&conn, "twins", "seq_gaps", "INTEGER NOT NULL DEFAULT 0")?;
-        add_column_if_missing(
-            &conn,
-            "rollup_applied",
-            "produced_at",
-            "INTEGER NOT NULL DEFAULT 0",
-        )?;
         add_column_if_missing(&conn, "messages", "readings", "TEXT NOT NULL DEFAULT '[]'")?;
         readings::inline_readings_table(&mut conn)?;
-        // A file from before `seq_stats` (kept by `write_messages`) gets it from the messages.
-        conn.execute(
-            "INSERT OR IGNORE INTO seq_stats (tenant, device_id, min_seq, max_seq, stored)
-             SELECT tenant, device_id, min(seq_no), max(seq_no), count(*) FROM messages
-             WHERE NOT EXISTS (SELECT 1 FROM seq_stats) GROUP BY tenant, device_id",
-            [],
-        )
-        .map_err(sqlite_error)?;
+        runs::upgrade(&mut conn, MESSAGES)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })

@@ -3,6 +3,7 @@
 
 use rusqlite::params;
 
+use super::runs::{self, Guard};
 use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::{PruneReport, Pruning, Retention, StoreError};
 
@@ -19,12 +20,9 @@ impl Pruning for SqliteStore {
                 )
                 .map_err(sqlite_error)?;
             // A message older than the raw tier is rejected as too_old before it reaches the
-            // store, so its dedup key may go with it.
-            tx.execute(
-                "DELETE FROM rollup_applied WHERE produced_at < ?1",
-                params![cutoff(r.raw)],
-            )
-            .map_err(sqlite_error)?;
+            // store, so the dedup guards' runs of such messages may go with them.
+            runs::expire(&tx, Guard::Messages, cutoff(r.raw))?;
+            runs::expire(&tx, Guard::Rollups, cutoff(r.raw))?;
             let hourly = tx
                 .execute(
                     "DELETE FROM rollups WHERE granularity = 'hour' AND bucket_start < ?1",
@@ -74,7 +72,10 @@ mod tests {
             .write_messages(std::slice::from_ref(&old))
             .await
             .expect("write");
-        store.fold(&[old], &[], 0).await.expect("fold");
+        store
+            .fold(std::slice::from_ref(&old), &[], 0)
+            .await
+            .expect("fold");
         let count = |g: &'static str| {
             let store = store.clone();
             async move {
@@ -103,6 +104,24 @@ mod tests {
         assert_eq!(store.message_count(None).await.expect("count"), 0);
         assert_eq!(store.reading_count(None).await.expect("count"), 0);
         assert_eq!((count("hour").await, count("day").await), (2, 2));
+        // The dedup keys went with the raw tier: nothing counts the message as stored or
+        // folded any more.
+        assert_eq!(
+            store.stored_by_device_counts("acme").await.expect("counts"),
+            0
+        );
+        let keys: i64 = store
+            .with(|c| {
+                c.query_row(
+                    "SELECT (SELECT count(*) FROM message_runs) + (SELECT count(*) FROM rollup_runs)",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(super::super::sqlite_error)
+            })
+            .await
+            .expect("runs");
+        assert_eq!(keys, 0);
         assert_eq!(
             store.prune(6 * DAY, &retention).await.expect("prune"),
             PruneReport {

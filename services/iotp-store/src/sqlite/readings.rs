@@ -1,7 +1,6 @@
-//! The raw tier on SQLite: tables `messages` (primary key (tenant, deviceId, seqNo): the
-//! exactly-once guard; the message's readings inline, as a JSON array of `[metric, value,
-//! unit]`) and `seq_stats` (each device's lowest and highest seqNo stored and how many, kept
-//! as messages are written, for the gap count).
+//! The raw tier on SQLite: table `messages`, in arrival order, the message's readings inline
+//! as a JSON array of `[metric, value, unit]`; its exactly-once guard is `message_runs`, each
+//! device's runs of seqNos stored (`runs.rs`), which also gives the gap count.
 //!
 //! Readings are a column, not a table of their own: a row per reading cost two more B-tree
 //! inserts per reading (the row and its time index), and with a thousand devices each lands on
@@ -9,12 +8,14 @@
 //! message is one row; SQLite's JSON functions still reach each reading
 //! (`SELECT m.device_id, r.value ->> 0 … FROM messages m, json_each(m.readings) r`).
 
-use std::collections::HashMap;
+use rusqlite::params;
 
-use rusqlite::{params, OptionalExtension};
-
+use super::runs::{self, Guard, Key};
 use super::{sqlite_error, write_transaction, SqliteStore};
-use crate::{MessageRecord, ReadingStore, StoreError, StoredMessage, WriteReport};
+use crate::readings::{foreign_cursor, Position};
+use crate::{
+    MessageRecord, PageCursor, ReadingStore, StoreError, StoredMessage, StoredPage, WriteReport,
+};
 
 impl SqliteStore {
     /// `what` summed over the stored messages (for one tenant, or all).
@@ -40,16 +41,16 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// Messages stored for `tenant` by the per-device counts kept with every write
-    /// (`seq_stats`): one row per device read, where [`ReadingStore::message_count`] reads
-    /// one index entry per message. The same figure until retention prunes messages (the
-    /// counts keep what was ever stored). For watching a store fill: a count of a million
-    /// messages polled four times a second held read snapshots and took CPU from the writers.
+    /// Messages stored for `tenant` by the dedup guard's runs (`message_runs`): a row or a
+    /// few per device read, where [`ReadingStore::message_count`] reads every message. The
+    /// same figure until retention prunes messages (a run goes only when its newest message
+    /// is past the raw tier). For watching a store fill: a count of a million messages polled
+    /// four times a second held read snapshots and took CPU from the writers.
     pub async fn stored_by_device_counts(&self, tenant: &str) -> Result<u64, StoreError> {
         let tenant = tenant.to_string();
         self.with(move |conn| {
             conn.query_row(
-                "SELECT coalesce(sum(stored), 0) FROM seq_stats WHERE tenant = ?1",
+                "SELECT coalesce(sum(hi - lo + 1), 0) FROM message_runs WHERE tenant = ?1",
                 params![tenant],
                 |r| r.get::<_, i64>(0),
             )
@@ -105,40 +106,29 @@ impl ReadingStore for SqliteStore {
         self.with(move |conn| {
             let now = iotp_contract::now_millis();
             let tx = write_transaction(conn)?;
+            let keys: Vec<Key<'_>> = messages
+                .iter()
+                .map(|m| (m.tenant.as_str(), m.device_id.as_str(), m.seq_no, m.produced_at))
+                .collect();
+            let new = runs::take(&tx, Guard::Messages, &keys)?;
             let mut report = WriteReport::default();
             {
                 let mut message = tx
                     .prepare_cached(
-                        "INSERT OR IGNORE INTO messages (tenant, device_id, seq_no, msg_id, produced_at, received_at, site, asset, profile, stored_at, readings)
+                        "INSERT INTO messages (tenant, device_id, seq_no, msg_id, produced_at, received_at, site, asset, profile, stored_at, readings)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     )
                     .map_err(sqlite_error)?;
-                // Per device: lowest and highest seqNo stored by this batch, and how many.
-                let mut stats: HashMap<(&str, &str), (i64, i64, i64)> = HashMap::new();
-                for m in &messages {
-                    let readings = readings_json(&m.readings)?;
-                    let inserted = message
-                        .execute(params![m.tenant, m.device_id, m.seq_no, m.msg_id, m.produced_at, m.received_at, m.site, m.asset, m.profile, now, readings])
-                        .map_err(sqlite_error)?;
-                    if inserted == 0 {
+                for (m, new) in messages.iter().zip(new) {
+                    if !new {
                         report.duplicates += 1;
                         continue;
                     }
+                    let readings = readings_json(&m.readings)?;
+                    message
+                        .execute(params![m.tenant, m.device_id, m.seq_no, m.msg_id, m.produced_at, m.received_at, m.site, m.asset, m.profile, now, readings])
+                        .map_err(sqlite_error)?;
                     report.stored += 1;
-                    let s = stats
-                        .entry((&m.tenant, &m.device_id))
-                        .or_insert((m.seq_no, m.seq_no, 0));
-                    *s = (s.0.min(m.seq_no), s.1.max(m.seq_no), s.2 + 1);
-                }
-                let mut stat = tx
-                    .prepare_cached(
-                        "INSERT INTO seq_stats (tenant, device_id, min_seq, max_seq, stored) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (tenant, device_id) DO UPDATE SET min_seq = min(min_seq, excluded.min_seq),
-                           max_seq = max(max_seq, excluded.max_seq), stored = stored + excluded.stored",
-                    )
-                    .map_err(sqlite_error)?;
-                for ((tenant, device), (lo, hi, n)) in stats {
-                    stat.execute(params![tenant, device, lo, hi, n]).map_err(sqlite_error)?;
                 }
             }
             tx.commit().map_err(sqlite_error)?;
@@ -159,37 +149,47 @@ impl ReadingStore for SqliteStore {
     async fn stored_messages(
         &self,
         tenant: &str,
-        after: Option<(String, i64)>,
+        after: Option<&PageCursor>,
         limit: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    ) -> Result<StoredPage, StoreError> {
         let tenant = tenant.to_string();
-        let (after_device, after_seq) = after.unwrap_or((String::new(), i64::MIN));
+        let after = match after.map(PageCursor::position) {
+            None => 0,
+            Some(Position::Row(row)) => *row,
+            Some(other) => return Err(foreign_cursor(other)),
+        };
         self.with(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT m.device_id, m.seq_no, m.msg_id, m.produced_at, m.stored_at,
-                            json_array_length(m.readings)
-                     FROM messages m
-                     WHERE m.tenant = ?1 AND (m.device_id, m.seq_no) > (?2, ?3)
-                     ORDER BY m.device_id, m.seq_no LIMIT ?4",
+                    "SELECT rowid, device_id, seq_no, msg_id, produced_at, stored_at,
+                            json_array_length(readings)
+                     FROM messages WHERE tenant = ?1 AND rowid > ?2 ORDER BY rowid LIMIT ?3",
                 )
                 .map_err(sqlite_error)?;
+            let mut last = after;
             let rows = stmt
-                .query_map(
-                    params![tenant, after_device, after_seq, limit as i64],
-                    |r| {
-                        Ok(StoredMessage {
-                            device_id: r.get(0)?,
-                            seq_no: r.get(1)?,
-                            msg_id: r.get(2)?,
-                            produced_at: r.get(3)?,
-                            stored_at: r.get(4)?,
-                            readings: r.get(5)?,
-                        })
-                    },
-                )
+                .query_map(params![tenant, after, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        StoredMessage {
+                            device_id: r.get(1)?,
+                            seq_no: r.get(2)?,
+                            msg_id: r.get(3)?,
+                            produced_at: r.get(4)?,
+                            stored_at: r.get(5)?,
+                            readings: r.get(6)?,
+                        },
+                    ))
+                })
                 .map_err(sqlite_error)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(sqlite_error)
+            let mut messages = Vec::new();
+            for row in rows {
+                let (rowid, m) = row.map_err(sqlite_error)?;
+                last = rowid;
+                messages.push(m);
+            }
+            let next = (messages.len() == limit).then(|| PageCursor::new(Position::Row(last)));
+            Ok(StoredPage { messages, next })
         })
         .await
     }
@@ -202,15 +202,14 @@ impl ReadingStore for SqliteStore {
             {
                 // Cached: run for every device touched since the last tick.
                 let mut count = tx
-                    .prepare_cached("SELECT max_seq - min_seq + 1 - stored FROM seq_stats WHERE tenant = ?1 AND device_id = ?2")
+                    .prepare_cached("SELECT max(hi) - min(lo) + 1 - sum(hi - lo + 1) FROM message_runs WHERE tenant = ?1 AND device_id = ?2")
                     .map_err(sqlite_error)?;
                 let mut set = tx
                     .prepare_cached("UPDATE twins SET seq_gaps = ?3 WHERE tenant = ?1 AND device_id = ?2 AND seq_gaps IS NOT ?3")
                     .map_err(sqlite_error)?;
                 for (tenant, device) in &devices {
                     let gaps: i64 = count
-                        .query_row(params![tenant, device], |r| r.get(0))
-                        .optional()
+                        .query_row(params![tenant, device], |r| r.get::<_, Option<i64>>(0))
                         .map_err(sqlite_error)?
                         .unwrap_or(0);
                     set.execute(params![tenant, device, gaps]).map_err(sqlite_error)?;
@@ -278,43 +277,126 @@ mod tests {
         assert_eq!(store.reading_count(None).await.expect("count"), 5);
         let page = store.stored_messages("acme", None, 10).await.expect("page");
         assert_eq!(
-            page.iter().map(|m| m.readings).collect::<Vec<_>>(),
-            [2, 1, 2]
+            page.messages
+                .iter()
+                .map(|m| (m.seq_no, m.readings))
+                .collect::<Vec<_>>(),
+            [(1, 2), (2, 1), (3, 2)]
         );
         let _ = std::fs::remove_file(&path);
     }
 
+    /// A file from before the dedup guards were runs: `messages` keyed by (tenant, deviceId,
+    /// seqNo), `seq_stats`, and a key per folded message in `rollup_applied`.
     #[tokio::test]
-    async fn seq_stats_are_rebuilt_from_the_messages_of_an_older_file() {
-        let path = std::env::temp_dir().join(format!("iotp-stats-{}.sqlite", std::process::id()));
+    async fn a_file_keyed_by_device_gets_runs_and_its_messages_in_arrival_order() {
+        use crate::RollupStore;
+        let path = std::env::temp_dir().join(format!("iotp-runs-{}.sqlite", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let store = SqliteStore::open(&path).expect("open");
-        let written: Vec<_> = [0, 1, 3, 7].iter().map(|s| message("d1", *s)).collect();
-        store.write_messages(&written).await.expect("write");
-        let devices = [("acme".to_string(), "d1".to_string())];
-        assert_eq!(store.update_seq_gaps(&devices).await.expect("gaps"), 4);
+        {
+            let conn = rusqlite::Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE messages (tenant TEXT NOT NULL, device_id TEXT NOT NULL, seq_no INTEGER NOT NULL,
+                   msg_id TEXT NOT NULL, produced_at INTEGER NOT NULL, received_at INTEGER NOT NULL, site TEXT,
+                   asset TEXT, profile TEXT NOT NULL, stored_at INTEGER NOT NULL, readings TEXT NOT NULL DEFAULT '[]',
+                   PRIMARY KEY (tenant, device_id, seq_no)) WITHOUT ROWID;
+                 CREATE INDEX messages_time ON messages (produced_at);
+                 CREATE TABLE seq_stats (tenant TEXT NOT NULL, device_id TEXT NOT NULL, min_seq INTEGER NOT NULL,
+                   max_seq INTEGER NOT NULL, stored INTEGER NOT NULL, PRIMARY KEY (tenant, device_id)) WITHOUT ROWID;
+                 CREATE TABLE rollup_applied (tenant TEXT NOT NULL, device_id TEXT NOT NULL, seq_no INTEGER NOT NULL,
+                   produced_at INTEGER NOT NULL, PRIMARY KEY (tenant, device_id, seq_no)) WITHOUT ROWID;
+                 INSERT INTO messages VALUES
+                   ('acme', 'd1', 0, 'm0', 1000, 1001, NULL, NULL, 'meter', 5003, '[[\"energy\",1.0,\"Wh\"]]'),
+                   ('acme', 'd1', 1, 'm1', 1001, 1002, NULL, NULL, 'meter', 5001, '[]'),
+                   ('acme', 'd1', 3, 'm3', 1003, 1004, NULL, NULL, 'meter', 5002, '[]'),
+                   ('acme', 'd2', 7, 'm7', 1007, 1008, NULL, NULL, 'meter', 5000, '[]');
+                 INSERT INTO seq_stats VALUES ('acme', 'd1', 0, 3, 3), ('acme', 'd2', 7, 7, 1);
+                 INSERT INTO rollup_applied VALUES ('acme', 'd1', 0, 1000), ('acme', 'd1', 1, 1001);",
+            )
+            .expect("old schema");
+        }
+        let store = SqliteStore::open(&path).expect("upgrade");
+        let page = store.stored_messages("acme", None, 10).await.expect("page");
+        assert_eq!(
+            page.messages
+                .iter()
+                .map(|m| (m.device_id.as_str(), m.seq_no))
+                .collect::<Vec<_>>(),
+            [("d2", 7), ("d1", 1), ("d1", 3), ("d1", 0)],
+            "in the order they were stored"
+        );
+        assert_eq!(page.messages[3].readings, 1);
+        let devices = [
+            ("acme".to_string(), "d1".to_string()),
+            ("acme".to_string(), "d2".to_string()),
+        ];
+        assert_eq!(
+            store.update_seq_gaps(&devices).await.expect("gaps"),
+            1,
+            "d1's 2"
+        );
         assert_eq!(
             store.stored_by_device_counts("acme").await.expect("counts"),
             4
         );
+        let again = [
+            message("d1", 1),
+            message("d1", 2),
+            message("d2", 7),
+            message("d2", 8),
+        ];
         assert_eq!(
-            store
-                .stored_by_device_counts("other")
-                .await
-                .expect("counts"),
-            0
+            store.write_messages(&again).await.expect("write"),
+            WriteReport {
+                stored: 2,
+                duplicates: 2
+            },
+            "the keys of the old file still guard"
         );
-        store
-            .with(|c| c.execute("DELETE FROM seq_stats", []).map_err(sqlite_error))
+        assert_eq!(store.update_seq_gaps(&devices).await.expect("gaps"), 0);
+        let folded = store
+            .fold(
+                &[message("d1", 0), message("d1", 1), message("d1", 2)],
+                &[],
+                0,
+            )
             .await
-            .expect("as before seq_stats");
-        drop(store);
-        let store = SqliteStore::open(&path).expect("reopen");
+            .expect("fold");
         assert_eq!(
-            store.update_seq_gaps(&devices).await.expect("gaps"),
-            4,
-            "2, 4, 5, 6 missing"
+            (folded.applied, folded.duplicates),
+            (1, 2),
+            "folded before the upgrade"
         );
+        let tables: Vec<String> = store
+            .with(|c| {
+                let mut stmt = c
+                    .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND sql NOT LIKE '%WITHOUT ROWID%' ORDER BY name")
+                    .map_err(sqlite_error)?;
+                let names = stmt.query_map([], |r| r.get(0)).map_err(sqlite_error)?;
+                names.collect::<Result<_, _>>().map_err(sqlite_error)
+            })
+            .await
+            .expect("tables");
+        assert!(
+            tables.contains(&"messages".to_string()),
+            "a rowid table now: {tables:?}"
+        );
+        let old: i64 = store
+            .with(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM sqlite_schema WHERE name IN ('seq_stats', 'rollup_applied', 'messages_by_device')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sqlite_error)
+            })
+            .await
+            .expect("count");
+        assert_eq!(old, 0);
+        drop(store);
+        // Opening again (as every other service sharing the file does) finds nothing to do.
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.message_count(Some("acme")).await.expect("count"), 6);
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -1,11 +1,13 @@
 //! Roll-ups on SQLite: table `rollups`, one row per (tenant, deviceId, metric, granularity,
-//! bucket start) with the revision published so far; `rollup_applied` holds the keys of the
-//! messages already folded, `rollup_state` the watermark. A fold is one write transaction.
+//! bucket start) with the revision published so far; the guard `rollup_runs` (`runs.rs`) holds
+//! the keys of the messages already folded, `rollup_state` the watermark. A fold is one write
+//! transaction.
 
 use std::collections::hash_map::{Entry, HashMap};
 
 use rusqlite::{params, OptionalExtension};
 
+use super::runs::{self, Guard, Key};
 use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::fold::fold_reading;
 use crate::{Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES};
@@ -51,9 +53,11 @@ impl RollupStore for SqliteStore {
             let tx = write_transaction(conn)?;
             let mut report = FoldReport::default();
             {
-                let mut applied = tx
-                    .prepare_cached("INSERT OR IGNORE INTO rollup_applied (tenant, device_id, seq_no, produced_at) VALUES (?1, ?2, ?3, ?4)")
-                    .map_err(sqlite_error)?;
+                let keys: Vec<Key<'_>> = messages
+                    .iter()
+                    .map(|m| (m.tenant.as_str(), m.device_id.as_str(), m.seq_no, m.produced_at))
+                    .collect();
+                let new = runs::take(&tx, Guard::Rollups, &keys)?;
                 let mut read = tx
                     .prepare_cached(&format!(
                         "SELECT {BUCKET_COLUMNS} FROM rollups WHERE tenant = ?1 AND device_id = ?2 AND metric = ?3 AND granularity = ?4 AND bucket_start = ?5"
@@ -71,8 +75,8 @@ impl RollupStore for SqliteStore {
                 // Each bucket the batch touches is read once, folded in memory in message order,
                 // and written once.
                 let mut buckets: HashMap<BucketKey<'_>, (Option<Bucket>, i64)> = HashMap::new();
-                for m in &messages {
-                    if applied.execute(params![m.tenant, m.device_id, m.seq_no, m.produced_at]).map_err(sqlite_error)? == 0 {
+                for (m, new) in messages.iter().zip(new) {
+                    if !new {
                         report.duplicates += 1;
                         continue;
                     }
