@@ -4,52 +4,17 @@
 //! `write_messages` of the batch into a file. Each figure includes freeing what was built, as
 //! the upserter does after its write.
 
-use std::collections::HashMap;
 use std::hint::black_box;
-use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use iotp_contract::{EnrichedTelemetry, Header, Reading};
+use iotp_contract::EnrichedTelemetry;
 use iotp_store::mongo::reading_docs;
 use iotp_store::sqlite::SqliteStore;
 use iotp_store::{MessageRecord, Observation, ReadingStore, TwinStore};
 
-/// Messages per upserter batch.
-const BATCH: usize = 500;
-
-/// The simulator's energy meter, message `seq_no` of device `device`, enriched.
-fn enriched(device: usize, seq_no: i64) -> EnrichedTelemetry {
-    EnrichedTelemetry {
-        header: Header {
-            msg_id: format!("0190f3a2-7c1e-7d4b-9a55-{seq_no:012x}"),
-            tenant: "acme".into(),
-            device_id: format!("dev-{device:06}"),
-            seq_no,
-            produced_at: 1_800_000_000_000 + seq_no * 1000,
-            received_at: 1_800_000_000_040 + seq_no * 1000,
-            schema_version: 1,
-        },
-        kind: "telemetry".into(),
-        readings: [
-            ("energy", 3_021_734.518_231, "Wh"),
-            ("power", 1_523.420_917, "W"),
-            ("voltage", 229.871_204, "V"),
-        ]
-        .into_iter()
-        .map(|(metric, value, unit)| Reading {
-            metric: metric.into(),
-            value,
-            unit: Some(unit.into()),
-        })
-        .collect(),
-        site: Some(format!("site-{}", device % 10)),
-        asset: None,
-        profile: "energy-meter-v1".into(),
-        firmware_version: None,
-        tags: HashMap::new(),
-    }
-}
+mod support;
+use support::{enriched, TempStore, BATCH};
 
 /// A batch as a partition delivers it: 100 devices, 5 consecutive messages each.
 fn batch(first_seq_no: i64) -> Vec<EnrichedTelemetry> {
@@ -94,25 +59,6 @@ fn mongo_reading_docs(c: &mut Criterion) {
         })
     });
     group.finish();
-}
-
-/// A store file under the temp directory, removed (with its WAL) afterwards.
-struct TempStore(PathBuf);
-
-impl TempStore {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("iotp-bench-store-{}.sqlite", std::process::id())))
-    }
-}
-
-impl Drop for TempStore {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.0.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }
 
 /// A new embedded store in a temporary file (removed when the first value is dropped), and a
