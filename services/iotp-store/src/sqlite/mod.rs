@@ -233,6 +233,17 @@ fn write_transaction(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>,
         .map_err(sqlite_error)
 }
 
+/// Whether the file's schema has an object for which `condition` (SQL over `sqlite_schema`'s
+/// columns) holds: how the upgrades of files from older versions find what to do.
+fn schema_has(conn: &Connection, condition: &str) -> Result<bool, StoreError> {
+    conn.query_row(
+        &format!("SELECT count(*) > 0 FROM sqlite_schema WHERE {condition}"),
+        [],
+        |r| r.get(0),
+    )
+    .map_err(sqlite_error)
+}
+
 /// Add `column` to `table` unless the file has it already (a file from an older version).
 fn add_column_if_missing(
     conn: &Connection,

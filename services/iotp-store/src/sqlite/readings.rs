@@ -11,7 +11,7 @@
 use rusqlite::params;
 
 use super::runs::{self, Guard, Key};
-use super::{sqlite_error, write_transaction, SqliteStore};
+use super::{schema_has, sqlite_error, write_transaction, SqliteStore};
 use crate::readings::{foreign_cursor, Position};
 use crate::{
     MessageRecord, PageCursor, ReadingStore, StoreError, StoredMessage, StoredPage, WriteReport,
@@ -71,21 +71,13 @@ fn readings_json(readings: &[(String, f64, Option<String>)]) -> Result<String, S
 /// their messages' column and drop the table, in one transaction (the services sharing the
 /// file open it concurrently: the first one moves them, the others find no table).
 pub(super) fn inline_readings_table(conn: &mut rusqlite::Connection) -> Result<(), StoreError> {
-    let has_table = |c: &rusqlite::Connection| -> Result<bool, StoreError> {
-        c.query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'readings'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-        .map_err(sqlite_error)
-    };
+    const HAS_TABLE: &str = "type = 'table' AND name = 'readings'";
     // The usual case, a current file: no write lock taken at start-up.
-    if !has_table(conn)? {
+    if !schema_has(conn, HAS_TABLE)? {
         return Ok(());
     }
     let tx = write_transaction(conn)?;
-    if has_table(&tx)? {
+    if schema_has(&tx, HAS_TABLE)? {
         tx.execute_batch(
             "UPDATE messages SET readings = (
                  SELECT json_group_array(json_array(r.metric, r.value, r.unit)) FROM readings r

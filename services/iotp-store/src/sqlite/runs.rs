@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, Connection, Transaction};
 
-use super::{add_column_if_missing, sqlite_error, write_transaction};
+use super::{add_column_if_missing, schema_has, sqlite_error, write_transaction};
 use crate::StoreError;
 
 /// Which guard.
@@ -189,37 +189,18 @@ fn runs_of(guard: Guard, keys: &str) -> String {
 /// Keys that retention had already removed with their messages are not in the runs either:
 /// such messages are rejected as too old before they reach the store.
 pub(super) fn upgrade(conn: &mut Connection, messages_table: &str) -> Result<(), StoreError> {
-    const OLD: &str = "SELECT count(*) FROM sqlite_schema WHERE type = 'table'
-        AND ((name = 'messages' AND sql LIKE '%WITHOUT ROWID%') OR name IN ('rollup_applied', 'seq_stats'))";
+    const KEYED: &str = "type = 'table' AND name = 'messages' AND sql LIKE '%WITHOUT ROWID%'";
+    const APPLIED: &str = "type = 'table' AND name = 'rollup_applied'";
+    const STATS: &str = "type = 'table' AND name = 'seq_stats'";
     let old = |c: &Connection| -> Result<bool, StoreError> {
-        c.query_row(OLD, [], |r| r.get::<_, i64>(0))
-            .map(|n| n > 0)
-            .map_err(sqlite_error)
-    };
-    let exists = |c: &Connection, name: &str| -> Result<bool, StoreError> {
-        c.query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-            params![name],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-        .map_err(sqlite_error)
+        Ok(schema_has(c, KEYED)? || schema_has(c, APPLIED)? || schema_has(c, STATS)?)
     };
     // The usual case, a current file: no write lock taken at start-up.
     if !old(conn)? {
         return Ok(());
     }
     let tx = write_transaction(conn)?;
-    let keyed: bool = tx
-        .query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'messages'
-               AND sql LIKE '%WITHOUT ROWID%'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-        .map_err(sqlite_error)?;
-    if keyed {
+    if schema_has(&tx, KEYED)? {
         const COLUMNS: &str = "tenant, device_id, seq_no, msg_id, produced_at, received_at, site, asset, profile, stored_at, readings";
         tx.execute_batch(&format!(
             "ALTER TABLE messages RENAME TO messages_by_device;
@@ -232,7 +213,7 @@ pub(super) fn upgrade(conn: &mut Connection, messages_table: &str) -> Result<(),
         ))
         .map_err(sqlite_error)?;
     }
-    if exists(&tx, "rollup_applied")? {
+    if schema_has(&tx, APPLIED)? {
         add_column_if_missing(
             &tx,
             "rollup_applied",
@@ -300,12 +281,15 @@ mod tests {
         (conn, Guard::Rollups)
     }
 
-    fn rows(conn: &Connection) -> Vec<(String, i64, i64)> {
+    /// Every run: (tenant, deviceId, lo, hi).
+    fn rows(conn: &Connection) -> Vec<(String, String, i64, i64)> {
         let mut stmt = conn
-            .prepare("SELECT device_id, lo, hi FROM rollup_runs ORDER BY device_id, lo")
+            .prepare(
+                "SELECT tenant, device_id, lo, hi FROM rollup_runs ORDER BY tenant, device_id, lo",
+            )
             .expect("prepare");
         let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .expect("query");
         rows.collect::<Result<_, _>>().expect("rows")
     }
@@ -327,7 +311,13 @@ mod tests {
             "the second a/1 of the batch is not new"
         );
         tx.commit().expect("commit");
-        assert_eq!(rows(&conn), [("a".into(), 1, 3), ("b".into(), 1, 1)]);
+        assert_eq!(
+            rows(&conn),
+            [
+                ("t".into(), "a".into(), 1, 3),
+                ("t".into(), "b".into(), 1, 1)
+            ]
+        );
 
         let tx = write_transaction(&mut conn).expect("tx");
         let keys = [
@@ -344,10 +334,10 @@ mod tests {
         assert_eq!(
             rows(&conn),
             [
-                ("a".into(), 0, 3),
-                ("a".into(), 5, 5),
-                ("a".into(), 7, 7),
-                ("b".into(), 1, 1)
+                ("t".into(), "a".into(), 0, 3),
+                ("t".into(), "a".into(), 5, 5),
+                ("t".into(), "a".into(), 7, 7),
+                ("t".into(), "b".into(), 1, 1)
             ]
         );
 
@@ -356,7 +346,13 @@ mod tests {
         let keys = [("t", "a", 6, 20), ("t", "a", 4, 20), ("t", "a", 3, 20)];
         assert_eq!(take(&tx, g, &keys).expect("take"), [true, true, false]);
         tx.commit().expect("commit");
-        assert_eq!(rows(&conn), [("a".into(), 0, 7), ("b".into(), 1, 1)]);
+        assert_eq!(
+            rows(&conn),
+            [
+                ("t".into(), "a".into(), 0, 7),
+                ("t".into(), "b".into(), 1, 1)
+            ]
+        );
         let last_at: i64 = conn
             .query_row(
                 "SELECT last_at FROM rollup_runs WHERE device_id = 'a'",
@@ -371,18 +367,9 @@ mod tests {
         assert_eq!(take(&tx, g, &[("u", "a", 0, 1)]).expect("take"), [true]);
         expire(&tx, g, 15).expect("expire");
         tx.commit().expect("commit");
-        let left: Vec<(String, i64)> = {
-            let mut stmt = conn
-                .prepare("SELECT tenant, lo FROM rollup_runs ORDER BY tenant")
-                .expect("prepare");
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .expect("query");
-            rows.collect::<Result<_, _>>().expect("rows")
-        };
         assert_eq!(
-            left,
-            [("t".into(), 0)],
+            rows(&conn),
+            [("t".into(), "a".into(), 0, 7)],
             "runs whose newest message is older than 15 expire"
         );
     }
