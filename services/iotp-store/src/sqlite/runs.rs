@@ -87,27 +87,31 @@ fn add(runs: &mut Vec<Run>, seq: i64, at: i64) -> bool {
 /// Take `keys` in `guard`, inside the caller's write transaction: for each key, in order,
 /// whether it is new. A key taken before, or earlier in the same call, is not.
 ///
-/// Per device, one read (the run at or below its lowest seqNo here and the runs starting up to
-/// one past its highest: every run these numbers can fall into or join) and one write per run
-/// that changed.
+/// Per device, one read (the runs starting up to one past its highest seqNo here, newest first,
+/// down to the one at or below its lowest: every run these numbers can fall into or join) and
+/// one write per run that changed.
 pub(super) fn take(
     tx: &Transaction<'_>,
     guard: Guard,
     keys: &[Key<'_>],
 ) -> Result<Vec<bool>, StoreError> {
     let t = guard.table();
+    // Newest first, from the last run that can be joined: read until the first run at or
+    // below the lowest number (typically one row, one seek).
     let mut read = tx
         .prepare_cached(&format!(
-            "SELECT lo, hi, last_at FROM {t} WHERE tenant = ?1 AND device_id = ?2
-               AND lo >= coalesce((SELECT lo FROM {t} WHERE tenant = ?1 AND device_id = ?2 AND lo <= ?3
-                                   ORDER BY lo DESC LIMIT 1), ?3)
-               AND lo <= ?4 ORDER BY lo"
+            "SELECT lo, hi, last_at FROM {t} WHERE tenant = ?1 AND device_id = ?2 AND lo <= ?3
+             ORDER BY lo DESC"
         ))
         .map_err(sqlite_error)?;
-    let mut put = tx
+    let mut update = tx
         .prepare_cached(&format!(
-            "INSERT INTO {t} (tenant, device_id, lo, hi, last_at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tenant, device_id, lo) DO UPDATE SET hi = excluded.hi, last_at = excluded.last_at"
+            "UPDATE {t} SET hi = ?4, last_at = ?5 WHERE tenant = ?1 AND device_id = ?2 AND lo = ?3"
+        ))
+        .map_err(sqlite_error)?;
+    let mut insert = tx
+        .prepare_cached(&format!(
+            "INSERT INTO {t} (tenant, device_id, lo, hi, last_at) VALUES (?1, ?2, ?3, ?4, ?5)"
         ))
         .map_err(sqlite_error)?;
     let mut remove = tx
@@ -124,20 +128,23 @@ pub(super) fn take(
         // Stable: of a key given twice, the first is the new one.
         at.sort_by_key(|&i| keys[i].2);
         let (lowest, highest) = (keys[at[0]].2, keys[at[at.len() - 1]].2);
-        let before: Vec<Run> = read
-            .query_map(
-                params![tenant, device, lowest, highest.saturating_add(1)],
-                |r| {
-                    Ok(Run {
-                        lo: r.get(0)?,
-                        hi: r.get(1)?,
-                        last_at: r.get(2)?,
-                    })
-                },
-            )
-            .map_err(sqlite_error)?
-            .collect::<Result<_, _>>()
+        let mut before = Vec::new();
+        let mut rows = read
+            .query(params![tenant, device, highest.saturating_add(1)])
             .map_err(sqlite_error)?;
+        while let Some(r) = rows.next().map_err(sqlite_error)? {
+            let run = Run {
+                lo: r.get(0).map_err(sqlite_error)?,
+                hi: r.get(1).map_err(sqlite_error)?,
+                last_at: r.get(2).map_err(sqlite_error)?,
+            };
+            before.push(run);
+            if run.lo <= lowest {
+                break;
+            }
+        }
+        drop(rows);
+        before.reverse();
         let mut runs = before.clone();
         for &i in &at {
             new[i] = add(&mut runs, keys[i].2, keys[i].3);
@@ -148,7 +155,12 @@ pub(super) fn take(
                 .map_err(sqlite_error)?;
         }
         for run in runs.iter().filter(|r| !before.contains(r)) {
-            put.execute(params![tenant, device, run.lo, run.hi, run.last_at])
+            let stmt = if before.iter().any(|b| b.lo == run.lo) {
+                &mut update
+            } else {
+                &mut insert
+            };
+            stmt.execute(params![tenant, device, run.lo, run.hi, run.last_at])
                 .map_err(sqlite_error)?;
         }
     }
