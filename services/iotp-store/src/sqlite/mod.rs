@@ -2,7 +2,8 @@
 //! and for machines without MongoDB. This module opens the file (pragmas, schema, upgrades of
 //! files from older versions), classifies SQLite's errors and runs each operation on the
 //! blocking pool; the contract is implemented per concern in `twins.rs`, `readings.rs`,
-//! `rollups.rs`, `archive.rs` and `prune.rs`.
+//! `rollups.rs`, `archive.rs` and `prune.rs`, and the dedup guards of the readings and the
+//! roll-ups in `runs.rs`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
