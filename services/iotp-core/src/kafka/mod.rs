@@ -43,7 +43,9 @@ pub struct KafkaConfig {
     pub fetch_wait: Duration,
     /// Most fetched-ahead data a consumer holds, KiB (`queued.max.messages.kbytes`): a bound
     /// on memory when the input topic has a backlog. librdkafka's 64 MiB put the enricher at
-    /// 92 MiB RSS in the standard load test here.
+    /// 92 MiB RSS in the standard load test here, and 8 MiB still 84 MiB once the consumer
+    /// no longer paused when it was full (`fetch.queue.backoff.ms` below); 2 MiB kept every
+    /// stage's throughput (docs/performance.md, session 18).
     pub prefetch_kib: u32,
     /// `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
     pub security_protocol: String,
@@ -91,7 +93,7 @@ impl Default for KafkaConfig {
             message_timeout: Duration::from_secs(30),
             compression: "none".into(),
             fetch_wait: Duration::from_millis(20),
-            prefetch_kib: 8192,
+            prefetch_kib: 2048,
             security_protocol: "plaintext".into(),
             ssl_ca_location: None,
             ssl_certificate_location: None,
@@ -298,6 +300,15 @@ impl KafkaConfig {
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("fetch.wait.max.ms", self.fetch_wait.as_millis().to_string())
             .set("queued.max.messages.kbytes", self.prefetch_kib.to_string())
+            // A consumer whose prefetch is full postpones its next fetch of the partition by
+            // this much; librdkafka's 1 s stopped every stage with a backlog for a second each
+            // time it caught up with its queue (the unthrottled standard run drained at about 20,000
+            // msgs/s instead of 30,000–40,000, docs/performance.md, session 18). One fetch wait:
+            // no longer than a quiet partition's fetch takes anyway.
+            .set(
+                "fetch.queue.backoff.ms",
+                self.fetch_wait.as_millis().to_string(),
+            )
             // Consumer lag per partition (`stats.rs`): one small report every 15 s.
             .set("statistics.interval.ms", "15000");
         for (k, v) in &self.properties {
@@ -409,5 +420,32 @@ mod tests {
         };
         assert!(kafka.problems()[0].contains("GSSAPI"));
         assert!(KafkaConfig::default().problems().is_empty());
+    }
+
+    #[test]
+    fn a_full_prefetch_pauses_a_consumer_for_one_fetch_wait_not_librdkafkas_second() {
+        let kafka = KafkaConfig {
+            fetch_wait: Duration::from_millis(35),
+            prefetch_kib: 1024,
+            ..KafkaConfig::default()
+        };
+        let c = kafka
+            .consumer_config("iotp-parser", "parser-0")
+            .expect("config");
+        assert_eq!(get(&c, "fetch.wait.max.ms").as_deref(), Some("35"));
+        assert_eq!(get(&c, "fetch.queue.backoff.ms").as_deref(), Some("35"));
+        assert_eq!(
+            get(&c, "queued.max.messages.kbytes").as_deref(),
+            Some("1024")
+        );
+        // A property set by hand still wins.
+        let kafka = KafkaConfig {
+            properties: [("fetch.queue.backoff.ms".to_string(), "500".to_string())].into(),
+            ..KafkaConfig::default()
+        };
+        let c = kafka
+            .consumer_config("iotp-parser", "parser-0")
+            .expect("config");
+        assert_eq!(get(&c, "fetch.queue.backoff.ms").as_deref(), Some("500"));
     }
 }
