@@ -4,6 +4,7 @@
 //! message, spans per batch). Stages hold logic only; this crate does the plumbing once.
 
 pub mod admin;
+mod allocator;
 pub mod amqp;
 pub mod config;
 pub mod consume;
@@ -24,8 +25,3 @@ pub mod stage;
 pub mod testkit;
 pub mod tls;
 pub mod trace;
-
-/// mimalloc for every service: glibc's malloc and free were about a sixth of the parser's and
-/// the bridge's CPU in `perf` profiles under load (docs/performance.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -49,6 +49,7 @@ where
     F: FnOnce(Context, C) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
+    crate::allocator::purge_freed_pages_sooner();
     let args = Args::parse();
     let config: C = match config::load(args.config.as_deref()) {
         Ok(config) => config,
