@@ -40,9 +40,9 @@ pub(crate) fn purge_freed_pages_sooner() {
 mod tests {
     use super::*;
 
-    fn purge_delay_ms() -> i64 {
+    fn purge_delay_ms() -> c_long {
         // SAFETY: reads one of mimalloc's options.
-        i64::from(unsafe { mi_option_get(PURGE_DELAY) })
+        unsafe { mi_option_get(PURGE_DELAY) }
     }
 
     /// Nothing else in this test binary sets the option, so it holds mimalloc 3's default
