@@ -72,7 +72,7 @@ impl Default for AggregatorConfig {
             // per message against 17 with 1 s (docs/performance.md). Roll-ups are hourly, and
             // no one waits on this hop (device → store ends at the upserter). At most 4,000:
             // a batch's records and their buckets are the aggregator's memory, and 10,000 held
-            // it at 83 MiB in the unthrottled standard run against 69 with 4,000, at the same
+            // it at 84 MiB in the unthrottled standard run against 69 with 4,000, at the same
             // CPU per message (docs/performance.md, session 18).
             io: StageIo {
                 batch_linger: Duration::from_secs(1),

@@ -302,9 +302,9 @@ impl KafkaConfig {
             .set("queued.max.messages.kbytes", self.prefetch_kib.to_string())
             // A consumer whose prefetch is full postpones its next fetch of the partition by
             // this much; librdkafka's 1 s stopped every stage with a backlog for a second each
-            // time it caught up with its queue (the unthrottled standard run drained at about 20,000
-            // msgs/s instead of 30,000–40,000, docs/performance.md, session 18). One fetch wait:
-            // no longer than a quiet partition's fetch takes anyway.
+            // time it caught up with its queue (the unthrottled standard run drained at about
+            // 20,000 msgs/s instead of 30,000–40,000, docs/performance.md, session 18). One
+            // fetch wait: no longer than a quiet partition's fetch takes anyway.
             .set(
                 "fetch.queue.backoff.ms",
                 self.fetch_wait.as_millis().to_string(),
