@@ -197,7 +197,7 @@ impl<S: RollupStore> Stage for Aggregator<S> {
             messages.push(MessageRecord::from(record));
             verdicts.push(Verdict::Emit(Vec::new()));
         }
-        self.store.fold(&messages, &self.cumulative, newest).await?;
+        self.store.fold(messages, &self.cumulative, newest).await?;
         Ok(verdicts)
     }
 

@@ -2,7 +2,7 @@
 //! (tenant, site, asset, profile, firmware, personal-data fields). Loaded from a TOML file;
 //! [`RegistryHandle`] reloads it when the file changes, without a restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// Their keys come from the operator's registry file, not from devices, so a device cannot
 /// pick colliding keys; a lookup of an unknown key costs the same as any other.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The set of [`FastMap`], for keys that name registered things (a device past the enricher).
+pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// One metric of a profile.
 #[derive(Debug, Clone, Deserialize)]

@@ -171,7 +171,7 @@ impl<S: TwinStore> Stage for Enricher<S> {
                 Err(rejection) => verdicts.push(Verdict::Reject(rejection)),
             }
         }
-        self.store.apply(&observations).await?;
+        self.store.apply(observations).await?;
         Ok(verdicts)
     }
 

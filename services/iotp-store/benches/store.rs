@@ -93,7 +93,7 @@ fn sqlite_write_messages(c: &mut Criterion) {
             },
             |records| {
                 let report = runtime
-                    .block_on(store.write_messages(black_box(&records)))
+                    .block_on(store.write_messages(black_box(records.clone())))
                     .expect("write");
                 assert_eq!(report.stored, BATCH as u64);
             },
@@ -145,7 +145,7 @@ fn sqlite_twins(c: &mut Criterion) {
             },
             |observations| {
                 runtime
-                    .block_on(store.apply(black_box(&observations)))
+                    .block_on(store.apply(black_box(observations.clone())))
                     .expect("apply");
             },
             BatchSize::LargeInput,
@@ -156,7 +156,7 @@ fn sqlite_twins(c: &mut Criterion) {
         .map(|d| MessageRecord::from(enriched(d, 0)))
         .collect();
     runtime
-        .block_on(store.write_messages(&records))
+        .block_on(store.write_messages(records.clone()))
         .expect("write");
     let devices: Vec<(String, String)> = records
         .iter()

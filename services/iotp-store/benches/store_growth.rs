@@ -79,7 +79,9 @@ fn window(rt: &tokio::runtime::Runtime, store: &SqliteStore, fleet: &mut Fleet) 
     let batches: Vec<_> = (0..WINDOW / BATCH).map(|_| fleet.next()).collect();
     let (cpu, disk, wall) = (cpu_ns(), disk_bytes(), Instant::now());
     for batch in batches {
-        let report = rt.block_on(store.write_messages(&batch)).expect("write");
+        let report = rt
+            .block_on(store.write_messages(batch.clone()))
+            .expect("write");
         assert_eq!(report.stored, BATCH as u64, "every message is new");
     }
     let n = WINDOW as f64;
@@ -123,7 +125,7 @@ fn main() {
     println!("|---|---|---|---|");
     for size in [100_000, 1_000_000] {
         while fleet.stored() < size {
-            rt.block_on(store.write_messages(&fleet.next()))
+            rt.block_on(store.write_messages(fleet.next()))
                 .expect("fill");
         }
         let windows: Vec<_> = (0..WINDOWS)

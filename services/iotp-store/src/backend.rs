@@ -75,7 +75,7 @@ impl Store {
 }
 
 impl TwinStore for Store {
-    async fn apply(&self, observations: &[Observation]) -> Result<(), StoreError> {
+    async fn apply(&self, observations: Vec<Observation>) -> Result<(), StoreError> {
         self.traced("apply_twins", observations.len(), async {
             delegate!(self, s => s.apply(observations))
         })
@@ -99,7 +99,10 @@ impl TwinStore for Store {
 }
 
 impl ReadingStore for Store {
-    async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
+    async fn write_messages(
+        &self,
+        messages: Vec<MessageRecord>,
+    ) -> Result<WriteReport, StoreError> {
         self.traced("write_messages", messages.len(), async {
             delegate!(self, s => s.write_messages(messages))
         })
@@ -134,7 +137,7 @@ impl ReadingStore for Store {
 impl RollupStore for Store {
     async fn fold(
         &self,
-        messages: &[MessageRecord],
+        messages: Vec<MessageRecord>,
         cumulative: &[String],
         watermark: i64,
     ) -> Result<FoldReport, StoreError> {

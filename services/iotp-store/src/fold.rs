@@ -21,6 +21,14 @@ pub(crate) fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
         alarms: Vec::new(),
         seq_gaps: 0,
     });
+    fold_into(&mut t, obs);
+    t
+}
+
+/// Fold `obs` into `t` in place; whether `t` changed (an observation already folded in, or
+/// an older one that sets nothing, leaves it as it was: nothing to write).
+pub(crate) fn fold_into(t: &mut Twin, obs: &Observation) -> bool {
+    let mut changed = false;
     for (metric, value, unit) in &obs.readings {
         let newer = t
             .last_values
@@ -36,6 +44,7 @@ pub(crate) fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
                     seq_no: obs.seq_no,
                 },
             );
+            changed = true;
         }
     }
     // Device state: the newest observation that carries a field sets it, and an older one
@@ -45,22 +54,33 @@ pub(crate) fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
     let newest = obs.seq_no > t.last_seq_no;
     if newest {
         t.last_seq_no = obs.seq_no;
+        changed = true;
     }
-    if obs.firmware.is_some() && (newest || t.firmware.is_none()) {
+    if obs.firmware.is_some() && (newest || t.firmware.is_none()) && t.firmware != obs.firmware {
         t.firmware = obs.firmware.clone();
+        changed = true;
     }
-    if obs.config_version.is_some() && (newest || t.config_version.is_none()) {
+    if obs.config_version.is_some()
+        && (newest || t.config_version.is_none())
+        && t.config_version != obs.config_version
+    {
         t.config_version = obs.config_version.clone();
+        changed = true;
     }
-    if obs.heartbeat_secs.is_some() && (newest || t.heartbeat_secs.is_none()) {
+    if obs.heartbeat_secs.is_some()
+        && (newest || t.heartbeat_secs.is_none())
+        && t.heartbeat_secs != obs.heartbeat_secs
+    {
         t.heartbeat_secs = obs.heartbeat_secs;
+        changed = true;
     }
     if obs.produced_at > t.last_seen_at {
         t.last_seen_at = obs.produced_at;
         t.online = true;
         t.alarms.retain(|a| a != "offline");
+        changed = true;
     }
-    t
+    changed
 }
 
 /// Whether reading `a` (event time, value) comes before `b`: by time, then by value.
@@ -121,6 +141,54 @@ pub(crate) fn fold_reading(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn observed(
+        seq_no: i64,
+        produced_at: i64,
+        firmware: Option<&str>,
+        metric: &str,
+    ) -> Observation {
+        Observation {
+            tenant: "t".into(),
+            device_id: "d".into(),
+            seq_no,
+            produced_at,
+            readings: vec![(metric.into(), seq_no as f64, Some("Cel".into()))],
+            firmware: firmware.map(Into::into),
+            config_version: Some("c1".into()),
+            heartbeat_secs: Some(60),
+        }
+    }
+
+    #[test]
+    fn folding_in_place_says_whether_the_twin_changed() {
+        // New, newer, the same again, older with a new metric, older with nothing new, a
+        // firmware filled in late, and the offline alarm cleared by a newer message.
+        let steps = [
+            observed(5, 5000, None, "temp"),
+            observed(6, 6000, None, "temp"),
+            observed(6, 6000, None, "temp"),
+            observed(2, 2000, None, "hum"),
+            observed(1, 1000, None, "temp"),
+            observed(0, 0, Some("1.2"), "temp"),
+            observed(0, 0, Some("1.2"), "temp"),
+            observed(7, 7000, Some("1.2"), "temp"),
+        ];
+        let mut twin = fold(None, &steps[0]);
+        twin.online = false;
+        twin.alarms = vec!["offline".into()];
+        let expected = [true, false, true, false, true, false, true];
+        for (step, expected) in steps[1..].iter().zip(expected) {
+            let before = twin.clone();
+            let changed = fold_into(&mut twin, step);
+            assert_eq!(changed, before != twin, "seqNo {}", step.seq_no);
+            assert_eq!(changed, expected, "seqNo {}", step.seq_no);
+        }
+        assert_eq!((twin.last_seq_no, twin.online), (7, true));
+        assert!(twin.alarms.is_empty());
+        assert_eq!(twin.firmware.as_deref(), Some("1.2"));
+        assert_eq!(twin.last_values.len(), 2);
+    }
 
     #[test]
     fn a_bucket_does_not_depend_on_the_order_its_readings_arrive_in() {

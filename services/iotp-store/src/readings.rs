@@ -135,9 +135,11 @@ pub trait ReadingStore: Send + Sync + 'static {
     /// missing; keys another writer left pending are taken over after their lease expires
     /// (before that the batch fails with [`StoreError::Conflict`]). Messages a failed call
     /// completed are then reported as duplicates.
+    ///
+    /// Takes the batch, as [`crate::TwinStore::apply`] does.
     fn write_messages(
         &self,
-        messages: &[MessageRecord],
+        messages: Vec<MessageRecord>,
     ) -> impl Future<Output = Result<WriteReport, StoreError>> + Send;
     /// Messages stored (for one tenant, or all). A read: safe to call again.
     fn message_count(

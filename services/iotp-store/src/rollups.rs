@@ -97,9 +97,11 @@ pub trait RollupStore: Send + Sync + 'static {
     /// the call failed (MongoDB: outcome unknown), its messages are reported as duplicates the
     /// next time. A bucket changed by another writer since it was read is a
     /// [`StoreError::Conflict`].
+    ///
+    /// Takes the batch, as [`crate::TwinStore::apply`] does.
     fn fold(
         &self,
-        messages: &[MessageRecord],
+        messages: Vec<MessageRecord>,
         cumulative: &[String],
         watermark: i64,
     ) -> impl Future<Output = Result<FoldReport, StoreError>> + Send;

@@ -84,9 +84,12 @@ pub trait TwinStore: Send + Sync + 'static {
     /// the batch, but because the fold is idempotent those fold to themselves when the batch
     /// is applied again (and are not written), while the rest are folded then. A twin changed
     /// by another writer since it was read is a [`StoreError::Conflict`].
+    ///
+    /// Takes the batch: the embedded store hands it to its blocking thread as it is, where a
+    /// borrowed batch had to be copied record by record first.
     fn apply(
         &self,
-        observations: &[Observation],
+        observations: Vec<Observation>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// One twin. A read: safe to call again.
     fn twin(

@@ -52,7 +52,7 @@ async fn reading_contract<S: ReadingStore>(store: &S) {
         .map(|s| message(&tenant, "d1", *s))
         .collect();
     assert_eq!(
-        store.write_messages(&first).await.unwrap(),
+        store.write_messages(first.clone()).await.unwrap(),
         WriteReport {
             stored: 4,
             duplicates: 1
@@ -64,7 +64,7 @@ async fn reading_contract<S: ReadingStore>(store: &S) {
         .map(|s| message(&tenant, "d1", *s))
         .collect();
     assert_eq!(
-        store.write_messages(&again).await.unwrap(),
+        store.write_messages(again.clone()).await.unwrap(),
         WriteReport {
             stored: 2,
             duplicates: 2
@@ -72,7 +72,7 @@ async fn reading_contract<S: ReadingStore>(store: &S) {
         "redelivery"
     );
     assert_eq!(
-        store.write_messages(&again).await.unwrap(),
+        store.write_messages(again.clone()).await.unwrap(),
         WriteReport {
             stored: 0,
             duplicates: 4
@@ -116,7 +116,7 @@ async fn reading_contract<S: ReadingStore>(store: &S) {
         "seq 4 never arrived"
     );
     assert_eq!(
-        store.write_messages(&[]).await.unwrap(),
+        store.write_messages(vec![]).await.unwrap(),
         WriteReport::default()
     );
 }
@@ -141,10 +141,10 @@ async fn gaps_contract<S: ReadingStore + TwinStore>(store: &S) {
         .iter()
         .map(|s| message(&tenant, "d1", *s))
         .collect();
-    store.write_messages(&written).await.unwrap();
+    store.write_messages(written.clone()).await.unwrap();
     let now = iotp_contract::now_millis();
     store
-        .apply(&[obs(&tenant, "d1", 5, now, 1.0)])
+        .apply(vec![obs(&tenant, "d1", 5, now, 1.0)])
         .await
         .unwrap();
     let devices = [(tenant.clone(), "d1".to_string())];
@@ -158,7 +158,7 @@ async fn gaps_contract<S: ReadingStore + TwinStore>(store: &S) {
         1
     );
     store
-        .apply(&[obs(&tenant, "d1", 6, now + 1000, 2.0)])
+        .apply(vec![obs(&tenant, "d1", 6, now + 1000, 2.0)])
         .await
         .unwrap();
     let t = store.twin(&tenant, "d1").await.unwrap().unwrap();
@@ -174,7 +174,7 @@ async fn twin_contract<S: TwinStore>(store: &S) {
     let tenant = unique("t");
     let base = iotp_contract::now_millis() - HOUR;
     store
-        .apply(&[
+        .apply(vec![
             obs(&tenant, "d1", 5, base + 5000, 50.0),
             obs(&tenant, "d2", 1, base + 1000, 1.0),
         ])
@@ -182,7 +182,7 @@ async fn twin_contract<S: TwinStore>(store: &S) {
         .unwrap();
     // Late and replayed messages in a later batch.
     store
-        .apply(&[
+        .apply(vec![
             obs(&tenant, "d1", 3, base + 3000, 30.0),
             obs(&tenant, "d1", 5, base + 5000, 50.0),
             obs(&tenant, "d1", 4, base + 4000, 40.0),
@@ -207,7 +207,7 @@ async fn twin_contract<S: TwinStore>(store: &S) {
         1
     );
     assert!(store.twin(&tenant, "nope").await.unwrap().is_none());
-    store.apply(&[]).await.unwrap();
+    store.apply(vec![]).await.unwrap();
 }
 
 /// Devices silent for `missed` heartbeat intervals (device time) are marked offline once; their
@@ -218,7 +218,7 @@ async fn offline_contract<S: TwinStore>(store: &S) {
     let before = store.liveness_counts().await.unwrap();
     // Device times in 1970: older than any other part's twins, so only these two qualify.
     store
-        .apply(&[
+        .apply(vec![
             obs(&tenant, "d1", 1, 1_000_000, 1.0),
             obs(&tenant, "d2", 1, 1_170_000, 1.0),
         ])
@@ -246,7 +246,7 @@ async fn offline_contract<S: TwinStore>(store: &S) {
         "counted once"
     );
     store
-        .apply(&[obs(&tenant, "d1", 2, 1_200_000, 2.0)])
+        .apply(vec![obs(&tenant, "d1", 2, 1_200_000, 2.0)])
         .await
         .unwrap();
     let d1 = store.twin(&tenant, "d1").await.unwrap().unwrap();
@@ -273,7 +273,7 @@ async fn rollup_contract<S: RollupStore>(store: &S) {
     // Hour 0: values 10 (t=10 min), 30 (t=50 min), 20 (t=30 min) arriving out of order.
     let first = vec![at(1, 10 * MINUTE, 10.0), at(3, 50 * MINUTE, 30.0)];
     store
-        .fold(&first, &energy, day + 50 * MINUTE)
+        .fold(first.clone(), &energy, day + 50 * MINUTE)
         .await
         .unwrap();
     let again = vec![
@@ -284,7 +284,7 @@ async fn rollup_contract<S: RollupStore>(store: &S) {
     ];
     assert_eq!(
         store
-            .fold(&again, &energy, day + HOUR + MINUTE)
+            .fold(again.clone(), &energy, day + HOUR + MINUTE)
             .await
             .unwrap(),
         FoldReport {
@@ -328,7 +328,7 @@ async fn rollup_contract<S: RollupStore>(store: &S) {
     // Late data corrects the published bucket, which is then due again with a new revision;
     // its older watermark does not lower the store's.
     store
-        .fold(&[at(0, 5 * MINUTE, 1.0)], &[], day)
+        .fold(vec![at(0, 5 * MINUTE, 1.0)], &[], day)
         .await
         .unwrap();
     assert_eq!(store.watermark().await.unwrap(), day + HOUR + MINUTE);
@@ -341,7 +341,7 @@ async fn rollup_contract<S: RollupStore>(store: &S) {
     // A replay of everything folds nothing.
     let before = store.buckets(&tenant, "d1").await.unwrap();
     assert_eq!(
-        store.fold(&first, &energy, day).await.unwrap(),
+        store.fold(first.clone(), &energy, day).await.unwrap(),
         FoldReport {
             applied: 0,
             duplicates: 2

@@ -181,7 +181,7 @@ async fn sigkill_at_random_points_then_full_replays_store_each_message_once() {
 
     // The gap at seq 500 reaches the twins (when the enricher has made one).
     store
-        .apply(&[iotp_store::Observation {
+        .apply(vec![iotp_store::Observation {
             tenant: "acme".into(),
             device_id: "d7".into(),
             seq_no: PER_DEVICE - 1,

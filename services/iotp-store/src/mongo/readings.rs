@@ -87,7 +87,10 @@ impl ReadingStore for MongoStore {
     /// A kill between 1 and 3 leaves pending keys without readings; between 3 and 4, pending
     /// keys with (some) readings: the redelivered batch claims them after the lease and fills
     /// in exactly what is missing. Nothing is acknowledged upstream before 4.
-    async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
+    async fn write_messages(
+        &self,
+        messages: Vec<MessageRecord>,
+    ) -> Result<WriteReport, StoreError> {
         let mut report = WriteReport::default();
         // A key twice in one batch: keep the first, count the rest as duplicates (otherwise
         // the second would look like a pending key of this writer and be "repaired").

@@ -191,7 +191,7 @@ impl MongoStore {
 impl RollupStore for MongoStore {
     async fn fold(
         &self,
-        messages: &[MessageRecord],
+        messages: Vec<MessageRecord>,
         cumulative: &[String],
         watermark: i64,
     ) -> Result<FoldReport, StoreError> {

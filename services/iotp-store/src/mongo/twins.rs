@@ -152,9 +152,9 @@ impl MongoStore {
 }
 
 impl TwinStore for MongoStore {
-    async fn apply(&self, observations: &[Observation]) -> Result<(), StoreError> {
+    async fn apply(&self, observations: Vec<Observation>) -> Result<(), StoreError> {
         let mut by_twin: BTreeMap<String, Vec<&Observation>> = BTreeMap::new();
-        for obs in observations {
+        for obs in &observations {
             by_twin
                 .entry(twin_id(&obs.tenant, &obs.device_id))
                 .or_default()

@@ -341,7 +341,7 @@ mod tests {
             .enable_all()
             .build()
             .expect("rt");
-        rt.block_on(store.apply(&[obs("d1", 1, 1000, 1.0)]))
+        rt.block_on(store.apply(vec![obs("d1", 1, 1000, 1.0)]))
             .expect("apply");
         assert_eq!(
             rt.block_on(store.twin("acme", "d1"))
@@ -358,17 +358,17 @@ mod tests {
         let store = SqliteStore::open(Path::new(":memory:")).expect("store");
         let changes = || store.conn.lock().expect("connection").total_changes();
         store
-            .apply(&[obs("d1", 1, 1000, 1.0)])
+            .apply(vec![obs("d1", 1, 1000, 1.0)])
             .await
             .expect("apply");
         let after_first = changes();
         store
-            .apply(&[obs("d1", 1, 1000, 1.0), obs("d1", 1, 1000, 1.0)])
+            .apply(vec![obs("d1", 1, 1000, 1.0), obs("d1", 1, 1000, 1.0)])
             .await
             .expect("again");
         assert_eq!(changes(), after_first, "the same observation again");
         store
-            .apply(&[obs("d1", 2, 2000, 2.0)])
+            .apply(vec![obs("d1", 2, 2000, 2.0)])
             .await
             .expect("newer");
         assert_eq!(changes(), after_first + 1);

@@ -69,13 +69,10 @@ mod tests {
             ..message("d1", 1)
         };
         store
-            .write_messages(std::slice::from_ref(&old))
+            .write_messages(vec![old.clone()])
             .await
             .expect("write");
-        store
-            .fold(std::slice::from_ref(&old), &[], 0)
-            .await
-            .expect("fold");
+        store.fold(vec![old.clone()], &[], 0).await.expect("fold");
         let count = |g: &'static str| {
             let store = store.clone();
             async move {

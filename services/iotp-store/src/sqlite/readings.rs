@@ -93,8 +93,10 @@ pub(super) fn inline_readings_table(conn: &mut rusqlite::Connection) -> Result<(
 }
 
 impl ReadingStore for SqliteStore {
-    async fn write_messages(&self, messages: &[MessageRecord]) -> Result<WriteReport, StoreError> {
-        let messages = messages.to_vec();
+    async fn write_messages(
+        &self,
+        messages: Vec<MessageRecord>,
+    ) -> Result<WriteReport, StoreError> {
         self.with(move |conn| {
             let now = iotp_contract::now_millis();
             let tx = write_transaction(conn)?;
@@ -124,9 +126,12 @@ impl ReadingStore for SqliteStore {
                 }
             }
             tx.commit().map_err(sqlite_error)?;
-            Ok(report)
+            // The batch goes back to be freed by the thread that allocated it.
+            drop(keys);
+            Ok((report, messages))
         })
         .await
+        .map(|(report, _)| report)
     }
 
     async fn message_count(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
@@ -262,7 +267,7 @@ mod tests {
         let store = SqliteStore::open(&path).expect("reopen");
         assert_eq!(store.reading_count(None).await.expect("count"), 3);
         let stored = store
-            .write_messages(&[message("d1", 3)])
+            .write_messages(vec![message("d1", 3)])
             .await
             .expect("write");
         assert_eq!(stored.stored, 1);
@@ -338,7 +343,7 @@ mod tests {
             message("d2", 8),
         ];
         assert_eq!(
-            store.write_messages(&again).await.expect("write"),
+            store.write_messages(again.to_vec()).await.expect("write"),
             WriteReport {
                 stored: 2,
                 duplicates: 2
@@ -348,7 +353,7 @@ mod tests {
         assert_eq!(store.update_seq_gaps(&devices).await.expect("gaps"), 0);
         let folded = store
             .fold(
-                &[message("d1", 0), message("d1", 1), message("d1", 2)],
+                vec![message("d1", 0), message("d1", 1), message("d1", 2)],
                 &[],
                 0,
             )

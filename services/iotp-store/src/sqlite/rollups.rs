@@ -3,7 +3,9 @@
 //! the keys of the messages already folded, `rollup_state` the watermark. A fold is one write
 //! transaction.
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::hash_map::Entry;
+
+use iotp_contract::devices::FastMap;
 
 use rusqlite::{params, OptionalExtension};
 
@@ -44,11 +46,11 @@ fn bucket_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Bucket> {
 impl RollupStore for SqliteStore {
     async fn fold(
         &self,
-        messages: &[MessageRecord],
+        messages: Vec<MessageRecord>,
         cumulative: &[String],
         watermark: i64,
     ) -> Result<FoldReport, StoreError> {
-        let (messages, cumulative) = (messages.to_vec(), cumulative.to_vec());
+        let cumulative = cumulative.to_vec();
         self.with(move |conn| {
             let tx = write_transaction(conn)?;
             let mut report = FoldReport::default();
@@ -74,7 +76,7 @@ impl RollupStore for SqliteStore {
                     .map_err(sqlite_error)?;
                 // Each bucket the batch touches is read once, folded in memory in message order,
                 // and written once.
-                let mut buckets: HashMap<BucketKey<'_>, (Option<Bucket>, i64)> = HashMap::new();
+                let mut buckets: FastMap<BucketKey<'_>, (Option<Bucket>, i64)> = FastMap::default();
                 for (m, new) in messages.iter().zip(new) {
                     if !new {
                         report.duplicates += 1;
@@ -116,9 +118,11 @@ impl RollupStore for SqliteStore {
             .and_then(|mut stmt| stmt.execute(params![watermark]))
             .map_err(sqlite_error)?;
             tx.commit().map_err(sqlite_error)?;
-            Ok(report)
+            // The batch goes back to be freed by the thread that allocated it.
+            Ok((report, messages))
         })
         .await
+        .map(|(report, _)| report)
     }
 
     async fn watermark(&self) -> Result<i64, StoreError> {

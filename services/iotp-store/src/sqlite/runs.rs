@@ -10,7 +10,7 @@
 //! in place, and the guards of 1,000 devices fit in a few dozen pages. The rows they guard are
 //! then kept in arrival order, where a commit's rows share pages.
 
-use std::collections::HashMap;
+use iotp_contract::devices::FastMap;
 
 use rusqlite::{params, Connection, Transaction};
 
@@ -119,7 +119,7 @@ pub(super) fn take(
             "DELETE FROM {t} WHERE tenant = ?1 AND device_id = ?2 AND lo = ?3"
         ))
         .map_err(sqlite_error)?;
-    let mut by_device: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+    let mut by_device: FastMap<(&str, &str), Vec<usize>> = FastMap::default();
     for (i, k) in keys.iter().enumerate() {
         by_device.entry((k.0, k.1)).or_default().push(i);
     }

@@ -2,15 +2,16 @@
 //! `last_values` and `alarms` are JSON text. A batch is folded in memory with the shared
 //! [`fold`] inside one write transaction.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
+use iotp_contract::devices::FastMap;
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{sqlite_error, write_transaction, SqliteStore};
-use crate::fold::fold;
+use crate::fold::{fold, fold_into};
 use crate::{LivenessCounts, Observation, StoreError, Twin, TwinStore};
 
 /// A `twins` row as a [`Twin`]: the one mapping from the table (the columns [`READ_TWIN`] selects).
@@ -66,6 +67,15 @@ const UPDATE_TWIN: &str = "UPDATE twins SET
        config_version = ?7, heartbeat_secs = ?8, alarms = ?10
      WHERE tenant = ?1 AND device_id = ?2";
 
+/// A device's twin while a batch is folded into it.
+struct Folded {
+    twin: Twin,
+    /// `online` as stored; `None`: not stored yet.
+    stored_online: Option<bool>,
+    /// The batch changed it: write it back.
+    changed: bool,
+}
+
 fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
     // Cached: compiling the statement cost more than running it, and this runs once per device
     // in every batch.
@@ -78,33 +88,43 @@ fn read_twin(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<
 }
 
 impl TwinStore for SqliteStore {
-    async fn apply(&self, observations: &[Observation]) -> Result<(), StoreError> {
-        let observations = observations.to_vec();
+    async fn apply(&self, observations: Vec<Observation>) -> Result<(), StoreError> {
         self.with(move |conn| {
             let tx = write_transaction(conn)?;
-            // Each device's twin as read (`None`: not stored yet) and as folded so far.
-            let mut twins: HashMap<(&str, &str), (Option<Twin>, Twin)> = HashMap::new();
+            // Each device's twin, folded in place (read once per batch), with what is needed
+            // to write it back: whether it was stored, as online or not, and whether the
+            // batch changed it. No copy of the stored twin is kept to compare with.
+            let mut twins: FastMap<(&str, &str), Folded> = FastMap::default();
             for obs in &observations {
-                let key = (obs.tenant.as_str(), obs.device_id.as_str());
-                let entry = match twins.remove(&key) {
-                    Some((stored, folded)) => (stored, fold(Some(folded), obs)),
-                    None => {
-                        let stored = read_twin(&tx, &obs.tenant, &obs.device_id)?;
-                        let folded = fold(stored.clone(), obs);
-                        (stored, folded)
+                match twins.entry((obs.tenant.as_str(), obs.device_id.as_str())) {
+                    Entry::Occupied(e) => {
+                        let f = e.into_mut();
+                        f.changed |= fold_into(&mut f.twin, obs);
                     }
-                };
-                twins.insert(key, entry);
+                    Entry::Vacant(e) => {
+                        let folded = match read_twin(&tx, &obs.tenant, &obs.device_id)? {
+                            Some(mut twin) => Folded {
+                                stored_online: Some(twin.online),
+                                changed: fold_into(&mut twin, obs),
+                                twin,
+                            },
+                            None => Folded {
+                                stored_online: None,
+                                changed: true,
+                                twin: fold(None, obs),
+                            },
+                        };
+                        e.insert(folded);
+                    }
+                }
             }
             let mut insert = tx.prepare_cached(WRITE_TWIN).map_err(sqlite_error)?;
             let mut update = tx.prepare_cached(UPDATE_TWIN).map_err(sqlite_error)?;
-            for (stored, t) in twins.values() {
-                // Observations already folded in (a replay, a batch consumed again) change nothing.
-                if stored.as_ref() == Some(t) {
-                    continue;
-                }
-                let write = match stored {
-                    Some(s) if s.online == t.online => &mut update,
+            // Observations already folded in (a replay, a batch consumed again) change nothing.
+            for f in twins.values().filter(|f| f.changed) {
+                let t = &f.twin;
+                let write = match f.stored_online {
+                    Some(online) if online == t.online => &mut update,
                     _ => &mut insert,
                 };
                 write
@@ -122,10 +142,13 @@ impl TwinStore for SqliteStore {
                     ])
                     .map_err(sqlite_error)?;
             }
-            drop((insert, update));
-            tx.commit().map_err(sqlite_error)
+            drop((insert, update, twins));
+            tx.commit().map_err(sqlite_error)?;
+            // Handed back to be freed by the thread that allocated it.
+            Ok(observations)
         })
         .await
+        .map(drop)
     }
 
     async fn twin(&self, tenant: &str, device_id: &str) -> Result<Option<Twin>, StoreError> {
