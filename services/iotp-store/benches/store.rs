@@ -93,7 +93,7 @@ fn sqlite_write_messages(c: &mut Criterion) {
             },
             |records| {
                 let report = runtime
-                    .block_on(store.write_messages(black_box(records.clone())))
+                    .block_on(store.write_messages(black_box(records)))
                     .expect("write");
                 assert_eq!(report.stored, BATCH as u64);
             },
@@ -145,7 +145,7 @@ fn sqlite_twins(c: &mut Criterion) {
             },
             |observations| {
                 runtime
-                    .block_on(store.apply(black_box(observations.clone())))
+                    .block_on(store.apply(black_box(observations)))
                     .expect("apply");
             },
             BatchSize::LargeInput,
