@@ -14,7 +14,7 @@ use serde::Deserialize;
 /// pick colliding keys; a lookup of an unknown key costs the same as any other.
 pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// The set of [`FastMap`], for keys that name registered things (a device past the enricher).
+/// [`FastMap`]'s set: for keys that name registered things (a device past the enricher).
 pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// One metric of a profile.
