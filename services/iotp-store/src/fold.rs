@@ -8,9 +8,16 @@ use crate::{Bucket, LastValue, Observation, Twin};
 
 /// Fold `obs` into `twin` (or a new twin). Pure: the backends share it.
 pub(crate) fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
-    let mut t = twin.unwrap_or_else(|| Twin {
-        tenant: obs.tenant.clone(),
-        device_id: obs.device_id.clone(),
+    let mut t = twin.unwrap_or_else(|| new_twin(&obs.tenant, &obs.device_id));
+    fold_into(&mut t, obs);
+    t
+}
+
+/// A device's twin before its first observation.
+pub(crate) fn new_twin(tenant: &str, device_id: &str) -> Twin {
+    Twin {
+        tenant: tenant.to_string(),
+        device_id: device_id.to_string(),
         last_seq_no: -1,
         last_seen_at: i64::MIN,
         last_values: BTreeMap::new(),
@@ -20,9 +27,7 @@ pub(crate) fn fold(twin: Option<Twin>, obs: &Observation) -> Twin {
         online: false,
         alarms: Vec::new(),
         seq_gaps: 0,
-    });
-    fold_into(&mut t, obs);
-    t
+    }
 }
 
 /// Fold `obs` into `t` in place; whether `t` changed (an observation already folded in, or

@@ -20,10 +20,12 @@ mod runs;
 mod twins;
 
 /// The embedded store: one connection to the file, used by one operation at a time on the
-/// blocking pool. Cheap to clone: clones share the connection.
+/// blocking pool. Cheap to clone: clones share the connection and the twin cache.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// The twins this process wrote last, with their versions (`twins.rs`).
+    twins: Arc<Mutex<twins::TwinCache>>,
 }
 
 /// The store's error for a SQLite failure. Busy or locked (another process kept the write
@@ -82,6 +84,7 @@ CREATE TABLE IF NOT EXISTS twins (
     online INTEGER NOT NULL,
     alarms TEXT NOT NULL,
     seq_gaps INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, device_id)
 );
 CREATE TABLE IF NOT EXISTS message_runs (
@@ -181,11 +184,13 @@ impl SqliteStore {
         conn.execute_batch(MESSAGES).map_err(sqlite_error)?;
         // Columns added after a table first shipped: a store file from an older version gains them.
         add_column_if_missing(&conn, "twins", "seq_gaps", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column_if_missing(&conn, "twins", "version", "INTEGER NOT NULL DEFAULT 0")?;
         add_column_if_missing(&conn, "messages", "readings", "TEXT NOT NULL DEFAULT '[]'")?;
         readings::inline_readings_table(&mut conn)?;
         runs::upgrade(&mut conn, MESSAGES)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            twins: Arc::default(),
         })
     }
 
