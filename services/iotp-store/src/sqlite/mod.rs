@@ -26,6 +26,8 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// The twins this process wrote last, with their versions (`twins.rs`).
     twins: Arc<Mutex<twins::TwinCache>>,
+    /// The roll-up buckets this process wrote last (`rollups.rs`).
+    buckets: Arc<Mutex<rollups::BucketCache>>,
 }
 
 /// The store's error for a SQLite failure. Busy or locked (another process kept the write
@@ -191,6 +193,7 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             twins: Arc::default(),
+            buckets: Arc::default(),
         })
     }
 
