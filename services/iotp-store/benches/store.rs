@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use iotp_contract::EnrichedTelemetry;
 use iotp_store::mongo::reading_docs;
 use iotp_store::sqlite::SqliteStore;
-use iotp_store::{MessageRecord, Observation, ReadingStore, TwinStore};
+use iotp_store::{MessageRecord, Observation, ReadingStore, RollupStore, TwinStore};
 
 mod support;
 use support::{enriched, TempStore, BATCH};
@@ -174,11 +174,50 @@ fn sqlite_twins(c: &mut Criterion) {
     group.finish();
 }
 
+/// Devices in the aggregator's batch: a backlog's batch of 1,000 records from 250 devices,
+/// four consecutive messages each.
+const FOLD_DEVICES: usize = 250;
+
+/// I/O and SQLite's CPU: the aggregator's fold (`RollupStore::fold`) of a batch of 1,000 new
+/// messages from 250 devices, three readings each, into their hour and day buckets (the dedup
+/// guard, then read, fold and write each bucket, one transaction), per message.
+fn sqlite_rollups(c: &mut Criterion) {
+    let (_file, store, runtime) = sqlite_store();
+    let mut next_seq_no = 0;
+    let mut group = c.benchmark_group("store/sqlite_rollups_fold_io");
+    group.throughput(Throughput::Elements((FOLD_DEVICES * 4) as u64));
+    group.bench_function("batch_1000_of_250_devices", |b| {
+        b.iter_batched(
+            || {
+                let first = next_seq_no;
+                next_seq_no += 4;
+                (0..FOLD_DEVICES * 4)
+                    .map(|i| {
+                        MessageRecord::from(enriched(
+                            i % FOLD_DEVICES,
+                            first + (i / FOLD_DEVICES) as i64,
+                        ))
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |messages| {
+                let report = runtime
+                    .block_on(store.fold(black_box(messages), &[], 0))
+                    .expect("fold");
+                assert_eq!(report.applied, (FOLD_DEVICES * 4) as u64);
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     message_records,
     mongo_reading_docs,
     sqlite_write_messages,
-    sqlite_twins
+    sqlite_twins,
+    sqlite_rollups
 );
 criterion_main!(benches);
