@@ -301,6 +301,17 @@ fn test_message(device: &str, seq_no: i64) -> crate::MessageRecord {
     }
 }
 
+/// A store file of this test process's own under the temporary directory, removed first
+/// (with its WAL and shared-memory files) if an earlier run left it.
+#[cfg(test)]
+fn test_file(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("iotp-{name}-{}.sqlite", std::process::id()));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    path
+}
+
 #[cfg(test)]
 mod tests {
     //! What only the embedded store has: file upgrades, pruning by a moving clock. The rest of

@@ -307,9 +307,10 @@ impl RollupStore for SqliteStore {
 mod tests {
     //! The bucket cache against other writers of the same file. The fold's rules are tested on
     //! every backend in `tests/store_contract.rs`.
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     use super::*;
+    use crate::sqlite::test_file;
 
     /// One reading of `temp` at 10:00:00.000 plus `seq_no` ms, 1 January 2026.
     fn message(seq_no: i64, value: f64) -> MessageRecord {
@@ -325,15 +326,6 @@ mod tests {
             profile: "meter".into(),
             readings: vec![("temp".into(), value, Some("Cel".into()))],
         }
-    }
-
-    fn file(name: &str) -> PathBuf {
-        let path =
-            std::env::temp_dir().join(format!("iotp-rollups-{name}-{}.sqlite", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
-        path
     }
 
     async fn hour(store: &SqliteStore) -> Bucket {
@@ -353,7 +345,7 @@ mod tests {
     #[tokio::test]
     async fn a_bucket_another_process_wrote_is_read_again_not_overwritten() {
         // Two aggregator replicas on one file (a rebalance moved the device between them).
-        let path = file("two-writers");
+        let path = test_file("rollups-two-writers");
         let (a, b) = (open(&path), open(&path));
         fold(&a, vec![message(1, 10.0), message(2, 20.0)]).await;
         fold(&b, vec![message(3, 30.0)]).await;
@@ -369,7 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cached_bucket_whose_row_was_removed_starts_again() {
-        let path = file("removed");
+        let path = test_file("rollups-removed");
         let store = open(&path);
         fold(&store, vec![message(1, 10.0)]).await;
         // Pruned (or removed by hand) behind the cache's back.

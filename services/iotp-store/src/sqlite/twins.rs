@@ -311,9 +311,9 @@ impl TwinStore for SqliteStore {
 mod tests {
     //! The twin cache against other writers of the same file. The fold's rules are tested on
     //! every backend in `tests/store_contract.rs`.
-    use std::path::PathBuf;
 
     use super::*;
+    use crate::sqlite::test_file;
 
     fn obs(seq_no: i64, at: i64, metric: &str) -> Observation {
         Observation {
@@ -326,16 +326,6 @@ mod tests {
             config_version: None,
             heartbeat_secs: Some(60),
         }
-    }
-
-    /// A store file of its own, removed first.
-    fn file(name: &str) -> PathBuf {
-        let path =
-            std::env::temp_dir().join(format!("iotp-twins-{name}-{}.sqlite", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
-        path
     }
 
     fn version(store: &SqliteStore) -> i64 {
@@ -352,7 +342,7 @@ mod tests {
     async fn a_twin_another_process_wrote_is_read_again_not_overwritten() {
         // Two enricher replicas on one file (a rebalance moved the device between them):
         // each has its own cache.
-        let path = file("two-writers");
+        let path = test_file("twins-two-writers");
         let a = SqliteStore::open(&path).expect("a");
         let b = SqliteStore::open(&path).expect("b");
         a.apply(vec![obs(1, 1000, "temp")]).await.expect("a, seq 1");
@@ -383,7 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_offline_sweep_is_not_undone_by_a_cached_twin() {
-        let path = file("sweep");
+        let path = test_file("twins-sweep");
         let store = SqliteStore::open(&path).expect("store");
         store
             .apply(vec![obs(5, 5000, "temp")])
