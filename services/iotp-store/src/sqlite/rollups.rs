@@ -10,7 +10,7 @@ use iotp_contract::devices::FastMap;
 use rusqlite::{params, OptionalExtension};
 
 use super::runs::{self, Guard, Key};
-use super::{sqlite_error, write_transaction, SqliteStore};
+use super::{sqlite_error, write_transaction, DeviceCache, SqliteStore};
 use crate::fold::fold_reading;
 use crate::{Bucket, FoldReport, MessageRecord, RollupStore, StoreError, GRANULARITIES};
 
@@ -59,17 +59,13 @@ const BUCKET_CACHE_DEVICES: usize = 10_000;
 /// (the open ones, where a device's readings land), as written. A batch folds into them without
 /// reading their rows; a cached bucket is written back only while the stored revision is the
 /// cached one, and otherwise read again in the same write transaction and folded anew.
-#[derive(Default)]
-pub(super) struct BucketCache {
-    by_tenant: FastMap<String, FastMap<String, Vec<Bucket>>>,
-    devices: usize,
-}
+pub(super) type BucketCache = DeviceCache<Vec<Bucket>, BUCKET_CACHE_DEVICES>;
 
 impl BucketCache {
     /// The cached bucket with this key, taken out (put back once its batch is committed).
     fn take(&mut self, key: BucketKey<'_>) -> Option<Bucket> {
         let (tenant, device_id, metric, granularity, start) = key;
-        let buckets = self.by_tenant.get_mut(tenant)?.get_mut(device_id)?;
+        let buckets = self.get_mut(tenant, device_id)?;
         let at = buckets.iter().position(|b| {
             b.bucket_start == start && b.metric == metric && b.granularity == granularity
         })?;
@@ -79,17 +75,8 @@ impl BucketCache {
     /// Keep `bucket`, as stored, unless the device has a newer one of its metric and
     /// granularity cached, or the cache is full of other devices.
     fn put(&mut self, bucket: Bucket) {
-        let devices = match self.by_tenant.get_mut(&bucket.tenant) {
-            Some(devices) => devices,
-            None => self.by_tenant.entry(bucket.tenant.clone()).or_default(),
-        };
-        let buckets = match devices.get_mut(&bucket.device_id) {
-            Some(buckets) => buckets,
-            None if self.devices < BUCKET_CACHE_DEVICES => {
-                self.devices += 1;
-                devices.entry(bucket.device_id.clone()).or_default()
-            }
-            None => return,
+        let Some(buckets) = self.slot(&bucket.tenant, &bucket.device_id) else {
+            return;
         };
         match buckets
             .iter_mut()

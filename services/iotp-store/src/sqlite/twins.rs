@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{sqlite_error, write_transaction, SqliteStore};
+use super::{sqlite_error, write_transaction, DeviceCache, SqliteStore};
 use crate::fold::{fold_into, new_twin};
 use crate::{LivenessCounts, Observation, StoreError, Twin, TwinStore};
 
@@ -80,36 +80,19 @@ const TWIN_CACHE_MAX: usize = 10_000;
 /// write is conditional on the stored version still being the cached one, so a twin another
 /// process (a second enricher, after a rebalance) or the offline sweep changed since is read
 /// again from the file in the same write transaction, and the batch is folded into that.
-#[derive(Default)]
-pub(super) struct TwinCache {
-    /// Twin and its stored version, by tenant, then device.
-    by_tenant: FastMap<String, FastMap<String, (Twin, i64)>>,
-    len: usize,
-}
+pub(super) type TwinCache = DeviceCache<Option<(Twin, i64)>, TWIN_CACHE_MAX>;
 
 impl TwinCache {
     /// The cached twin of a device, taken out (a batch folds it in place; it is put back once
     /// the batch is committed, so a failed batch leaves no half-folded twin cached).
     fn take(&mut self, tenant: &str, device_id: &str) -> Option<(Twin, i64)> {
-        let taken = self.by_tenant.get_mut(tenant)?.remove(device_id);
-        self.len -= usize::from(taken.is_some());
-        taken
+        self.get_mut(tenant, device_id)?.take()
     }
 
     /// Keep `twin`, stored at `version`, unless the cache is full.
     fn put(&mut self, twin: Twin, version: i64) {
-        if self.len >= TWIN_CACHE_MAX {
-            return;
-        }
-        let devices = match self.by_tenant.get_mut(&twin.tenant) {
-            Some(devices) => devices,
-            None => self.by_tenant.entry(twin.tenant.clone()).or_default(),
-        };
-        if devices
-            .insert(twin.device_id.clone(), (twin, version))
-            .is_none()
-        {
-            self.len += 1;
+        if let Some(slot) = self.slot(&twin.tenant, &twin.device_id) {
+            *slot = Some((twin, version));
         }
     }
 }
@@ -413,9 +396,13 @@ mod tests {
         for i in 0..TWIN_CACHE_MAX + 5 {
             cache.put(new_twin("acme", &format!("d{i}")), 1);
         }
-        assert_eq!(cache.len, TWIN_CACHE_MAX);
         assert!(cache.take("acme", "d0").is_some());
+        assert!(cache
+            .take("acme", &format!("d{}", TWIN_CACHE_MAX - 1))
+            .is_some());
         assert!(cache.take("acme", &format!("d{TWIN_CACHE_MAX}")).is_none());
-        assert_eq!(cache.len, TWIN_CACHE_MAX - 1);
+        // A device taken out keeps its slot: it is put back after its batch.
+        cache.put(new_twin("acme", "d0"), 2);
+        assert_eq!(cache.take("acme", "d0").map(|(_, v)| v), Some(2));
     }
 }
