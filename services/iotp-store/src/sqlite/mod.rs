@@ -21,19 +21,16 @@ mod runs;
 mod twins;
 
 /// The embedded store: one connection to the file, used by one operation at a time on the
-/// blocking pool. Cheap to clone: clones share the connection and the caches.
+/// blocking pool. Cheap to clone: clones share the connection and the twin cache.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// The twins this process wrote last, with their versions (`twins.rs`).
     twins: Arc<Mutex<twins::TwinCache>>,
-    /// The roll-up buckets this process wrote last (`rollups.rs`).
-    buckets: Arc<Mutex<rollups::BucketCache>>,
 }
 
 /// Something kept per device, for at most `MAX` devices: the in-memory state a writer folds
-/// into instead of reading its rows (the twin cache in `twins.rs`, the bucket cache in
-/// `rollups.rs`). By tenant, then device id, so a batch's borrowed names find it. A device
+/// into instead of reading its rows (the twin cache in `twins.rs`). By tenant, then device id, so a batch's borrowed names find it. A device
 /// stays counted once it has a slot; past `MAX`, new devices get none and are read from the
 /// file, as without a cache.
 pub(super) struct DeviceCache<V, const MAX: usize> {
@@ -237,7 +234,6 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             twins: Arc::default(),
-            buckets: Arc::default(),
         })
     }
 
