@@ -1,6 +1,8 @@
 //! Device payloads: JSON or CBOR, chosen by the MQTT 5 content type (or the first byte when the
 //! device set none), decoded into one field-by-field view so both formats share the rules.
 
+mod fast_json;
+
 use std::borrow::Cow;
 use std::fmt;
 
@@ -391,9 +393,20 @@ pub fn detect(content_type: Option<&str>, payload: &[u8]) -> Result<Format, Reje
 }
 
 /// Decode into fields; anything but an object/map is malformed.
-/// JSON strings without escapes are borrowed from `payload`; the whole payload is checked to be
-/// UTF-8 once, not string by string.
+/// JSON strings without escapes are borrowed from `payload`. The usual JSON payloads go through
+/// a scanner that knows their shape ([`fast_json`]); the rest through serde.
 pub fn decode(format: Format, payload: &[u8]) -> Result<Fields<'_>, Rejection> {
+    if format == Format::Json {
+        if let Some(fields) = fast_json::fields(payload) {
+            return Ok(fields);
+        }
+    }
+    decode_with_serde(format, payload)
+}
+
+/// [`decode`] through serde_json or ciborium. The whole JSON payload is checked to be UTF-8
+/// once, not string by string.
+fn decode_with_serde(format: Format, payload: &[u8]) -> Result<Fields<'_>, Rejection> {
     let not_object = |e: String| {
         if e.contains("expected an object") {
             Rejection::permanent("malformed_payload", "payload is not an object")
