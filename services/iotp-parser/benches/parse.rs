@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use iotp_contract::devices::{Registry, RegistryHandle};
 use iotp_contract::{Codec, RawEnvelope};
 use iotp_core::stage::{Input, Stage, Verdict};
-use iotp_parser::payload::{decode, detect};
+use iotp_parser::payload::{decode, decode_with_serde, detect, Format};
 use iotp_parser::{validate, Parser, Rules};
 
 /// Bridge receive time of every benchmark message.
@@ -105,6 +105,11 @@ fn payload_detect_decode(c: &mut Criterion) {
             })
         });
     }
+    // The same JSON through serde_json, which takes what the shape-aware scanner leaves.
+    let bytes = json_bytes(42, RECEIVED_AT);
+    group.bench_function("json_serde", |b| {
+        b.iter(|| decode_with_serde(Format::Json, black_box(bytes.as_slice())).expect("fields"))
+    });
     group.finish();
 }
 

@@ -405,8 +405,8 @@ pub fn decode(format: Format, payload: &[u8]) -> Result<Fields<'_>, Rejection> {
 }
 
 /// [`decode`] through serde_json or ciborium. The whole JSON payload is checked to be UTF-8
-/// once, not string by string.
-fn decode_with_serde(format: Format, payload: &[u8]) -> Result<Fields<'_>, Rejection> {
+/// once, not string by string. Public for the benchmark that compares the two JSON paths.
+pub fn decode_with_serde(format: Format, payload: &[u8]) -> Result<Fields<'_>, Rejection> {
     let not_object = |e: String| {
         if e.contains("expected an object") {
             Rejection::permanent("malformed_payload", "payload is not an object")

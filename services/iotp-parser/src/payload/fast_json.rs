@@ -44,15 +44,15 @@ pub fn fields(payload: &[u8]) -> Option<Fields<'_>> {
             if bit == 32 {
                 f.readings = s.readings()?;
             } else {
-                let v = s.scalar()?;
-                match bit {
-                    1 => f.msg_id = v,
-                    2 => f.device_id = v,
-                    4 => f.seq_no = v,
-                    8 => f.produced_at = v,
-                    16 => f.schema_version = v,
-                    _ => f.firmware = v,
-                }
+                let slot = match bit {
+                    1 => &mut f.msg_id,
+                    2 => &mut f.device_id,
+                    4 => &mut f.seq_no,
+                    8 => &mut f.produced_at,
+                    16 => &mut f.schema_version,
+                    _ => &mut f.firmware,
+                };
+                s.scalar(slot)?;
             }
             s.ws();
             if s.eat_if(b',') {
@@ -125,10 +125,10 @@ impl<'a> Scanner<'a> {
         (self.b.get(self.i..end)? == word).then(|| self.i = end)
     }
 
-    /// A scalar field's value; `None` inside for `null` (serde's `Option` takes null as
-    /// absent).
-    fn scalar(&mut self) -> Option<Option<Scalar<'a>>> {
-        Some(Some(match self.peek()? {
+    /// A scalar field's value, into its slot; `null` leaves it `None` (serde's `Option` takes
+    /// null as absent). Written in place: returned, the nested options were moved twice.
+    fn scalar(&mut self, slot: &mut Option<Scalar<'a>>) -> Option<()> {
+        *slot = Some(match self.peek()? {
             b'"' => {
                 self.i += 1;
                 Scalar::Str(Cow::Borrowed(self.plain_string()?))
@@ -141,13 +141,11 @@ impl<'a> Scanner<'a> {
                 self.literal(b"false")?;
                 Scalar::Bool(false)
             }
-            b'n' => {
-                self.literal(b"null")?;
-                return Some(None);
-            }
+            b'n' => return self.literal(b"null"),
             b'-' | b'0'..=b'9' => self.number()?,
             _ => return None,
-        }))
+        });
+        Some(())
     }
 
     /// A number as JSON writes it (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`).
@@ -249,12 +247,12 @@ impl<'a> Scanner<'a> {
             }
             seen |= bit;
             self.ws();
-            let v = self.scalar()?;
-            match bit {
-                1 => r.metric = v,
-                2 => r.value = v,
-                _ => r.unit = v,
-            }
+            let slot = match bit {
+                1 => &mut r.metric,
+                2 => &mut r.value,
+                _ => &mut r.unit,
+            };
+            self.scalar(slot)?;
             self.ws();
             if self.eat_if(b',') {
                 continue;
