@@ -1,15 +1,14 @@
 //! The JSON payloads devices usually send, decoded by a scanner that knows the shape of
-//! [`Fields`] instead of through serde's visitor machinery, which cost about 7,300
-//! instructions per simulated message (callgrind, docs/performance.md, session 21).
+//! [`Fields`] instead of through serde's visitor machinery (docs/performance.md, session 21).
 //!
 //! It takes only what it is sure of and answers `None` for everything else, which then goes
-//! through serde_json as before: a key it does not know, a key given twice, a string with an
-//! escape or a byte outside ASCII, an array or object where a scalar belongs, a reading that
-//! is not an object, an integer of 19 digits or more, `-0`, a number out of `f64`'s range, and
-//! any text that is not JSON. So for every payload it takes, it gives exactly what serde_json
-//! gives (the tests hold it to that). Numbers with a fraction are parsed by `str::parse`,
-//! correctly rounded, as serde_json's are with its `float_roundtrip` feature, which the
-//! workspace turns on.
+//! through serde_json as before: a payload that is not UTF-8, a key it does not know, a key
+//! given twice, a string with an escape, an array or object where a scalar belongs, a reading
+//! that is not an object, an integer of 19 digits or more, `-0`, a number out of `f64`'s range,
+//! and any text that is not JSON. So for every payload it takes, it gives exactly what
+//! serde_json gives (the tests hold it to that). Numbers with a fraction are parsed by
+//! `str::parse`, correctly rounded, as serde_json's are with its `float_roundtrip` feature,
+//! which the workspace turns on.
 
 use std::borrow::Cow;
 
@@ -17,7 +16,13 @@ use super::{Element, Fields, ReadingFields, Readings, Scalar};
 
 /// `payload`'s fields, if it is an object this scanner takes (see the module's text).
 pub fn fields(payload: &[u8]) -> Option<Fields<'_>> {
-    let mut s = Scanner { b: payload, i: 0 };
+    // UTF-8 checked once for the whole payload: strings are then sliced from it as they are.
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut s = Scanner {
+        text,
+        b: payload,
+        i: 0,
+    };
     let mut f = Fields::default();
     let mut seen = 0u8;
     s.ws();
@@ -67,7 +72,22 @@ pub fn fields(payload: &[u8]) -> Option<Fields<'_>> {
     (s.i == s.b.len()).then_some(f)
 }
 
+/// Bytes that end a plain string: its closing quote, an escape, a control character.
+static STRING_STOP: [bool; 256] = {
+    let mut stop = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        stop[c] = true;
+        c += 1;
+    }
+    stop[b'"' as usize] = true;
+    stop[b'\\' as usize] = true;
+    stop
+};
+
 struct Scanner<'a> {
+    /// The payload as text, and as bytes.
+    text: &'a str,
     b: &'a [u8],
     i: usize,
 }
@@ -93,28 +113,25 @@ impl<'a> Scanner<'a> {
         hit
     }
 
-    /// A string of printable ASCII without escapes, after its opening quote: its bytes.
-    fn plain_bytes(&mut self) -> Option<&'a [u8]> {
-        let rest = &self.b[self.i..];
-        let len = rest
+    /// A string without escapes or control characters, after its opening quote: its text.
+    /// (A quote byte is never part of a longer UTF-8 sequence, so the slice is whole characters.)
+    fn plain_string(&mut self) -> Option<&'a str> {
+        let start = self.i;
+        let len = self.b[start..]
             .iter()
-            .position(|&c| !(0x20..=0x7e).contains(&c) || c == b'"' || c == b'\\')?;
-        if rest[len] != b'"' {
+            .position(|&c| STRING_STOP[usize::from(c)])?;
+        let end = start + len;
+        if self.b[end] != b'"' {
             return None;
         }
-        self.i += len + 1;
-        Some(&rest[..len])
-    }
-
-    /// [`plain_bytes`](Self::plain_bytes) as text (printable ASCII is UTF-8).
-    fn plain_string(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.plain_bytes()?).ok()
+        self.i = end + 1;
+        self.text.get(start..end)
     }
 
     /// A member's key and the colon after it.
     fn key(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
-        let key = self.plain_bytes()?;
+        let key = self.plain_string()?.as_bytes();
         self.ws();
         self.eat(b':')?;
         Some(key)
@@ -148,56 +165,51 @@ impl<'a> Scanner<'a> {
         Some(())
     }
 
-    /// A number as JSON writes it (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`).
+    /// A number as JSON writes it (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`), in one
+    /// pass: an integer's value is summed while its digits are checked.
     fn number(&mut self) -> Option<Scalar<'a>> {
+        let b = self.b;
         let start = self.i;
-        let negative = self.eat_if(b'-');
-        let int_start = self.i;
-        match self.peek()? {
-            b'0' => self.i += 1,
-            b'1'..=b'9' => self.digits(),
+        let mut i = start;
+        let negative = b.get(i) == Some(&b'-');
+        i += usize::from(negative);
+        let int_start = i;
+        let mut magnitude = 0i64;
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                while let Some(&d @ b'0'..=b'9') = b.get(i) {
+                    magnitude = magnitude.wrapping_mul(10).wrapping_add(i64::from(d - b'0'));
+                    i += 1;
+                }
+            }
             _ => return None,
         }
-        let int_digits = self.i - int_start;
+        let int_digits = i - int_start;
         let mut fraction = false;
-        if self.eat_if(b'.') {
+        if b.get(i) == Some(&b'.') {
             fraction = true;
-            self.some_digits()?;
+            i = digits(b, i + 1)?;
         }
-        if let Some(b'e' | b'E') = self.peek() {
+        if let Some(b'e' | b'E') = b.get(i) {
             fraction = true;
-            self.i += 1;
-            if let Some(b'+' | b'-') = self.peek() {
-                self.i += 1;
+            i += 1;
+            if let Some(b'+' | b'-') = b.get(i) {
+                i += 1;
             }
-            self.some_digits()?;
+            i = digits(b, i)?;
         }
+        self.i = i;
         if fraction {
-            let text = std::str::from_utf8(&self.b[start..self.i]).ok()?;
-            let x: f64 = text.parse().ok()?;
+            let x: f64 = self.text.get(start..i)?.parse().ok()?;
             return x.is_finite().then_some(Scalar::Float(x));
         }
         // Up to 18 digits always fit i64; longer ones, and `-0` (serde_json makes it -0.0),
         // are left to serde_json.
-        if int_digits > 18 || (negative && self.b[int_start] == b'0') {
+        if int_digits > 18 || (negative && magnitude == 0) {
             return None;
         }
-        let magnitude = self.b[int_start..self.i]
-            .iter()
-            .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
         Some(Scalar::Int(if negative { -magnitude } else { magnitude }))
-    }
-
-    fn digits(&mut self) {
-        while let Some(b'0'..=b'9') = self.peek() {
-            self.i += 1;
-        }
-    }
-
-    fn some_digits(&mut self) -> Option<()> {
-        let start = self.i;
-        self.digits();
-        (self.i > start).then_some(())
     }
 
     /// The `readings` value: an array of reading objects, or `null` (absent).
@@ -263,6 +275,15 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// Past one or more digits from `i`, or `None` if there is none.
+fn digits(b: &[u8], mut i: usize) -> Option<usize> {
+    let start = i;
+    while let Some(b'0'..=b'9') = b.get(i) {
+        i += 1;
+    }
+    (i > start).then_some(i)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{decode_with_serde, Format};
@@ -303,6 +324,7 @@ mod tests {
             r#"{"seqNo":-42,"producedAt":999999999999999999,"firmware":false,"msgId":1E+2}"#,
             r#"{}"#,
             r#"{"readings":null,"deviceId":"a b/c~"}"#,
+            "{\"deviceId\":\"caf\u{e9} \u{1F321}\u{7f}\"}",
         ] {
             assert!(decoded_alike(payload.as_bytes()), "not taken: {payload}");
         }
@@ -324,7 +346,6 @@ mod tests {
             r#"{"deviceId":"d","extra":1}"#,
             r#"{"seqNo":1,"seqNo":2}"#,
             r#"{"msgId":"m\u002d1"}"#,
-            "{\"deviceId\":\"caf\u{e9}\"}",
             r#"{"seqNo":[1]}"#,
             r#"{"seqNo":{"a":1}}"#,
             r#"{"readings":{"a":1}}"#,
@@ -351,6 +372,7 @@ mod tests {
                 "taken, should be left to serde_json: {payload}"
             );
         }
+        assert!(!decoded_alike(b"{\"deviceId\":\"d\xff\"}"), "not UTF-8");
     }
 
     /// Values as a device's serde_json writes them (shortest round-trip form) come back as the
