@@ -26,48 +26,31 @@ pub fn fields(payload: &[u8]) -> Option<Fields<'_>> {
     let mut f = Fields::default();
     let mut seen = 0u8;
     s.ws();
-    s.eat(b'{')?;
-    s.ws();
-    if !s.eat_if(b'}') {
-        loop {
-            let key = s.key()?;
-            let bit = match key {
-                b"msgId" => 1,
-                b"deviceId" => 2,
-                b"seqNo" => 4,
-                b"producedAt" => 8,
-                b"schemaVersion" => 16,
-                b"readings" => 32,
-                b"firmware" => 64,
-                _ => return None,
-            };
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            s.ws();
-            if bit == 32 {
-                f.readings = s.readings()?;
-            } else {
-                let slot = match bit {
-                    1 => &mut f.msg_id,
-                    2 => &mut f.device_id,
-                    4 => &mut f.seq_no,
-                    8 => &mut f.produced_at,
-                    16 => &mut f.schema_version,
-                    _ => &mut f.firmware,
-                };
-                s.scalar(slot)?;
-            }
-            s.ws();
-            if s.eat_if(b',') {
-                s.ws();
-                continue;
-            }
-            s.eat(b'}')?;
-            break;
+    s.object(|s, key| {
+        let bit = match key {
+            b"msgId" => 1,
+            b"deviceId" => 2,
+            b"seqNo" => 4,
+            b"producedAt" => 8,
+            b"schemaVersion" => 16,
+            b"readings" => 32,
+            b"firmware" => 64,
+            _ => return None,
+        };
+        first(&mut seen, bit)?;
+        if bit == 32 {
+            f.readings = s.readings()?;
+            return Some(());
         }
-    }
+        s.scalar(match bit {
+            1 => &mut f.msg_id,
+            2 => &mut f.device_id,
+            4 => &mut f.seq_no,
+            8 => &mut f.produced_at,
+            16 => &mut f.schema_version,
+            _ => &mut f.firmware,
+        })
+    })?;
     s.ws();
     (s.i == s.b.len()).then_some(f)
 }
@@ -238,41 +221,51 @@ impl<'a> Scanner<'a> {
 
     /// One reading object.
     fn reading(&mut self) -> Option<ReadingFields<'a>> {
-        self.eat(b'{')?;
         let mut r = ReadingFields::default();
         let mut seen = 0u8;
-        self.ws();
-        if self.eat_if(b'}') {
-            return Some(r);
-        }
-        loop {
-            self.ws();
-            let key = self.key()?;
+        self.object(|s, key| {
             let bit = match key {
                 b"metric" => 1,
                 b"value" => 2,
                 b"unit" => 4,
                 _ => return None,
             };
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            self.ws();
-            let slot = match bit {
+            first(&mut seen, bit)?;
+            s.scalar(match bit {
                 1 => &mut r.metric,
                 2 => &mut r.value,
                 _ => &mut r.unit,
-            };
-            self.scalar(slot)?;
+            })
+        })?;
+        Some(r)
+    }
+
+    /// An object: `member` reads each member's value, given its key, with the scanner at the
+    /// value.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.ws();
+        if self.eat_if(b'}') {
+            return Some(());
+        }
+        loop {
             self.ws();
-            if self.eat_if(b',') {
-                continue;
+            let key = self.key()?;
+            self.ws();
+            member(self, key)?;
+            self.ws();
+            if !self.eat_if(b',') {
+                return self.eat(b'}');
             }
-            self.eat(b'}')?;
-            return Some(r);
         }
     }
+}
+
+/// Note the key `bit` as seen; `None` if it was already (serde refuses a repeated field).
+fn first(seen: &mut u8, bit: u8) -> Option<()> {
+    let again = *seen & bit != 0;
+    *seen |= bit;
+    (!again).then_some(())
 }
 
 /// Past one or more digits from `i`, or `None` if there is none.
