@@ -219,6 +219,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "callgrind",
                 "chaos",
                 "chaos-small",
                 "faults",
