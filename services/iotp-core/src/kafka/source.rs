@@ -244,7 +244,7 @@ enum Check {
     Drop,
     /// Offsets were skipped: read the partition again from this offset, then report the
     /// outcome with [`Continuity::sought`] (the record itself is dropped) or, when the seek
-    /// failed, [`Continuity::skip_accepted`] (the record is taken).
+    /// failed, [`Continuity::advance`] (the record is taken).
     SeekBack(i64),
     /// Taken after a gap that a re-read confirmed: this many offsets do not exist.
     TakeAfterGap(i64),
@@ -309,6 +309,8 @@ impl Continuity {
         Check::Take
     }
 
+    /// The record at `offset` was taken: the partition goes on after it (also when the
+    /// offsets before it were skipped and the seek back failed).
     fn advance(&mut self, topic: &str, partition: i32, offset: i64) {
         if let Some(slot) = self.slot(topic, partition) {
             *slot = offset + 1;
@@ -319,12 +321,6 @@ impl Continuity {
     fn sought(&mut self, topic: &str, partition: i32, expected: i64, jumped_to: i64) {
         self.reread
             .push((topic.to_string(), partition, expected, jumped_to));
-    }
-
-    /// The record at `offset` is taken although offsets before it were skipped (the seek
-    /// back failed).
-    fn skip_accepted(&mut self, topic: &str, partition: i32, offset: i64) {
-        self.advance(topic, partition, offset);
     }
 
     fn gap(&self, m: &BorrowedMessage<'_>, size: i64, why: &'static str) {
@@ -378,7 +374,7 @@ impl Continuity {
             Err(e) => {
                 tracing::error!(error = %e, "seek failed");
                 self.gap(m, offset - expected, "seek failed");
-                self.skip_accepted(topic, partition, offset);
+                self.advance(topic, partition, offset);
                 true
             }
         }
@@ -441,7 +437,7 @@ mod tests {
         let mut c = Continuity::new("test");
         assert_eq!(c.check("a", 0, 0), Check::Take);
         assert_eq!(c.check("a", 0, 3), Check::SeekBack(1));
-        c.skip_accepted("a", 0, 3);
+        c.advance("a", 0, 3);
         assert_eq!(c.check("a", 0, 4), Check::Take);
         assert_eq!(c.check("a", 0, 6), Check::SeekBack(5));
     }

@@ -20,7 +20,7 @@ pub fn fields(payload: &[u8]) -> Option<Fields<'_>> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut s = Scanner {
         text,
-        b: payload,
+        b: text.as_bytes(),
         i: 0,
     };
     let mut f = Fields::default();
@@ -69,7 +69,7 @@ static STRING_STOP: [bool; 256] = {
 };
 
 struct Scanner<'a> {
-    /// The payload as text, and as bytes.
+    /// The payload as text, and the same as bytes (what the scanner walks).
     text: &'a str,
     b: &'a [u8],
     i: usize,
