@@ -8,7 +8,6 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use iotp_contract::devices::FastMap;
 use rusqlite::Connection;
 
 use crate::StoreError;
@@ -27,48 +26,6 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// The twins this process wrote last, with their versions (`twins.rs`).
     twins: Arc<Mutex<twins::TwinCache>>,
-}
-
-/// Something kept per device, for at most `MAX` devices: the in-memory state a writer folds
-/// into instead of reading its rows (the twin cache in `twins.rs`). By tenant, then device id, so a batch's borrowed names find it. A device
-/// stays counted once it has a slot; past `MAX`, new devices get none and are read from the
-/// file, as without a cache.
-pub(super) struct DeviceCache<V, const MAX: usize> {
-    by_tenant: FastMap<String, FastMap<String, V>>,
-    devices: usize,
-}
-
-impl<V, const MAX: usize> Default for DeviceCache<V, MAX> {
-    fn default() -> Self {
-        Self {
-            by_tenant: FastMap::default(),
-            devices: 0,
-        }
-    }
-}
-
-impl<V: Default, const MAX: usize> DeviceCache<V, MAX> {
-    /// The device's slot, if it has one.
-    fn get_mut(&mut self, tenant: &str, device_id: &str) -> Option<&mut V> {
-        self.by_tenant.get_mut(tenant)?.get_mut(device_id)
-    }
-
-    /// The device's slot, made (empty) if it has none and the cache has room.
-    fn slot(&mut self, tenant: &str, device_id: &str) -> Option<&mut V> {
-        if !self.by_tenant.contains_key(tenant) {
-            self.by_tenant
-                .insert(tenant.to_string(), FastMap::default());
-        }
-        let devices = self.by_tenant.get_mut(tenant)?;
-        if !devices.contains_key(device_id) {
-            if self.devices >= MAX {
-                return None;
-            }
-            self.devices += 1;
-            devices.insert(device_id.to_string(), V::default());
-        }
-        devices.get_mut(device_id)
-    }
 }
 
 /// The store's error for a SQLite failure. Busy or locked (another process kept the write

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{sqlite_error, write_transaction, DeviceCache, SqliteStore};
+use super::{sqlite_error, write_transaction, SqliteStore};
 use crate::fold::{fold_into, new_twin};
 use crate::{LivenessCounts, Observation, StoreError, Twin, TwinStore};
 
@@ -80,19 +80,36 @@ const TWIN_CACHE_MAX: usize = 10_000;
 /// write is conditional on the stored version still being the cached one, so a twin another
 /// process (a second enricher, after a rebalance) or the offline sweep changed since is read
 /// again from the file in the same write transaction, and the batch is folded into that.
-pub(super) type TwinCache = DeviceCache<Option<(Twin, i64)>, TWIN_CACHE_MAX>;
+#[derive(Default)]
+pub(super) struct TwinCache {
+    /// By tenant, then device id, so a batch's borrowed names find it. A device keeps its
+    /// slot once it has one (empty while a batch folds its twin); past [`TWIN_CACHE_MAX`]
+    /// devices, new ones get none and are read from the file, as without a cache.
+    by_tenant: FastMap<String, FastMap<String, Option<(Twin, i64)>>>,
+    devices: usize,
+}
 
 impl TwinCache {
     /// The cached twin of a device, taken out (a batch folds it in place; it is put back once
     /// the batch is committed, so a failed batch leaves no half-folded twin cached).
     fn take(&mut self, tenant: &str, device_id: &str) -> Option<(Twin, i64)> {
-        self.get_mut(tenant, device_id)?.take()
+        self.by_tenant.get_mut(tenant)?.get_mut(device_id)?.take()
     }
 
     /// Keep `twin`, stored at `version`, unless the cache is full.
     fn put(&mut self, twin: Twin, version: i64) {
-        if let Some(slot) = self.slot(&twin.tenant, &twin.device_id) {
+        if !self.by_tenant.contains_key(&twin.tenant) {
+            self.by_tenant
+                .insert(twin.tenant.clone(), FastMap::default());
+        }
+        let Some(devices) = self.by_tenant.get_mut(&twin.tenant) else {
+            return;
+        };
+        if let Some(slot) = devices.get_mut(&twin.device_id) {
             *slot = Some((twin, version));
+        } else if self.devices < TWIN_CACHE_MAX {
+            self.devices += 1;
+            devices.insert(twin.device_id.clone(), Some((twin, version)));
         }
     }
 }
