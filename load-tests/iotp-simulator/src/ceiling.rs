@@ -26,7 +26,7 @@ use crate::scenario::Scenario;
 /// What the ceiling run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ceiling {
-    /// Records on the raw topic.
+    /// Records on the raw topic (a bundle's items counted one by one).
     pub records: u64,
     /// Records the last hop counted (less than `records` if the broker lost some or the
     /// time ran out).
@@ -44,14 +44,29 @@ pub struct Ceiling {
 }
 
 /// Forwards every record unchanged; the first hop notes when the first record arrived.
-struct Forward(Option<Arc<OnceLock<Instant>>>);
+struct Forward(Option<(Arc<OnceLock<Instant>>, Arc<Taken>)>);
+
+/// What the first hop took of the raw topic: Kafka records, and the records they carry (a
+/// bundle carries several, `kafka.bundle_max_bytes`).
+#[derive(Default)]
+struct Taken {
+    kafka_records: AtomicU64,
+    carried: AtomicU64,
+}
 
 impl Stage for Forward {
     const NAME: &'static str = "ceiling-forward";
 
     async fn process(&mut self, batch: &[Input<'_>]) -> Result<Vec<Verdict>, StageError> {
-        if let Some(first) = &self.0 {
+        if let Some((first, taken)) = &self.0 {
             first.get_or_init(Instant::now);
+            let records = batch.iter().filter(|i| i.item.unwrap_or(0) == 0).count();
+            taken
+                .kafka_records
+                .fetch_add(records as u64, Ordering::Relaxed);
+            taken
+                .carried
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
         Ok(batch
             .iter()
@@ -109,6 +124,7 @@ pub async fn measure(
     let counted = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let first = Arc::new(OnceLock::new());
+    let taken = Arc::new(Taken::default());
     let mut tasks = Vec::new();
     for hop in 0..hops {
         let input = if hop == 0 {
@@ -131,7 +147,7 @@ pub async fn measure(
         };
         let kafka = kafka.clone();
         let counted = counted.clone();
-        let first = (hop == 0).then(|| first.clone());
+        let first = (hop == 0).then(|| (first.clone(), taken.clone()));
         tasks.push(tokio::spawn(async move {
             if hop + 1 == hops {
                 consume::run(ctx, kafka, io, Count(counted)).await
@@ -141,9 +157,16 @@ pub async fn measure(
         }));
     }
     let deadline = started + timeout;
-    while counted.load(Ordering::Relaxed) < records && Instant::now() < deadline {
+    // Done once the first hop took every raw Kafka record and the last counted all they carry.
+    let all_in = || {
+        taken.kafka_records.load(Ordering::Relaxed) >= records
+            && counted.load(Ordering::Relaxed) >= taken.carried.load(Ordering::Relaxed).max(records)
+    };
+    while !all_in() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Records carried, not Kafka records: the same unit as the pipeline's rate.
+    let records = taken.carried.load(Ordering::Relaxed).max(records);
     let seconds = first
         .get()
         .copied()

@@ -4,6 +4,7 @@
 //! registry, and the rule that hides secrets wherever a configuration is printed ([`redact`]).
 //! No I/O beyond reading the registry file.
 
+pub mod bundle;
 mod codec;
 pub mod devices;
 mod records;

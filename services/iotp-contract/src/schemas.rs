@@ -38,6 +38,7 @@ const FILES: &[SchemaFile] = &[
     schema_file!("enriched", 1),
     schema_file!("aggregate", 1),
     schema_file!("dead-letter", 1),
+    schema_file!("bundle", 1),
 ];
 
 /// The 8-byte CRC-64-AVRO fingerprint of a schema's parsing canonical form, in the byte order

@@ -173,7 +173,10 @@ async fn on_batch<S: Stage>(
     if batch.is_empty() {
         return Ok(());
     }
-    let inputs: Vec<Input<'_>> = batch.iter().map(source::input).collect();
+    let mut inputs: Vec<Input<'_>> = Vec::with_capacity(batch.len());
+    for m in batch {
+        source::inputs(m, &mut inputs);
+    }
     if !trace::enabled() {
         return handle_batch(ctx, stage, outbox, source, &inputs, None).await;
     }

@@ -51,11 +51,16 @@ impl Outbox {
         if !outputs.is_empty() {
             let records: Vec<&Output> = outputs.iter().map(|(_, out)| *out).collect();
             let refused = self.sink.send_all(&records, shutdown).await?;
-            let mut lettered: HashSet<(&str, i32, i64)> = HashSet::new();
+            let mut lettered: HashSet<(&str, i32, i64, Option<u32>)> = HashSet::new();
             for (i, why) in refused {
                 let (letter, traceparent) = match outputs[i] {
                     (Some(input), _) => {
-                        if !lettered.insert((input.topic, input.partition, input.offset)) {
+                        if !lettered.insert((
+                            input.topic,
+                            input.partition,
+                            input.offset,
+                            input.item,
+                        )) {
                             continue;
                         }
                         let rejection = Rejection::permanent(why.reason, why.error);

@@ -18,8 +18,11 @@ pub struct Input<'a> {
     pub topic: &'a str,
     /// Its partition.
     pub partition: i32,
-    /// Its offset in the partition (with topic and partition, a dead letter's default id).
+    /// Its offset in the partition (with topic, partition and item, a dead letter's default id).
     pub offset: i64,
+    /// Its index in the bundle at that offset (`iotp_contract::bundle`); `None` for a Kafka
+    /// record of its own.
+    pub item: Option<u32>,
     /// Partitioning key (`tenant/deviceId` for device records).
     pub key: Option<&'a [u8]>,
     /// Value (empty for a tombstone).

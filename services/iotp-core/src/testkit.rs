@@ -88,8 +88,35 @@ pub async fn read_topic(
 }
 
 /// Read `topic` from the beginning, handing each record to `seen` until it returns true or
-/// `timeout` passes; returns whether it did.
+/// `timeout` passes; returns whether it did. A bundle's items are handed over one by one.
 pub async fn read_topic_until(
+    topic: &str,
+    timeout: Duration,
+    mut seen: impl FnMut(&OwnedMessage) -> bool,
+) -> bool {
+    read_kafka_records(topic, timeout, |m| {
+        unbundle(m.clone()).iter().any(&mut seen)
+    })
+    .await
+}
+
+/// Read `topic` from the beginning as Kafka records (bundles as such) until `done(records)`
+/// holds or `timeout` passes.
+pub async fn read_topic_raw(
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
+    let mut out = Vec::new();
+    read_kafka_records(topic, timeout, |m| {
+        out.push(m.clone());
+        done(&out)
+    })
+    .await;
+    out
+}
+
+async fn read_kafka_records(
     topic: &str,
     timeout: Duration,
     mut seen: impl FnMut(&OwnedMessage) -> bool,
@@ -118,6 +145,40 @@ pub async fn read_topic_until(
         }
     }
     false
+}
+
+/// The records a Kafka record carries: itself, or each item of a bundle
+/// (`iotp_contract::bundle`) as a message of its own, with the bundle's topic, partition,
+/// offset and timestamp.
+pub fn unbundle(m: OwnedMessage) -> Vec<OwnedMessage> {
+    use rdkafka::message::{Header, Message, OwnedHeaders};
+    let Some(Ok(items)) = m.payload().map(iotp_contract::bundle::items) else {
+        return vec![m];
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let headers = (!item.headers.is_empty()).then(|| {
+                item.headers
+                    .iter()
+                    .fold(OwnedHeaders::new(), |h, (name, value)| {
+                        h.insert(Header {
+                            key: name,
+                            value: Some(*value),
+                        })
+                    })
+            });
+            OwnedMessage::new(
+                Some(item.value.to_vec()),
+                (!item.key.is_empty()).then(|| item.key.to_vec()),
+                m.topic().to_string(),
+                m.timestamp(),
+                m.partition(),
+                m.offset(),
+                headers,
+            )
+        })
+        .collect()
 }
 
 /// Declare a topic exchange and a queue bound to it with `#`.

@@ -521,3 +521,139 @@ async fn outputs_and_dead_letters_carry_their_inputs_traceparent() {
     }
     assert_eq!(letters, 3);
 }
+
+/// With bundles on (`kafka.bundle_max_bytes`), a stage reads bundled input and writes bundled
+/// output: every record arrives once, in bundles far fewer than the records, each on the
+/// partition librdkafka gives its key unbundled; headers travel inside the bundle; a rejected
+/// item's dead letter names its item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_records_go_through_a_stage_one_by_one() {
+    use iotp_core::kafka::KafkaSink;
+    use iotp_core::retry::Backoff;
+    use rdkafka::message::Headers;
+    use std::collections::{BTreeSet, HashMap};
+
+    let amqp = iotp_core::amqp::connect(&amqp_uri()).await.unwrap();
+    let channel = amqp.create_channel().await.unwrap();
+    let (exchange, queue) = (unique("test.dlx."), unique("test.dlq."));
+    declare_exchange_and_queue(&channel, &exchange, &queue).await;
+    let mut f = fixture(&exchange).await;
+    f.kafka.bundle_max_bytes = 65_536;
+
+    // Where librdkafka puts each key unbundled, on a topic with as many partitions.
+    let control = unique("test.control.");
+    create_topic(&control, 3).await;
+    let keys: Vec<Vec<u8>> = (0..17).map(|d| format!("dev-{d}").into_bytes()).collect();
+    produce(
+        &control,
+        &keys
+            .iter()
+            .map(|k| (k.clone(), b"x".to_vec()))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let partition_of: HashMap<Vec<u8>, i32> =
+        read_topic_raw(&control, Duration::from_secs(30), |r| r.len() >= 17)
+            .await
+            .iter()
+            .map(|m| (m.key().unwrap().to_vec(), m.partition()))
+            .collect();
+    assert_eq!(partition_of.len(), 17);
+
+    // The input, bundled by a sink: every third record traced.
+    let inputs: Vec<Output> = records(2000)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (k, v))| {
+            let mut out = Output::new(k, v);
+            if i % 3 == 0 {
+                out.headers
+                    .push(("traceparent", iotp_core::trace::start().into_bytes()));
+            }
+            out
+        })
+        .collect();
+    let sink =
+        KafkaSink::new(&f.kafka, "bundle-test", f.input.clone(), Backoff::default()).unwrap();
+    let refs: Vec<&Output> = inputs.iter().collect();
+    let refused = sink
+        .send_all(&refs, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(refused.is_empty());
+    let carried = |records: &[rdkafka::message::OwnedMessage]| -> usize {
+        records
+            .iter()
+            .map(|m| iotp_contract::bundle::count(m.payload().unwrap()).unwrap())
+            .sum()
+    };
+    let input_records =
+        read_topic_raw(&f.input, Duration::from_secs(30), |r| carried(r) >= 2000).await;
+    assert_eq!(carried(&input_records), 2000);
+    assert!(
+        input_records.len() < 100,
+        "2,000 records in {} Kafka records",
+        input_records.len()
+    );
+
+    let (shutdown, task) = start(&f, "upper-bundles");
+    let out = read_topic(&f.output, Duration::from_secs(60), |r| r.len() >= 1980).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // Every output once, with its input's trace context.
+    let traced: HashMap<String, Option<Vec<u8>>> = inputs
+        .iter()
+        .map(|o| {
+            let header = o.headers.first().map(|(_, v)| v.clone());
+            (
+                String::from_utf8(o.value.to_ascii_uppercase()).unwrap(),
+                header,
+            )
+        })
+        .collect();
+    let mut values = BTreeSet::new();
+    for m in &out {
+        let body = String::from_utf8(m.payload().unwrap().to_vec()).unwrap();
+        assert!(body.starts_with("OK-"), "{body}");
+        let header = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value.map(<[u8]>::to_vec))
+        });
+        assert_eq!(header, traced[&body], "{body}");
+        values.insert(body);
+    }
+    assert_eq!((out.len(), values.len()), (1980, 1980));
+
+    // Bundled on the way out, each item on its key's partition.
+    let output_records =
+        read_topic_raw(&f.output, Duration::from_secs(30), |r| carried(r) >= 1980).await;
+    assert_eq!(carried(&output_records), 1980);
+    assert!(output_records.len() < 200, "{}", output_records.len());
+    for record in &output_records {
+        let items = iotp_contract::bundle::items(record.payload().unwrap()).unwrap();
+        for item in items {
+            assert_eq!(record.partition(), partition_of[item.key], "{:?}", item.key);
+        }
+    }
+
+    // The rejected items: one dead letter each, named by bundle offset and item.
+    let letters = drain_queue(&channel, &queue).await;
+    assert_eq!(letters.len(), 20);
+    let codec = Codec::<DeadLetter>::latest().unwrap();
+    let mut ids = BTreeSet::new();
+    for bytes in letters {
+        let letter = codec.decode(&bytes).unwrap();
+        assert!(letter.payload.starts_with(b"bad-"), "original bytes kept");
+        let prefix = format!(
+            "upper/{}/{}/{}#",
+            f.input,
+            letter.source_partition.unwrap(),
+            letter.source_offset.unwrap()
+        );
+        assert!(letter.id.starts_with(&prefix), "{} / {prefix}", letter.id);
+        ids.insert(letter.id);
+    }
+    assert_eq!(ids.len(), 20, "ids are distinct");
+}

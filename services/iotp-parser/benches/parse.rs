@@ -168,6 +168,7 @@ fn inputs(values: &[Vec<u8>]) -> Vec<Input<'_>> {
             topic: "iotp.raw",
             partition: 0,
             offset: i as i64,
+            item: None,
             key: None,
             payload: v.as_slice(),
             replayed: None,

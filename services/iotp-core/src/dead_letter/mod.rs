@@ -52,10 +52,16 @@ pub fn letter(stage: &str, input: &Input<'_>, r: &Rejection) -> DeadLetter {
             origin.first_failure_at,
         ),
         None => (
-            format!(
-                "{stage}/{}/{}/{}",
-                input.topic, input.partition, input.offset
-            ),
+            match input.item {
+                None => format!(
+                    "{stage}/{}/{}/{}",
+                    input.topic, input.partition, input.offset
+                ),
+                Some(item) => format!(
+                    "{stage}/{}/{}/{}#{item}",
+                    input.topic, input.partition, input.offset
+                ),
+            },
             1,
             now,
         ),

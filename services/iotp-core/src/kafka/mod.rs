@@ -3,6 +3,7 @@
 //! `leave.rs`; its lag: `stats.rs`) and topic administration ([`admin`]).
 
 pub mod admin;
+mod bundling;
 mod leave;
 pub mod sink;
 pub mod source;
@@ -47,6 +48,14 @@ pub struct KafkaConfig {
     /// no longer paused when it was full (`fetch.queue.backoff.ms` below); 2 MiB kept every
     /// stage's throughput (docs/performance.md, session 18).
     pub prefetch_kib: u32,
+    /// Largest bundle the producer writes, bytes; 0 writes every record as a Kafka record of
+    /// its own. With bundles on, the records of a batch bound for one partition travel as
+    /// one Kafka record (`iotp_contract::bundle`, `schemas/bundle/v1.avsc`), and consumers
+    /// hand its items to their stage one by one: librdkafka's per-record costs are paid per
+    /// bundle. A record larger than this travels alone, as before. Consumers read both
+    /// forms whatever this says. Lag (`iotp_consumer_lag`, KEDA's trigger) counts Kafka
+    /// records, so bundles of a full batch are several messages each.
+    pub bundle_max_bytes: usize,
     /// `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
     pub security_protocol: String,
     /// CA certificates (PEM) the brokers' certificates are checked against
@@ -94,6 +103,7 @@ impl Default for KafkaConfig {
             compression: "none".into(),
             fetch_wait: Duration::from_millis(20),
             prefetch_kib: 2048,
+            bundle_max_bytes: 0,
             security_protocol: "plaintext".into(),
             ssl_ca_location: None,
             ssl_certificate_location: None,
@@ -115,6 +125,12 @@ impl KafkaConfig {
         }
         if !(1..=2_097_151).contains(&self.prefetch_kib) {
             out.push("kafka.prefetch_kib must be between 1 and 2097151".into());
+        }
+        if self.bundle_max_bytes > 900_000 {
+            out.push(
+                "kafka.bundle_max_bytes must be at most 900000 (under the producer's message.max.bytes)"
+                    .into(),
+            );
         }
         if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.compression.as_str()) {
             out.push(format!(

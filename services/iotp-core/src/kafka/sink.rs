@@ -23,6 +23,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::bundling::{self, Partitions, Planned};
 use super::KafkaConfig;
 use crate::metrics::metrics;
 use crate::retry::{Backoff, Halt};
@@ -37,12 +38,18 @@ pub struct KafkaSink {
     /// The produced counter of the default topic, looked up once (not per record); none for
     /// a sink whose records all name their topic (the DLQ replay).
     produced: Option<IntCounter>,
+    /// With bundles on (`kafka.bundle_max_bytes` > 0): their size limit, and the partition
+    /// counts of the topics written.
+    bundles: Option<(usize, Arc<Partitions>)>,
 }
 
 /// Records handed to librdkafka together; their delivery reports are still to come.
 #[must_use = "a batch's records are confirmed only once its reports are in"]
 pub struct Batch {
     reports: Arc<Reports>,
+    /// With bundles: the outputs each record carries, by record index (a refused bundle
+    /// refuses each of them). `None`: a record per output.
+    members: Option<Vec<Vec<usize>>>,
 }
 
 /// The delivery reports of one [`Batch`], filled in by librdkafka's polling thread.
@@ -68,6 +75,13 @@ impl Reports {
             refused.push((index, e));
         }
     }
+}
+
+/// What one Kafka record of a batch carries.
+enum Carried<'a> {
+    Output(&'a Output),
+    /// Topic, partition and the encoded bundle.
+    Bundle(&'a str, i32, Vec<u8>),
 }
 
 /// What librdkafka carries with each record to its delivery report.
@@ -106,6 +120,12 @@ impl Batch {
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default();
+        if let Some(members) = &self.members {
+            refused = refused
+                .into_iter()
+                .flat_map(|(record, e)| members[record].iter().map(move |&i| (i, e.clone())))
+                .collect();
+        }
         refused.sort_unstable_by_key(|(i, _)| *i);
         refused
     }
@@ -210,6 +230,8 @@ impl KafkaSink {
             }),
             topic,
             backoff,
+            bundles: (kafka.bundle_max_bytes > 0)
+                .then(|| (kafka.bundle_max_bytes, Arc::new(Partitions::new()))),
         })
     }
 
@@ -236,20 +258,43 @@ impl KafkaSink {
     }
 
     /// Hand every record to librdkafka, in order, waiting while its queue is full. A record
-    /// librdkafka refuses at once (too large) is reported as refused like any other.
+    /// librdkafka refuses at once (too large) is reported as refused like any other. With
+    /// bundles on, the outputs bound for one partition go as one bundle (`bundling.rs`).
     pub async fn enqueue_all(&self, outputs: &[&Output]) -> Batch {
+        let planned = match &self.bundles {
+            Some((max_bytes, partitions)) => Some(self.plan(outputs, *max_bytes, partitions).await),
+            None => None,
+        };
+        let records = planned.as_ref().map_or(outputs.len(), Vec::len);
         let reports = Arc::new(Reports {
-            outstanding: AtomicUsize::new(outputs.len() + 1),
+            outstanding: AtomicUsize::new(records + 1),
             refused: Mutex::new(Vec::new()),
             done: Notify::new(),
         });
-        for (index, out) in outputs.iter().enumerate() {
+        for index in 0..records {
             let mut ticket = Box::new(Ticket {
                 reports: reports.clone(),
                 index,
             });
+            let carried = match planned.as_ref().map(|p| &p[index]) {
+                None => Carried::Output(outputs[index]),
+                Some(Planned::Single(i)) => Carried::Output(outputs[*i]),
+                Some(Planned::Bundle {
+                    topic,
+                    partition,
+                    members,
+                }) => Carried::Bundle(topic, *partition, bundling::encode(outputs, members)),
+            };
             loop {
-                match self.producer.send(self.record(out, ticket)) {
+                let record = match &carried {
+                    Carried::Output(out) => self.record(out, ticket),
+                    Carried::Bundle(topic, partition, bytes) => {
+                        BaseRecord::with_opaque_to(topic, ticket)
+                            .payload(bytes.as_slice())
+                            .partition(*partition)
+                    }
+                };
+                match self.producer.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
                         ticket = record.delivery_opaque;
@@ -264,7 +309,39 @@ impl KafkaSink {
             }
         }
         reports.settle(1);
-        Batch { reports }
+        Batch {
+            reports,
+            members: planned.map(|p| p.iter().map(Planned::members).collect()),
+        }
+    }
+
+    /// Which outputs travel together, and where.
+    async fn plan<'o>(
+        &'o self,
+        outputs: &[&'o Output],
+        max_bytes: usize,
+        partitions: &Partitions,
+    ) -> Vec<Planned<'o>> {
+        let mut counts: Vec<(&str, Option<i32>)> = Vec::new();
+        for out in outputs {
+            let topic = out.topic.as_deref().unwrap_or(&self.topic);
+            if !counts.iter().any(|(t, _)| *t == topic) {
+                counts.push((topic, partitions.of(&self.producer, topic).await));
+            }
+        }
+        let turn = partitions.next_turn();
+        bundling::plan(
+            outputs,
+            &self.topic,
+            max_bytes,
+            |topic| {
+                counts
+                    .iter()
+                    .find(|(t, _)| *t == topic)
+                    .and_then(|(_, n)| *n)
+            },
+            |count| (turn % count.max(1) as u32) as i32,
+        )
     }
 
     /// Wait for `batch`'s reports (`batch` holds `outputs`, in order); produce the refused

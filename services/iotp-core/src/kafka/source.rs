@@ -12,6 +12,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+use iotp_contract::bundle;
+
 use super::leave::{self, GroupContext};
 use super::KafkaConfig;
 use crate::dead_letter::replay;
@@ -55,7 +57,8 @@ impl KafkaSource {
         self.consumer.recv().await
     }
 
-    /// A batch starting with `first`: more records until `max` or `linger` has passed. Not
+    /// A batch starting with `first`: more records until it carries `max` (a bundle counts
+    /// its items) or `linger` has passed. Not
     /// cancel-safe (taken records would be lost while later offsets are committed): run it
     /// to completion.
     ///
@@ -71,17 +74,21 @@ impl KafkaSource {
         linger: Duration,
     ) -> Result<Vec<BorrowedMessage<'c>>, KafkaError> {
         let mut batch = Vec::new();
+        // Records carried: a bundle counts its items.
+        let mut taken = 0;
         if self.accept(&first) {
+            taken += weight(&first);
             batch.push(first);
         }
         let until = tokio::time::Instant::now() + linger;
         // One stream for the whole batch: `recv` registers a waker slot per record.
         let mut queued = self.consumer.stream();
         loop {
-            while batch.len() < max {
+            while taken < max {
                 match queued.next().now_or_never() {
                     Some(Some(Ok(msg))) => {
                         if self.accept(&msg) {
+                            taken += weight(&msg);
                             batch.push(msg);
                         }
                     }
@@ -94,7 +101,7 @@ impl KafkaSource {
                     Some(None) | None => break,
                 }
             }
-            if batch.len() >= max || tokio::time::Instant::now() >= until {
+            if taken >= max || tokio::time::Instant::now() >= until {
                 return Ok(batch);
             }
             tokio::time::sleep_until(until).await;
@@ -172,13 +179,62 @@ pub fn broker_unavailable(e: &KafkaError) -> bool {
     )
 }
 
-/// A consumed record as a stage sees it.
+/// The records a consumed Kafka record carries, as a stage sees them: the record itself, or
+/// the items of a bundle (`iotp_contract::bundle`), in order. A record that carries the bundle
+/// schema's header but does not decode goes to the stage whole: its codec rejects it (a
+/// known schema of another family) and it is dead-lettered with its bytes.
+pub fn inputs<'a>(m: &'a BorrowedMessage<'a>, out: &mut Vec<Input<'a>>) {
+    let payload = m.payload().unwrap_or_default();
+    if bundle::is_bundle(payload) {
+        match bundle::items(payload) {
+            Ok(items) => {
+                let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+                out.extend(items.into_iter().enumerate().map(|(i, item)| {
+                    let header = |name: &str| {
+                        item.headers
+                            .iter()
+                            .find(|(n, _)| *n == name)
+                            .map(|(_, v)| *v)
+                    };
+                    Input {
+                        topic,
+                        partition,
+                        offset,
+                        item: Some(i as u32),
+                        key: (!item.key.is_empty()).then_some(item.key),
+                        payload: item.value,
+                        replayed: replay::replayed(header),
+                        traceparent: header(crate::trace::HEADER),
+                    }
+                }));
+                return;
+            }
+            Err(e) => tracing::warn!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                error = %e,
+                "a bundle that does not decode: handed to the stage whole, to be dead-lettered"
+            ),
+        }
+    }
+    out.push(input(m));
+}
+
+/// How many records a consumed Kafka record carries (a bundle's item count), for the batch
+/// limit.
+fn weight(m: &BorrowedMessage<'_>) -> usize {
+    m.payload().and_then(bundle::count).unwrap_or(1).max(1)
+}
+
+/// A consumed Kafka record of its own as a stage sees it.
 pub fn input<'a>(m: &'a BorrowedMessage<'a>) -> Input<'a> {
     let headers = m.headers();
     Input {
         topic: m.topic(),
         partition: m.partition(),
         offset: m.offset(),
+        item: None,
         key: m.key(),
         payload: m.payload().unwrap_or_default(),
         replayed: headers.and_then(|h| {
