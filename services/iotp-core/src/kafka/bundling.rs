@@ -4,10 +4,11 @@
 //! for a topic whose partitions are not known yet, is a record of its own. The sink picks the
 //! partition a keyed output would have had from librdkafka (its default `consistent_random`
 //! partitioner: CRC-32 of the key modulo the partition count), so turning bundles on or off
-//! moves no device to another partition; the unkeyed outputs of one batch (the bridge's) share
-//! one partition, the next batch the next one.
+//! moves no device to another partition. Unkeyed outputs (the bridge's) share one partition
+//! per window of twice `kafka.linger`, as librdkafka's sticky partitioner does for unkeyed
+//! records (`sticky.partitioning.linger.ms`): turning per batch instead sent a produce request
+//! per batch, and cost the bridge and Tansu more than bundling saved (docs/performance.md).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -139,7 +140,10 @@ pub(super) fn encode(outputs: &[&Output], members: &[usize]) -> Vec<u8> {
 pub(super) struct Partitions {
     /// Topic, partition count (`None`: the metadata did not say), when it was asked.
     known: Mutex<Vec<(String, Option<i32>, Instant)>>,
-    turn: AtomicU32,
+    /// Unkeyed outputs move to the next partition once per this much time.
+    window: Duration,
+    started: Instant,
+    offset: u32,
 }
 
 /// How long a partition count is used before it is asked again (partitions can be added).
@@ -148,10 +152,12 @@ const FRESH_FOR: Duration = Duration::from_secs(60);
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl Partitions {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(window: Duration) -> Self {
         Self {
             known: Mutex::new(Vec::new()),
-            turn: AtomicU32::new(rand::random::<u32>() % 1024),
+            window: window.max(Duration::from_millis(1)),
+            started: Instant::now(),
+            offset: rand::random::<u32>() % 1024,
         }
     }
 
@@ -206,9 +212,10 @@ impl Partitions {
         (at.elapsed() < fresh).then_some(*count)
     }
 
-    /// A number for the next batch: its unkeyed outputs go to this modulo the partition count.
-    pub(super) fn next_turn(&self) -> u32 {
-        self.turn.fetch_add(1, Ordering::Relaxed)
+    /// The current window's number: unkeyed outputs go to this modulo the partition count.
+    pub(super) fn turn(&self) -> u32 {
+        let windows = self.started.elapsed().as_nanos() / self.window.as_nanos();
+        self.offset.wrapping_add(windows as u32)
     }
 }
 

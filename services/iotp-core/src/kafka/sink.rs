@@ -230,8 +230,12 @@ impl KafkaSink {
             }),
             topic,
             backoff,
-            bundles: (kafka.bundle_max_bytes > 0)
-                .then(|| (kafka.bundle_max_bytes, Arc::new(Partitions::new()))),
+            bundles: (kafka.bundle_max_bytes > 0).then(|| {
+                (
+                    kafka.bundle_max_bytes,
+                    Arc::new(Partitions::new(kafka.linger * 2)),
+                )
+            }),
         })
     }
 
@@ -329,7 +333,7 @@ impl KafkaSink {
                 counts.push((topic, partitions.of(&self.producer, topic).await));
             }
         }
-        let turn = partitions.next_turn();
+        let turn = partitions.turn();
         bundling::plan(
             outputs,
             &self.topic,
