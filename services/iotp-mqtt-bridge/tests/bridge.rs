@@ -78,6 +78,29 @@ async fn every_acked_message_reaches_kafka_in_device_order() {
         let payload = record["payload"]["base64"].as_str().unwrap();
         assert_eq!(payload, base64_encode(&ours.envelope.payload));
     }
+
+    // The Kafka records themselves are bundles (`kafka.bundle_max_bytes`), which fastavro
+    // unpacks with `schemas/bundle/v1.avsc`: the same items, in order.
+    let bundles = iotp_core::testkit::read_topic_raw(&s.spec.topic, Duration::from_secs(30), |r| {
+        !r.is_empty()
+    })
+    .await;
+    let value = rdkafka::Message::payload(&bundles[0]).unwrap();
+    let items = iotp_contract::bundle::items(value).expect("a bundle");
+    let decoded = decode_values_with_fastavro(&s.spec.log_dir, &[value]);
+    assert_eq!(decoded[0]["schema"], "bundle v1");
+    let theirs = decoded[0]["record"]["items"].as_array().unwrap();
+    assert_eq!(theirs.len(), items.len());
+    for (ours, theirs) in items.iter().zip(theirs) {
+        assert_eq!(
+            theirs["value"]["base64"].as_str().unwrap(),
+            base64_encode(ours.value)
+        );
+        assert_eq!(
+            theirs["key"]["base64"].as_str().unwrap(),
+            base64_encode(ours.key)
+        );
+    }
 }
 
 fn base64_encode(bytes: &[u8]) -> String {

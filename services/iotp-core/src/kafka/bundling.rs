@@ -43,6 +43,11 @@ impl Planned<'_> {
     }
 }
 
+/// Whether `out` fits in a bundle of at most `max_bytes`.
+pub(super) fn fits(out: &Output, max_bytes: usize) -> bool {
+    FRAME_HEADER_LEN + 12 + item_len(out) <= max_bytes
+}
+
 /// Bytes `out` takes in a bundle.
 fn item_len(out: &Output) -> usize {
     bundle::bytes_len(&out.key)
@@ -78,7 +83,7 @@ pub(super) fn plan<'t>(
         let topic: &'t str = out.topic.as_deref().unwrap_or(default_topic);
         let size = item_len(out);
         let count = match partitions(topic) {
-            Some(n) if n > 0 && FRAME_HEADER_LEN + 12 + size <= max_bytes => n,
+            Some(n) if n > 0 && fits(out, max_bytes) => n,
             _ => {
                 planned.push(Planned::Single(i));
                 continue;

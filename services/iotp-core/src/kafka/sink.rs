@@ -327,7 +327,9 @@ impl KafkaSink {
         partitions: &Partitions,
     ) -> Vec<Planned<'o>> {
         let mut counts: Vec<(&str, Option<i32>)> = Vec::new();
-        for out in outputs {
+        // Only for records that can be bundled: one too large goes alone whatever the count
+        // (and is refused at once, without waiting for an unreachable cluster's metadata).
+        for out in outputs.iter().filter(|o| bundling::fits(o, max_bytes)) {
             let topic = out.topic.as_deref().unwrap_or(&self.topic);
             if !counts.iter().any(|(t, _)| *t == topic) {
                 counts.push((topic, partitions.of(&self.producer, topic).await));

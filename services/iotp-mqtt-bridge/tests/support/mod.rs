@@ -368,10 +368,16 @@ pub fn python() -> PathBuf {
 
 /// Decode raw topic records with fastavro and `schemas/` only; returns one JSON value each.
 pub fn decode_with_fastavro(dir: &Path, records: &[&Seen]) -> Vec<serde_json::Value> {
+    let values: Vec<&[u8]> = records.iter().map(|r| r.raw.as_slice()).collect();
+    decode_values_with_fastavro(dir, &values)
+}
+
+/// Decode single-object encoded values with fastavro and `schemas/` only; one JSON value each.
+pub fn decode_values_with_fastavro(dir: &Path, values: &[&[u8]]) -> Vec<serde_json::Value> {
     let mut files = Vec::new();
-    for (i, r) in records.iter().enumerate() {
+    for (i, v) in values.iter().enumerate() {
         let path = dir.join(format!("record-{i:03}.avro"));
-        std::fs::write(&path, &r.raw).unwrap();
+        std::fs::write(&path, v).unwrap();
         files.push(path);
     }
     let out = Command::new(python())
