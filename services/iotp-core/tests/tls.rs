@@ -29,7 +29,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
-use rdkafka::Message;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -262,7 +261,12 @@ async fn kafka_records_round_trip_through_tls_with_a_client_certificate() {
     let until = Instant::now() + Duration::from_secs(60);
     while seen.len() < 20 && Instant::now() < until {
         if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), source.first()).await {
-            seen.insert(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+            // The records come bundled (`kafka.bundle_max_bytes`): as a stage sees them.
+            let mut inputs = Vec::new();
+            iotp_core::kafka::source::inputs(&m, &mut inputs);
+            for input in inputs {
+                seen.insert(String::from_utf8(input.payload.to_vec()).unwrap());
+            }
         }
     }
     let expected: std::collections::BTreeSet<String> =

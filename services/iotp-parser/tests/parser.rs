@@ -216,6 +216,18 @@ fn bad_inputs() -> Vec<(&'static str, Record)> {
                 vec![0xC3, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0],
             ),
         ),
+        (
+            // A bundle's header on bytes that are no bundle (a byte too many): the runtime
+            // hands the record over whole, and the parser's codec names the family.
+            "wrong_schema_family",
+            (b"acme/m-1".to_vec(), {
+                let mut bundle = iotp_contract::bundle::BundleWriter::new();
+                bundle.push(b"acme/m-1", b"v", std::iter::empty());
+                let mut bytes = bundle.finish();
+                bytes.push(0);
+                bytes
+            }),
+        ),
     ]
 }
 
