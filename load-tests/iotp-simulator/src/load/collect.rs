@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 use iotp_contract::topology::topic_name;
-use iotp_core::kafka::{count_records, KafkaConfig};
+use iotp_core::kafka::{count_carried, count_records, KafkaConfig};
 use iotp_core::probe::{histogram_quantile, label_values};
 use iotp_store::{ReadingStore, RollupStore, StoredMessage, TwinStore};
 
@@ -157,8 +157,14 @@ async fn hop_counts(
     let mut hops = counters.hops();
     for schema in ["raw-envelope", "telemetry", "enriched"] {
         let topic = topic_name(schema);
+        // Records carried (a bundle's items one by one), what the services' counters count;
+        // and the Kafka records themselves (bundles).
         hops.push((
             format!("records on {topic}"),
+            count_carried(kafka, &topic).await.unwrap_or(-1),
+        ));
+        hops.push((
+            format!("kafka records on {topic}"),
             count_records(kafka, &topic).await.unwrap_or(-1),
         ));
     }

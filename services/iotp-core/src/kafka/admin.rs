@@ -58,6 +58,35 @@ pub async fn count_records(kafka: &KafkaConfig, topic: &str) -> Result<i64, Kafk
     .unwrap_or(Err(KafkaError::Canceled))
 }
 
+/// Records carried by `topic`, a bundle's items one by one (`iotp_contract::bundle`): the
+/// topic read from its beginning to its end. What the producers' counters count; a run's
+/// audit compares the two.
+pub async fn count_carried(kafka: &KafkaConfig, topic: &str) -> Result<i64, KafkaError> {
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let config = kafka.base("iotp-count")?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let probe = probe(config, "iotp-count")?;
+        let ends = high_watermarks(&probe, &topic, Duration::from_secs(10))?;
+        let mut from = TopicPartitionList::new();
+        for (p, (low, end)) in &ends {
+            if end > low {
+                from.add_partition_offset(&topic, *p, Offset::Offset(*low))?;
+            }
+        }
+        let mut carried = 0i64;
+        read_to_end(&probe, &from, Duration::from_secs(120), |m| {
+            carried += m
+                .payload()
+                .and_then(iotp_contract::bundle::count)
+                .unwrap_or(1) as i64;
+        })?;
+        Ok(carried)
+    })
+    .await
+    .unwrap_or(Err(KafkaError::Canceled))
+}
+
 /// A consumer group's lag on `topic`: records past its committed offsets, summed over the
 /// partitions (what KEDA's Kafka scaler reads).
 pub async fn consumer_lag(
@@ -132,10 +161,25 @@ fn high_watermarks(
             from.add_partition_offset(topic, p.id(), Offset::Offset(listed - 1))?;
         }
     }
+    read_to_end(probe, &from, timeout, |m| {
+        let (_, end) = ends.entry(m.partition()).or_insert((0, 0));
+        *end = (*end).max(m.offset() + 1);
+    })?;
+    Ok(ends)
+}
+
+/// Read each partition of `from` from its offset to its end, handing every record to `each`.
+fn read_to_end(
+    probe: &rdkafka::consumer::BaseConsumer,
+    from: &rdkafka::TopicPartitionList,
+    timeout: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), KafkaError> {
+    use rdkafka::consumer::Consumer;
     if from.count() == 0 {
-        return Ok(ends);
+        return Ok(());
     }
-    probe.assign(&from)?;
+    probe.assign(from)?;
     let mut open: std::collections::BTreeSet<i32> =
         from.elements().iter().map(|e| e.partition()).collect();
     let deadline = std::time::Instant::now() + timeout;
@@ -145,10 +189,7 @@ fn high_watermarks(
             return Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OperationTimedOut));
         }
         match probe.poll(left.min(Duration::from_millis(200))) {
-            Some(Ok(m)) => {
-                let (_, end) = ends.entry(m.partition()).or_insert((0, 0));
-                *end = (*end).max(m.offset() + 1);
-            }
+            Some(Ok(m)) => each(&m),
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
             }
@@ -156,5 +197,5 @@ fn high_watermarks(
             None => {}
         }
     }
-    Ok(ends)
+    Ok(())
 }

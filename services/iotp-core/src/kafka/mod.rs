@@ -9,7 +9,7 @@ pub mod sink;
 pub mod source;
 mod stats;
 
-pub use admin::{consumer_lag, count_records, ensure_topics};
+pub use admin::{consumer_lag, count_carried, count_records, ensure_topics};
 pub use sink::KafkaSink;
 
 use std::collections::BTreeMap;
