@@ -52,13 +52,18 @@ enum Command {
     },
     /// Print topics as `name partitions`.
     Topics,
-    /// Print how many records a topic holds (sum of its partitions' high watermarks).
+    /// Print how many records a topic carries, a bundle's items one by one (the topic read
+    /// from its beginning to its end); `--kafka-records`: how many Kafka records it holds
+    /// (the sum of its partitions' ends).
     Count {
         /// Topic.
         topic: String,
         /// Kafka bootstrap servers.
         #[arg(long, env = "IOTP__KAFKA__BROKERS", default_value = "127.0.0.1:9092")]
         brokers: String,
+        /// Count Kafka records (a bundle as one).
+        #[arg(long)]
+        kafka_records: bool,
         #[command(flatten)]
         security: KafkaSecurity,
     },
@@ -137,10 +142,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Count {
             topic,
             brokers,
+            kafka_records,
             security,
         } => {
             let kafka = security.config(brokers)?;
-            println!("{}", iotp_core::kafka::count_records(&kafka, &topic).await?);
+            let count = if kafka_records {
+                iotp_core::kafka::count_records(&kafka, &topic).await?
+            } else {
+                iotp_core::kafka::count_carried(&kafka, &topic).await?
+            };
+            println!("{count}");
         }
         Command::Apply {
             brokers,
