@@ -35,10 +35,10 @@ pub(super) enum Planned<'t> {
 
 impl Planned<'_> {
     /// The outputs the record carries.
-    pub(super) fn members(&self) -> Vec<usize> {
+    pub(super) fn into_members(self) -> Vec<usize> {
         match self {
-            Planned::Single(i) => vec![*i],
-            Planned::Bundle { members, .. } => members.clone(),
+            Planned::Single(i) => vec![i],
+            Planned::Bundle { members, .. } => members,
         }
     }
 }
@@ -268,7 +268,7 @@ mod tests {
                 Planned::Single(4),
             ]
         );
-        let mut all: Vec<usize> = plan.iter().flat_map(Planned::members).collect();
+        let mut all: Vec<usize> = plan.into_iter().flat_map(Planned::into_members).collect();
         all.sort_unstable();
         assert_eq!(all, vec![0, 1, 2, 3, 4], "every output once");
     }

@@ -315,7 +315,7 @@ impl KafkaSink {
         reports.settle(1);
         Batch {
             reports,
-            members: planned.map(|p| p.iter().map(Planned::members).collect()),
+            members: planned.map(|p| p.into_iter().map(Planned::into_members).collect()),
         }
     }
 
