@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::{self, Target};
 use crate::plan;
 use crate::scenario::Scenario;
+use crate::stack::machine_busy_seconds;
 
 /// What the ceiling run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +42,45 @@ pub struct Ceiling {
     /// The MQTT leg alone: the same fleet publishing the same messages (QoS 1) to topics no
     /// one subscribes, PUBACKs per second.
     pub mqtt_rate: Option<f64>,
+    /// What the Kafka leg cost the whole machine (group joins included).
+    pub machine: LegCost,
+    /// What the MQTT leg cost the whole machine.
+    pub mqtt_machine: Option<LegCost>,
+}
+
+/// The whole machine's CPU over one leg of the ceiling (every process, all CPUs: on a machine
+/// shared by the fleet, the brokers and the services, what a leg costs is what the pipeline
+/// cannot spend on its own work while it does the same).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LegCost {
+    /// Busy CPU seconds, all CPUs together.
+    pub busy_seconds: f64,
+    /// Wall seconds the reading spans.
+    pub wall_seconds: f64,
+    /// Busy CPU per record (message) carried, µs.
+    pub us_per_record: f64,
+    /// CPUs busy on average.
+    pub cores: f64,
+}
+
+/// Reads the machine's busy CPU from [`begin`](Self::begin) to [`end`](Self::end).
+struct Meter(f64, Instant);
+
+impl Meter {
+    fn begin() -> Self {
+        Self(machine_busy_seconds(), Instant::now())
+    }
+
+    fn end(self, records: u64) -> LegCost {
+        let busy_seconds = (machine_busy_seconds() - self.0).max(0.0);
+        let wall_seconds = self.1.elapsed().as_secs_f64();
+        LegCost {
+            busy_seconds,
+            wall_seconds,
+            us_per_record: busy_seconds * 1e6 / records.max(1) as f64,
+            cores: busy_seconds / wall_seconds.max(f64::EPSILON),
+        }
+    }
 }
 
 /// Forwards every record unchanged; the first hop notes when the first record arrived.
@@ -92,20 +132,23 @@ impl Stage for Count {
     }
 }
 
-/// Carry the raw topic through `hops` consuming hops; `timeout` bounds the wait.
+/// Carry the raw topic through `hops` consuming hops, each topic with as many partitions as
+/// the raw topic was created with (`partitions`, or the topology's); `timeout` bounds the wait.
 pub async fn measure(
     kafka: &KafkaConfig,
     hops: usize,
+    partitions: Option<i32>,
     timeout: Duration,
 ) -> anyhow::Result<Ceiling> {
     let raw = topic_name("raw-envelope");
-    let partitions = topology()
-        .kafka
-        .topics
-        .iter()
-        .find(|t| t.name == raw)
-        .map(|t| t.partitions)
-        .unwrap_or(1);
+    let partitions = partitions.unwrap_or_else(|| {
+        topology()
+            .kafka
+            .topics
+            .iter()
+            .find(|t| t.name == raw)
+            .map_or(1, |t| t.partitions)
+    });
     let records = count_records(kafka, &raw).await? as u64;
     let run = uuid::Uuid::now_v7().simple().to_string();
     let names: Vec<String> = (1..hops).map(|h| format!("ceiling.{run}.h{h}")).collect();
@@ -122,6 +165,7 @@ pub async fn measure(
     ensure_topics(&kafka.admin("ceiling")?, &specs, 1).await?;
     let shutdown = CancellationToken::new();
     let counted = Arc::new(AtomicU64::new(0));
+    let meter = Meter::begin();
     let started = Instant::now();
     let first = Arc::new(OnceLock::new());
     let taken = Arc::new(Taken::default());
@@ -173,6 +217,7 @@ pub async fn measure(
         .unwrap_or(started)
         .elapsed()
         .as_secs_f64();
+    let machine = meter.end(records);
     shutdown.cancel();
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
@@ -190,13 +235,15 @@ pub async fn measure(
         seconds,
         rate: carried as f64 / seconds,
         mqtt_rate: None,
+        machine,
+        mqtt_machine: None,
     })
 }
 
 /// The MQTT leg: the scenario's fleet and messages without faults or heartbeats, to `target`
 /// (topics no one bridges), as fast as the broker acknowledges (a paced scenario's rate is not
-/// a ceiling); PUBACKs per second.
-pub async fn mqtt_rate(target: Target, scenario: &Scenario) -> anyhow::Result<f64> {
+/// a ceiling); PUBACKs per second, and what the leg cost the machine.
+pub async fn mqtt_rate(target: Target, scenario: &Scenario) -> anyhow::Result<(f64, LegCost)> {
     let plain = Scenario {
         faults: Default::default(),
         heartbeat_every: 0,
@@ -205,6 +252,7 @@ pub async fn mqtt_rate(target: Target, scenario: &Scenario) -> anyhow::Result<f6
         duration: None,
         ..scenario.clone()
     };
+    let meter = Meter::begin();
     let run = fleet::run(target, &plain, plan::plan(&plain), Arc::default()).await?;
-    Ok(run.ack_rate())
+    Ok((run.ack_rate(), meter.end(run.acked())))
 }

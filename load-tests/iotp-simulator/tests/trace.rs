@@ -108,6 +108,7 @@ async fn pipeline(name: &str, export_interval: &str) -> Pipeline {
         chaos: Chaos::default(),
         repo: Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
         tls: None,
+        partitions: None,
     };
     let stack = Stack::start(&cfg, &registry, 1)
         .await

@@ -64,7 +64,7 @@ pub struct ConsumerSpec {
 }
 
 /// One Kafka topic.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
     /// Name.

@@ -85,6 +85,10 @@ pub struct Options {
     /// Skip the ceiling measurement.
     #[arg(long)]
     pub no_ceiling: bool,
+    /// Create the Kafka topics with this many partitions each instead of the topology's (a
+    /// small deployment's choice; the ceiling's hops get as many as the raw topic has).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub partitions: Option<i32>,
     /// No progress bar (CI logs).
     #[arg(long)]
     pub quiet: bool,

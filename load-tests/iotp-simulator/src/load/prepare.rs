@@ -127,6 +127,7 @@ fn stack_config(
         tls: scenario
             .tls
             .then(|| scenario.ca_dir.clone().unwrap_or_else(|| out.join("pki"))),
+        partitions: opts.partitions,
     })
 }
 

@@ -28,8 +28,16 @@ pub async fn report(run: Run, outcome: Outcome) -> anyhow::Result<Report> {
     report.write(&run.out)?;
     if run.scenario.ceiling && !run.opts.no_ceiling {
         println!("iotp-load: measuring the forward-only ceiling on the same brokers");
-        let mut c = ceiling::measure(&run.kafka, CEILING_HOPS, CEILING_WITHIN).await?;
-        c.mqtt_rate = Some(ceiling::mqtt_rate(run.target("ceiling"), &run.scenario).await?);
+        let mut c = ceiling::measure(
+            &run.kafka,
+            CEILING_HOPS,
+            run.opts.partitions,
+            CEILING_WITHIN,
+        )
+        .await?;
+        let (rate, cost) = ceiling::mqtt_rate(run.target("ceiling"), &run.scenario).await?;
+        c.mqtt_rate = Some(rate);
+        c.mqtt_machine = Some(cost);
         report.set_ceiling(c);
         report.write(&run.out)?;
     }

@@ -11,6 +11,10 @@ use super::{steady_rate, Cpu, FleetSummary, Machine, Memory, Report, StageLatenc
 /// One reading per process (services by name, and `tansu`): (process, value).
 pub type PerProcess<T> = Vec<(String, T)>;
 
+/// The row of [`PerProcess`] CPU readings that is the whole machine (every process, all CPUs
+/// busy), not one process: not among our services.
+pub const MACHINE: &str = "machine";
+
 /// The reading of process `name` in `of` (the default if it is not there).
 pub fn reading<T: Copy + Default>(of: &[(String, T)], name: &str) -> T {
     of.iter()
@@ -101,7 +105,7 @@ impl Report {
         let cpu = outcome.usage.cpu(audit.expected_stored);
         let services_us_per_message = cpu
             .iter()
-            .filter(|c| c.process != "tansu")
+            .filter(|c| c.process != "tansu" && c.process != MACHINE)
             .map(|c| c.us_per_message)
             .sum();
         let sustained_rate = audit.expected_stored as f64
@@ -134,6 +138,7 @@ impl Report {
             sustained_rate,
             ceiling: None,
             efficiency: None,
+            shared_bound: None,
             cpu,
             services_us_per_message,
             memory: outcome.usage.memory(),

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, CONFIRM_DRAINED_SECONDS};
+use super::{Report, CONFIRM_DRAINED_SECONDS, MACHINE};
 use crate::audit::{Finding, Percentiles};
 
 impl Report {
@@ -163,13 +163,23 @@ impl Report {
             (Some(c), Some(e)) => {
                 let _ = writeln!(
                     md,
-                    "- Ceiling, Kafka: the run's {} raw records through {} forward-only hops (our runtime, no work) on the same broker: {} carried in {:.1} s, **{:.0} msgs/s**.",
-                    c.records, c.hops, c.carried, c.seconds, c.rate
+                    "- Ceiling, Kafka: the run's {} raw records through {} forward-only hops (our runtime, no work) on the same broker: {} carried in {:.1} s, **{:.0} msgs/s**; the machine {:.1} µs CPU per record, {:.2} CPUs busy.",
+                    c.records, c.hops, c.carried, c.seconds, c.rate, c.machine.us_per_record, c.machine.cores
                 );
                 if let Some(m) = c.mqtt_rate {
+                    let cost = c.mqtt_machine.unwrap_or_default();
                     let _ = writeln!(
                         md,
-                        "- Ceiling, MQTT: the same fleet publishing the same messages (QoS 1, no faults) to topics no one bridges: **{m:.0} PUBACKs/s**."
+                        "- Ceiling, MQTT: the same fleet publishing the same messages (QoS 1, no faults) to topics no one bridges: **{m:.0} PUBACKs/s**; the machine {:.1} µs CPU per message, {:.2} CPUs busy (connections included).",
+                        cost.us_per_record, cost.cores
+                    );
+                }
+                if let Some(bound) = self.shared_bound {
+                    let _ = writeln!(
+                        md,
+                        "- Both legs on one machine: their CPU per message together allows at most **{bound:.0} msgs/s** on these {} CPUs; the pipeline sustained {:.0}% of that.",
+                        self.machine.cpus,
+                        self.sustained_rate / bound * 100.0
                     );
                 }
                 let _ = writeln!(
@@ -242,6 +252,9 @@ impl Report {
             1,
         );
         for c in &self.cpu {
+            if c.process == MACHINE {
+                continue;
+            }
             let m = self.memory.iter().find(|m| m.process == c.process);
             row(
                 md,
@@ -261,6 +274,17 @@ impl Report {
             "\nOur six services together: **{:.1} µs CPU per stored message**.\n",
             self.services_us_per_message
         );
+        if let Some(m) = self.cpu.iter().find(|c| c.process == MACHINE) {
+            let window = self.fleet.seconds + self.groups_drained_seconds;
+            let _ = writeln!(
+                md,
+                "The whole machine (every process: fleet, brokers, services, load tool), first publish to every group at lag 0: {:.2} CPU s, **{:.1} µs per stored message**, {:.2} of {} CPUs busy on average.\n",
+                m.seconds,
+                m.us_per_message,
+                m.seconds / window.max(f64::EPSILON),
+                self.machine.cpus
+            );
+        }
     }
 }
 

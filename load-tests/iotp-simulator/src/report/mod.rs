@@ -18,7 +18,7 @@ mod faults;
 mod markdown;
 pub mod spread;
 
-pub use build::{reading, Drained, Outcome, PerProcess, Setting, Totals, Usage};
+pub use build::{reading, Drained, Outcome, PerProcess, Setting, Totals, Usage, MACHINE};
 pub use chart::{svg_chart, Series};
 
 /// How long after every consumer group reached lag 0 the load tool looks again before it
@@ -168,6 +168,10 @@ pub struct Report {
     pub ceiling: Option<Ceiling>,
     /// sustained_rate / ceiling rate.
     pub efficiency: Option<f64>,
+    /// The most messages per second the machine's CPUs allow a pipeline that does the work of
+    /// both ceiling legs, each at the machine CPU per record it cost alone: CPUs × 1 s over
+    /// the two costs together (both legs measured).
+    pub shared_bound: Option<f64>,
     /// CPU per process over the run.
     pub cpu: Vec<Cpu>,
     /// Our services' CPU per stored message, summed, µs.
@@ -238,6 +242,10 @@ impl Report {
     pub fn set_ceiling(&mut self, ceiling: Ceiling) {
         let lower = ceiling.rate.min(ceiling.mqtt_rate.unwrap_or(f64::INFINITY));
         self.efficiency = Some(self.sustained_rate / lower);
+        self.shared_bound = ceiling.mqtt_machine.and_then(|mqtt| {
+            let per_message = ceiling.machine.us_per_record + mqtt.us_per_record;
+            (per_message > 0.0).then(|| self.machine.cpus as f64 * 1e6 / per_message)
+        });
         self.ceiling = Some(ceiling);
     }
 }

@@ -22,14 +22,14 @@ use tokio::process::Command;
 
 use crate::chaos::Chaos;
 use crate::load::ServiceEnv;
-use crate::report::{reading, PerProcess, Totals};
+use crate::report::{reading, PerProcess, Totals, MACHINE};
 
 mod brokers;
 mod ops;
 mod process;
 mod replica;
 
-pub use process::{cpu_seconds, disk_written, rss_bytes, scrape, wakeups};
+pub use process::{cpu_seconds, disk_written, machine_busy_seconds, rss_bytes, scrape, wakeups};
 use replica::{Replica, Shared};
 
 /// The services, in start order.
@@ -88,6 +88,9 @@ pub struct StackConfig {
     /// Mosquitto from dev/mosquitto-tls.conf, the bridge connects with the `iotp-bridge`
     /// certificate. `None`: plain MQTT.
     pub tls: Option<PathBuf>,
+    /// Partitions of every Kafka topic, instead of the topology's (`iotp-topology apply
+    /// --partitions`).
+    pub partitions: Option<i32>,
 }
 
 impl StackConfig {
@@ -301,8 +304,12 @@ impl Stack {
             }
             None => None,
         };
-        let status = Command::new(cfg.bin_dir.join("iotp-topology"))
-            .args(["apply", "--brokers", &cfg.kafka])
+        let mut apply = Command::new(cfg.bin_dir.join("iotp-topology"));
+        apply.args(["apply", "--brokers", &cfg.kafka]);
+        if let Some(n) = cfg.partitions {
+            apply.args(["--partitions", &n.to_string()]);
+        }
+        let status = apply
             .stdout(Stdio::null())
             .status()
             .await
@@ -379,13 +386,17 @@ impl Stack {
     /// What each service (all its replicas) and our broker had used so far: CPU seconds (the
     /// exited replicas' included), and the wake-ups (voluntary context switches) of the live
     /// threads and the bytes the live processes wrote to storage (replicas that exited are not
-    /// counted in those two).
+    /// counted in those two); last, the whole machine's busy CPU seconds as [`MACHINE`].
     pub fn totals(&self) -> PerProcess<Totals> {
         let roster = lock(&self.roster);
         let gone = roster.gone_cpu.iter().map(|(s, c)| (s.as_str(), *c));
         let cpu = per_service(&roster, cpu_seconds, gone);
         let woke = per_service(&roster, |pid| wakeups(pid) as f64, std::iter::empty());
         let wrote = per_service(&roster, |pid| disk_written(pid) as f64, std::iter::empty());
+        let machine = Totals {
+            cpu_seconds: machine_busy_seconds(),
+            ..Totals::default()
+        };
         cpu.iter()
             .map(|(name, seconds)| {
                 let totals = Totals {
@@ -395,6 +406,7 @@ impl Stack {
                 };
                 (name.clone(), totals)
             })
+            .chain([(MACHINE.to_string(), machine)])
             .collect()
     }
 

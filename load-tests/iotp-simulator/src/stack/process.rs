@@ -40,6 +40,29 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / clock_ticks()
 }
 
+/// CPU seconds the whole machine has been busy since boot, all CPUs together: the first
+/// line of /proc/stat less its idle and iowait columns (0 where it cannot be read). Every
+/// process is in it: the fleet, Mosquitto, RabbitMQ, the load tool, anything else running.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find_map(|l| l.strip_prefix("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal (guest time is inside user already)
+    let ticks: Vec<f64> = cpu
+        .split_whitespace()
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let busy: f64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    busy / clock_ticks()
+}
+
 /// The number after `key` in a `key: value` file of /proc (`status`, `io`), if the file has it.
 fn proc_value(file: impl AsRef<std::path::Path>, key: &str) -> Option<u64> {
     std::fs::read_to_string(file)
@@ -129,6 +152,25 @@ pub fn free_port() -> anyhow::Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_machine_counts_at_least_what_this_thread_spun() {
+        let pid = std::process::id();
+        let (machine, own) = (machine_busy_seconds(), cpu_seconds(pid));
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        let mut x = 0u64;
+        while std::time::Instant::now() < until {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(x > 0);
+        let (machine, own) = (machine_busy_seconds() - machine, cpu_seconds(pid) - own);
+        // Ticks are 10 ms: this process spun for about 0.3 s, and the machine includes it.
+        assert!(own > 0.2, "this process: {own} s");
+        assert!(
+            machine >= own - 0.02,
+            "machine {machine} s, this process {own} s"
+        );
+    }
 
     #[test]
     fn this_process_has_cpu_time_and_memory() {

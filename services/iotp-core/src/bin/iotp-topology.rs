@@ -28,6 +28,11 @@ enum Command {
         /// Topic replication factor.
         #[arg(long, default_value_t = 1)]
         replication: i32,
+        /// Create every topic with this many partitions instead of the topology's (a small
+        /// deployment: as many as the replicas a stage will run; a group never uses more).
+        /// Topics that exist keep theirs.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        partitions: Option<i32>,
         /// RabbitMQ URI.
         #[arg(
             long,
@@ -157,6 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             brokers,
             security,
             replication,
+            partitions,
             amqp,
             amqp_ca_file,
             amqp_cert_file,
@@ -174,7 +180,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             let kafka = security.config(brokers)?;
             let admin = kafka.admin("iotp-topology")?;
-            let created = ensure_topics(&admin, &topology().kafka.topics, replication).await?;
+            let mut topics = topology().kafka.topics.clone();
+            if let Some(n) = partitions {
+                for t in &mut topics {
+                    t.partitions = n;
+                }
+            }
+            let created = ensure_topics(&admin, &topics, replication).await?;
             println!(
                 "kafka: {} topics, created {:?}",
                 topology().kafka.topics.len(),
