@@ -37,9 +37,18 @@ pub struct KafkaConfig {
     pub message_timeout: Duration,
     /// Producer compression: none, lz4, zstd, snappy, gzip.
     pub compression: String,
+    /// Produce requests in flight per broker connection
+    /// (`max.in.flight.requests.per.connection`), 1 to 5: the idempotent producer keeps each
+    /// partition's order up to 5. librdkafka sends one partition per produce request, so a
+    /// batch bound for 12 partitions is 12 requests, and with 1 in flight they go one round
+    /// trip after another.
+    pub max_in_flight: u32,
     /// Longest a consumer's fetch waits for data (`fetch.wait.max.ms`): each hop can add this
     /// much latency when a partition is quiet. librdkafka's 500 ms made device→store p50 1.3 s
-    /// over three hops in a paced run here.
+    /// over three hops in a paced run here. Tansu holds every fetch this long, data or not
+    /// (README, "Tansu"): 10 ms instead of 20 took device→store p50 from 195–200 ms to
+    /// 149–163 at 9,000 msgs/s, for about 8% more of Tansu's CPU and none of ours
+    /// (docs/performance.md, session 23).
     #[serde(with = "humantime_serde")]
     pub fetch_wait: Duration,
     /// Most fetched-ahead data a consumer holds, KiB (`queued.max.messages.kbytes`): a bound
@@ -104,7 +113,8 @@ impl Default for KafkaConfig {
             linger: Duration::from_millis(5),
             message_timeout: Duration::from_secs(30),
             compression: "none".into(),
-            fetch_wait: Duration::from_millis(20),
+            max_in_flight: 1,
+            fetch_wait: Duration::from_millis(10),
             prefetch_kib: 2048,
             bundle_max_bytes: 16_384,
             security_protocol: "plaintext".into(),
@@ -128,6 +138,19 @@ impl KafkaConfig {
         }
         if !(1..=2_097_151).contains(&self.prefetch_kib) {
             out.push("kafka.prefetch_kib must be between 1 and 2097151".into());
+        }
+        for key in ["max.in.flight.requests.per.connection", "max.in.flight"] {
+            if self.properties.contains_key(key) {
+                out.push(format!(
+                    "kafka.properties.{key}: use the kafka.max_in_flight setting"
+                ));
+            }
+        }
+        if !(1..=5).contains(&self.max_in_flight) {
+            out.push(
+                "kafka.max_in_flight must be between 1 and 5 (the idempotent producer's limit)"
+                    .into(),
+            );
         }
         if self.bundle_max_bytes > 900_000 {
             out.push(
@@ -275,15 +298,15 @@ impl KafkaConfig {
     /// Settings of an idempotent producer: acks=all, ordered per partition, retried by librdkafka up to
     /// `message_timeout`.
     ///
-    /// One produce request in flight per connection. Set while chasing records lost under
-    /// load, before the cause turned out to be the consumer runtime (a half-gathered batch
-    /// dropped on a tick); kept until 5 (safe with idempotence on Apache Kafka) is measured
-    /// on Tansu. Override with `kafka.properties."max.in.flight.requests.per.connection"`.
+    /// `kafka.max_in_flight` produce requests in flight per connection.
     pub fn producer_config(&self, client_id: &str) -> Result<ClientConfig, KafkaError> {
         let mut c = self.base(client_id)?;
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("max.in.flight.requests.per.connection", "1")
+            .set(
+                "max.in.flight.requests.per.connection",
+                self.max_in_flight.to_string(),
+            )
             .set("linger.ms", self.linger.as_millis().to_string())
             .set(
                 "message.timeout.ms",
@@ -466,5 +489,56 @@ mod tests {
             .consumer_config("iotp-parser", "parser-0")
             .expect("config");
         assert_eq!(get(&c, "fetch.queue.backoff.ms").as_deref(), Some("500"));
+    }
+
+    #[test]
+    fn produce_requests_in_flight_are_a_setting_within_the_idempotent_limit() {
+        let c = KafkaConfig::default()
+            .producer_config("parser-0")
+            .expect("config");
+        assert_eq!(
+            get(&c, "max.in.flight.requests.per.connection").as_deref(),
+            Some("1")
+        );
+        let five = KafkaConfig {
+            max_in_flight: 5,
+            ..KafkaConfig::default()
+        };
+        assert!(five.problems().is_empty(), "{:?}", five.problems());
+        let c = five.producer_config("parser-0").expect("config");
+        assert_eq!(
+            get(&c, "max.in.flight.requests.per.connection").as_deref(),
+            Some("5")
+        );
+        for bad in [0, 6] {
+            let kafka = KafkaConfig {
+                max_in_flight: bad,
+                ..KafkaConfig::default()
+            };
+            assert!(
+                kafka
+                    .problems()
+                    .iter()
+                    .any(|p| p.contains("kafka.max_in_flight")),
+                "{bad}: {:?}",
+                kafka.problems()
+            );
+        }
+        let by_hand = KafkaConfig {
+            properties: [(
+                "max.in.flight.requests.per.connection".to_string(),
+                "1000".to_string(),
+            )]
+            .into(),
+            ..KafkaConfig::default()
+        };
+        assert!(
+            by_hand
+                .problems()
+                .iter()
+                .any(|p| p.contains("use the kafka.max_in_flight setting")),
+            "{:?}",
+            by_hand.problems()
+        );
     }
 }
