@@ -108,6 +108,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod client;
+mod coalesce;
 mod eventloop;
 mod framed;
 pub mod mqttbytes;
@@ -402,6 +403,8 @@ pub struct NetworkOptions {
     conn_timeout: u64,
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     bind_device: Option<String>,
+    /// iotp patch: read coalescing of plain TCP connections (`coalesce.rs`).
+    read_coalescing: Option<(usize, Duration)>,
 }
 
 impl NetworkOptions {
@@ -413,7 +416,21 @@ impl NetworkOptions {
             conn_timeout: 5,
             #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
             bind_device: None,
+            read_coalescing: None,
         }
+    }
+
+    /// iotp patch: while the connection is busy (reads woken 1,600 times a second or more),
+    /// wake the reader only once `bytes` are queued, or after `wait` with what is there
+    /// (`SO_RCVLOWAT`; unix, plain TCP only, not under TLS or websockets). `bytes` ≤ 1: off.
+    pub fn set_read_coalescing(&mut self, bytes: usize, wait: Duration) -> &mut Self {
+        self.read_coalescing = (bytes > 1).then_some((bytes, wait));
+        self
+    }
+
+    /// The read coalescing set, if any.
+    pub fn read_coalescing(&self) -> Option<(usize, Duration)> {
+        self.read_coalescing
     }
 
     pub fn set_tcp_nodelay(&mut self, nodelay: bool) {

@@ -356,7 +356,12 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
         {
             let addr = format!("{domain}:{port}");
             let tcp = socket_connect(addr, options.network_options()).await?;
-            Box::new(tcp)
+            // iotp patch: read coalescing, plain TCP only (`coalesce.rs`).
+            crate::coalesce::boxed(
+                tcp,
+                matches!(options.transport(), Transport::Tcp),
+                options.network_options().read_coalescing(),
+            )
         }
     };
 
