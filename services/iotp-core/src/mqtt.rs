@@ -48,7 +48,7 @@ pub struct MqttConfig {
     /// (8,900 times a second at 20,000 msgs/s here). While reads come 1,600 times a second
     /// or more, the kernel wakes the reader only once this much is queued (`SO_RCVLOWAT`),
     /// or after `read_coalesce_wait` with what is there; lighter traffic reads as before
-    /// (vendor/rumqttc/IOTP.md). Plain TCP only: under TLS it is off.
+    /// (vendor/rumqttc/IOTP.md). With or without TLS.
     pub read_coalesce_bytes: u32,
     /// Longest a busy session's read waits for `read_coalesce_bytes`: the most this adds to
     /// a message's latency.

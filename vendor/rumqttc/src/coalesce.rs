@@ -13,18 +13,18 @@ use tokio::net::TcpStream;
 
 use crate::framed::AsyncReadWrite;
 
-/// `tcp`, coalescing its reads when `coalescing` is set and `plain` (no TLS or websocket
-/// layer above it: those read in their own record sizes).
+/// `tcp`, coalescing its reads when `coalescing` is set and `byte_stream` (plain TCP, or TLS
+/// above it, which takes whatever bytes a read brings; not a websocket).
 pub(crate) fn boxed(
     tcp: TcpStream,
-    plain: bool,
+    byte_stream: bool,
     coalescing: Option<(usize, Duration)>,
 ) -> Box<dyn AsyncReadWrite> {
     #[cfg(unix)]
-    if let (true, Some((bytes, wait))) = (plain, coalescing) {
+    if let (true, Some((bytes, wait))) = (byte_stream, coalescing) {
         return Box::new(unix::Coalescing::new(tcp, bytes, wait));
     }
-    let _ = (plain, coalescing);
+    let _ = (byte_stream, coalescing);
     Box::new(tcp)
 }
 
@@ -228,13 +228,17 @@ mod unix {
 
         /// A reader over loopback, and the writing end as a blocking std stream.
         async fn pair() -> (Coalescing, std::net::TcpStream) {
+            pair_waiting(WAIT).await
+        }
+
+        async fn pair_waiting(wait: Duration) -> (Coalescing, std::net::TcpStream) {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let writer = std::thread::spawn(move || std::net::TcpStream::connect(addr).unwrap());
             let (reader, _) = listener.accept().await.unwrap();
             let writer = writer.join().unwrap();
             writer.set_nodelay(true).unwrap();
-            (Coalescing::new(reader, MARK, WAIT), writer)
+            (Coalescing::new(reader, MARK, wait), writer)
         }
 
         /// Read until the end of the stream: the bytes and how many reads returned data.
@@ -277,39 +281,42 @@ mod unix {
         }
 
         #[tokio::test]
-        async fn light_traffic_after_a_burst_is_read_without_waiting_for_the_mark() {
-            let (mut reader, mut writer) = pair().await;
+        async fn bytes_below_the_mark_are_read_after_the_wait_and_the_mark_drops() {
+            // A long wait, so that the bytes arrive while the reader waits below the mark.
+            let (mut reader, mut writer) = pair_waiting(Duration::from_millis(300)).await;
             let mut buf = vec![0u8; 64 * 1024];
-            // A burst turns coalescing on.
-            let burst = std::thread::spawn(move || {
-                for _ in 0..1_000 {
-                    writer.write_all(&[7u8; 100]).unwrap();
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                writer
-            });
-            let mut got = 0;
-            while got < 100_000 {
-                got += reader.read(&mut buf).await.unwrap();
-            }
-            let mut writer = burst.join().unwrap();
-            assert!(
-                reader.on,
-                "a burst of 1,000 writes did not turn coalescing on"
-            );
-            // Then a few bytes, far below the mark: taken after the wait, and the mark drops.
-            for round in 0..3 {
+            // As after a burst: the mark raised.
+            reader.set_lowat(true);
+            assert!(reader.on, "SO_RCVLOWAT could not be set");
+            let write = async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
                 writer.write_all(b"ping").unwrap();
-                let n = tokio::time::timeout(Duration::from_secs(20), reader.read(&mut buf))
+            };
+            let read = async {
+                tokio::time::timeout(Duration::from_secs(20), reader.read(&mut buf))
                     .await
                     .expect("4 bytes below the mark were never read")
-                    .unwrap();
-                assert_eq!(&buf[..n], b"ping", "round {round}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            assert!(!reader.on, "light traffic left the mark raised");
+                    .unwrap()
+            };
+            let ((), n) = tokio::join!(write, read);
+            assert_eq!(&buf[..n], b"ping");
+            assert!(!reader.on, "a late read of 4 bytes left the mark raised");
+            // Reads as without coalescing from then on, and the end of the stream arrives.
+            writer.write_all(b"pong").unwrap();
+            let n = reader.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"pong");
             drop(writer);
             assert_eq!(reader.read(&mut buf).await.unwrap(), 0, "end of stream");
+        }
+
+        #[tokio::test]
+        async fn the_end_of_the_stream_wakes_a_reader_below_the_mark() {
+            let (mut reader, mut writer) = pair().await;
+            reader.set_lowat(true);
+            writer.write_all(b"last").unwrap();
+            drop(writer);
+            let (got, _) = read_all(&mut reader).await;
+            assert_eq!(got, b"last");
         }
     }
 }

@@ -422,7 +422,7 @@ impl NetworkOptions {
 
     /// iotp patch: while the connection is busy (reads woken 1,600 times a second or more),
     /// wake the reader only once `bytes` are queued, or after `wait` with what is there
-    /// (`SO_RCVLOWAT`; unix, plain TCP only, not under TLS or websockets). `bytes` ≤ 1: off.
+    /// (`SO_RCVLOWAT`; unix; TCP, with or without TLS, not websockets). `bytes` ≤ 1: off.
     pub fn set_read_coalescing(&mut self, bytes: usize, wait: Duration) -> &mut Self {
         self.read_coalescing = (bytes > 1).then_some((bytes, wait));
         self

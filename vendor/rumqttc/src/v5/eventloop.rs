@@ -356,10 +356,17 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
         {
             let addr = format!("{domain}:{port}");
             let tcp = socket_connect(addr, options.network_options()).await?;
-            // iotp patch: read coalescing, plain TCP only (`coalesce.rs`).
+            // iotp patch: read coalescing beneath TCP or TLS, not websockets (`coalesce.rs`).
+            let byte_stream = match options.transport() {
+                Transport::Tcp => true,
+                #[cfg(any(feature = "use-rustls-no-provider", feature = "use-native-tls"))]
+                Transport::Tls(_) => true,
+                #[allow(unreachable_patterns)]
+                _ => false,
+            };
             crate::coalesce::boxed(
                 tcp,
-                matches!(options.transport(), Transport::Tcp),
+                byte_stream,
                 options.network_options().read_coalescing(),
             )
         }
